@@ -1,0 +1,1 @@
+"""Flax backbones and heads. See `leukax.models.registry` for names, input sizes and normalisation."""
