@@ -1,0 +1,239 @@
+"""Figures for reports, readable by a hematologist: class names on axes, titled panels, labelled units.
+
+Every function returns a `matplotlib.figure.Figure` (built without pyplot, rendered by Agg) and, when
+`path` is given, also saves it as PNG there.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from leukax import metrics, uncertainty  # noqa: E402
+
+_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
+
+
+def _save(fig: Figure, path) -> Figure:
+    if path is not None:
+        path = pathlib.Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    return fig
+
+
+def _curve_classes(k: int, pos_label: int | None) -> list[int]:
+    if pos_label is not None:
+        return [pos_label]
+    return [1] if k == 2 else list(range(k))
+
+
+def confusion_matrix(labels_n, probs_nk, class_names, title: str = "Confusion matrix", path=None) -> Figure:
+    """Two panels: counts, and row-normalised (% of each true class). Rows = true, columns = predicted."""
+    class_names = list(class_names)
+    k = len(class_names)
+    cm = np.asarray(metrics.confusion_matrix(np.asarray(labels_n), np.asarray(probs_nk).argmax(-1), k))
+    row = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    size = 2.2 + 0.9 * k
+    fig = Figure(figsize=(2 * size + 1, size))
+    for ax, data, sub, fmt in ((fig.add_subplot(1, 2, 1), cm, "counts", "{:d}"),
+                               (fig.add_subplot(1, 2, 2), row * 100, "% of true class", "{:.1f}%")):
+        im = ax.imshow(data, cmap="Blues", vmin=0)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+        ax.set_xticks(range(k), class_names, rotation=30, ha="right")
+        ax.set_yticks(range(k), class_names)
+        ax.set_xlabel("Predicted class")
+        ax.set_ylabel("True class")
+        ax.set_title(f"{title} ({sub})")
+        hi = data.max() if data.size else 0
+        for i in range(k):
+            for j in range(k):
+                v = int(data[i, j]) if fmt == "{:d}" else data[i, j]
+                ax.text(j, i, fmt.format(v), ha="center", va="center",
+                        color="white" if data[i, j] > hi / 2 else "black")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _roc_points(is_pos, scores):
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], is_pos[order].astype(float)
+    last = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]  # last index of each tie group
+    tp, fp = np.cumsum(y)[last], np.cumsum(1 - y)[last]
+    return tp, fp
+
+
+def roc_curves(labels_n, probs_nk, class_names, pos_label: int | None = None, path=None) -> Figure:
+    """ROC curves one-vs-rest (only the positive class when K = 2), AUC in the legend."""
+    labels_n, probs_nk = np.asarray(labels_n), np.asarray(probs_nk, np.float64)
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.add_subplot()
+    for c in _curve_classes(probs_nk.shape[-1], pos_label):
+        is_pos = labels_n == c
+        tp, fp = _roc_points(is_pos, probs_nk[:, c])
+        tpr = np.r_[0, tp] / max(is_pos.sum(), 1)
+        fpr = np.r_[0, fp] / max((~is_pos).sum(), 1)
+        auc = float(metrics.roc_auc_binary(is_pos, probs_nk[:, c]))
+        ax.plot(fpr, tpr, color=_COLORS[c % len(_COLORS)], lw=2, label=f"{class_names[c]} (AUC = {auc:.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="chance")
+    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="False positive rate (1 − specificity)",
+           ylabel="True positive rate (sensitivity)", title="ROC curves (each class vs rest)")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def pr_curves(labels_n, probs_nk, class_names, pos_label: int | None = None, path=None) -> Figure:
+    """Precision-recall curves one-vs-rest (only the positive class when K = 2), average precision in legend."""
+    labels_n, probs_nk = np.asarray(labels_n), np.asarray(probs_nk, np.float64)
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.add_subplot()
+    for c in _curve_classes(probs_nk.shape[-1], pos_label):
+        is_pos = labels_n == c
+        tp, fp = _roc_points(is_pos, probs_nk[:, c])
+        recall = np.r_[0, tp / max(is_pos.sum(), 1)]
+        precision = np.r_[1, tp / np.maximum(tp + fp, 1)]
+        ap = float(metrics.average_precision_binary(is_pos, probs_nk[:, c]))
+        color = _COLORS[c % len(_COLORS)]
+        ax.step(recall, precision, where="pre", color=color, lw=2, label=f"{class_names[c]} (AP = {ap:.3f})")
+        ax.axhline(is_pos.mean(), color=color, ls=":", lw=1)
+    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="Recall (sensitivity)",
+           ylabel="Precision (positive predictive value)",
+           title="Precision-recall curves (dotted: prevalence)")
+    ax.legend(loc="lower left")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def training_curves(histories, path=None) -> Figure:
+    """Loss and accuracy per epoch, train (solid) vs validation (dashed), one colour per ensemble member.
+
+    histories: {member_name: {"train_loss": [...], "val_loss": [...], "train_acc": [...], "val_acc": [...]}}
+    or a list of such dicts (named "member 0", ...), or the ensemble trainer's stacked form
+    {"train_loss": M×E, ...} (rows = members; NaN epochs are not drawn). Missing keys are skipped;
+    "accuracy" may replace "acc".
+    """
+    if isinstance(histories, dict) and not any(isinstance(v, dict) for v in histories.values()):
+        stacked = {k: np.atleast_2d(np.asarray(v, float)) for k, v in histories.items()}
+        m = max((v.shape[0] for v in stacked.values()), default=0)
+        histories = [{k: v[i] for k, v in stacked.items() if i < v.shape[0]} for i in range(m)]
+    if not isinstance(histories, dict):
+        histories = {f"member {i}": h for i, h in enumerate(histories)}
+    fig = Figure(figsize=(11, 4.2))
+    axes = [fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)]
+    for m, (name, hist) in enumerate(histories.items()):
+        color = _COLORS[m % len(_COLORS)]
+        for ax, metric in zip(axes, ("loss", "acc")):
+            for split, ls in (("train", "-"), ("val", "--")):
+                ys = hist.get(f"{split}_{metric}", hist.get(f"{split}_accuracy") if metric == "acc" else None)
+                if ys is None or len(ys) == 0:
+                    continue
+                ax.plot(np.arange(1, len(ys) + 1), np.asarray(ys, float), ls, color=color, lw=1.5,
+                        label=f"{name} {'train' if split == 'train' else 'validation'}")
+    for ax, label in zip(axes, ("Loss (cross-entropy)", "Accuracy")):
+        ax.set(xlabel="Epoch", ylabel=label, title=f"{label.split(' ')[0]} per epoch, train vs validation")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def reliability_diagram(labels_n, probs_nk, num_bins: int = 15, title: str = "Reliability diagram",
+                        path=None) -> Figure:
+    """Accuracy vs confidence per equal-width bin (gap shaded), ECE in the title, bin counts below."""
+    b = {k: np.asarray(v) for k, v in metrics.reliability_bins(np.asarray(labels_n), np.asarray(probs_nk),
+                                                                num_bins).items()}
+    ece = float(metrics.ece(np.asarray(labels_n), np.asarray(probs_nk), num_bins))
+    centers = (b["edges"][:-1] + b["edges"][1:]) / 2
+    width = 1.0 / num_bins
+    has = b["count"] > 0
+    fig = Figure(figsize=(5.5, 6.5))
+    ax, ax_n = fig.add_subplot(4, 1, (1, 3)), fig.add_subplot(4, 1, 4)
+    ax.bar(centers[has], b["accuracy"][has], width=width, edgecolor="black", color="tab:blue", label="accuracy")
+    ax.bar(centers[has], b["confidence"][has] - b["accuracy"][has], bottom=b["accuracy"][has], width=width,
+           color="tab:red", alpha=0.3, edgecolor="tab:red", hatch="//", label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="Accuracy in bin", title=f"{title} (ECE = {ece:.3f})")
+    ax.legend(loc="upper left")
+    ax.set_xticklabels([])
+    ax_n.bar(centers, b["count"], width=width, color="gray", edgecolor="black")
+    ax_n.set(xlim=(0, 1), xlabel="Confidence (max predicted probability)", ylabel="Images")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def uncertainty_histograms(uncertainty_n, correct_n, name: str = "Predictive entropy (nats)",
+                           threshold: float | None = None, bins: int = 20, path=None) -> Figure:
+    """Histograms of an uncertainty for correct vs misclassified images (optionally the referral threshold)."""
+    u, correct = np.asarray(uncertainty_n, float), np.asarray(correct_n, bool)
+    edges = np.histogram_bin_edges(u, bins=bins)
+    fig = Figure(figsize=(6, 4.2))
+    ax = fig.add_subplot()
+    ax.hist(u[correct], bins=edges, alpha=0.6, color="tab:green", label=f"correct (n = {correct.sum()})")
+    ax.hist(u[~correct], bins=edges, alpha=0.6, color="tab:red", label=f"misclassified (n = {(~correct).sum()})")
+    if threshold is not None and np.isfinite(threshold):
+        ax.axvline(threshold, color="black", ls="--", label=f"refer above {threshold:.3g}")
+    ax.set(xlabel=name, ylabel="Images", title=f"{name.split(' (')[0]}: correct vs misclassified")
+    ax.legend()
+    return _save(fig, path)
+
+
+def accuracy_coverage(uncertainty_n, correct_n, threshold: float | None = None,
+                      name: str = "predictive entropy", path=None) -> Figure:
+    """Accuracy on retained images vs coverage (least uncertain first), the referral threshold marked."""
+    t, cov, acc = uncertainty.accuracy_coverage_curve(uncertainty_n, correct_n)
+    a = float(uncertainty.aurc(np.asarray(uncertainty_n, np.float32), np.asarray(correct_n)))
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.add_subplot()
+    ax.plot(np.r_[0, cov], np.r_[acc[0], acc], color="tab:blue", lw=2, drawstyle="steps-pre",
+            label=f"ranked by {name} (AURC = {a:.3f})")
+    ax.axhline(acc[-1], color="gray", ls=":", label=f"no referral ({acc[-1]:.3f})")
+    if threshold is not None:
+        rep = uncertainty.referral_report(uncertainty_n, correct_n, threshold)
+        if rep["accuracy_retained"] is not None:
+            ax.plot([rep["coverage"]], [rep["accuracy_retained"]], "o", color="tab:red", ms=9,
+                    label=f"threshold {threshold:.3g}: {rep['n_referred']} of {rep['n']} referred, "
+                          f"accuracy {rep['accuracy_retained']:.3f}")
+            ax.axvline(rep["coverage"], color="tab:red", ls="--", lw=1)
+    ax.set(xlim=(0, 1.02), xlabel="Coverage (fraction of images decided automatically)",
+           ylabel="Accuracy on retained images", title="Selective prediction: refer the most uncertain")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def gradcam_overlays(images_bhwc, heatmaps_bhw, labels_n, probs_nk, class_names, max_images: int = 8,
+                     alpha: float = 0.45, path=None) -> Figure:
+    """Top row: the images; bottom row: Grad-CAM heatmap over them. Titles: true class, predicted class and
+    its probability (red when wrong). images are uint8 (or floats in [0, 1]) B×H×W×3."""
+    images = np.asarray(images_bhwc)
+    if images.dtype != np.uint8:
+        images = np.clip(images, 0, 1)
+    heat = np.asarray(heatmaps_bhw, float)
+    labels, probs = np.asarray(labels_n), np.asarray(probs_nk)
+    n = min(len(images), max_images)
+    if n == 0:
+        raise ValueError("leukax/plots.py: gradcam_overlays needs at least one image")
+    fig = Figure(figsize=(2.6 * n, 5.6))
+    for i in range(n):
+        pred = int(probs[i].argmax())
+        ok = pred == int(labels[i])
+        top, bottom = fig.add_subplot(2, n, i + 1), fig.add_subplot(2, n, n + i + 1)
+        top.imshow(images[i])
+        top.set_title(f"true: {class_names[int(labels[i])]}\npred: {class_names[pred]} ({probs[i, pred]:.2f})",
+                      color="black" if ok else "tab:red", fontsize=10)
+        bottom.imshow(images[i])
+        im = bottom.imshow(heat[i], cmap="jet", alpha=alpha, vmin=0, vmax=1)
+        bottom.set_title(f"Grad-CAM for {class_names[pred]}", fontsize=9)
+        for ax in (top, bottom):
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.colorbar(im, ax=fig.axes, fraction=0.02, pad=0.01, label="class evidence (0–1)")
+    return _save(fig, path)

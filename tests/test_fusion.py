@@ -1,0 +1,114 @@
+"""leukax.fusion: combination rules on hand-made arrays and the Himel et al. meta-classifier."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from leukax import fusion
+
+# 3 hybrids × 2 examples × 3 classes
+P_HNK = jnp.array([
+    [[0.6, 0.3, 0.1], [0.2, 0.5, 0.3]],
+    [[0.5, 0.4, 0.1], [0.1, 0.2, 0.7]],
+    [[0.1, 0.8, 0.1], [0.3, 0.3, 0.4]],
+])
+
+
+def test_sum_and_mean_rule():
+    s = fusion.sum_rule(P_HNK)
+    np.testing.assert_allclose(s, P_HNK.sum(0) / 3, atol=1e-6)  # rows already sum to 3
+    np.testing.assert_allclose(s.sum(-1), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(s.argmax(-1), fusion.mean_rule(P_HNK).argmax(-1))
+    np.testing.assert_array_equal(s.argmax(-1), [1, 2])  # 1.5 vs 1.2 ; 1.4 vs 1.0
+    # members not yet averaged: H×M×N×K reduces to the ensemble mean first
+    p_hmnk = jnp.stack([P_HNK, P_HNK[::-1]], axis=1)
+    np.testing.assert_allclose(fusion.sum_rule(p_hmnk), fusion.sum_rule((P_HNK + P_HNK[::-1]) / 2), atol=1e-6)
+    with pytest.raises(ValueError, match="fusion.py"):
+        fusion.sum_rule(P_HNK[0])
+
+
+def test_max_product_weighted_rules():
+    m = fusion.max_rule(P_HNK)
+    np.testing.assert_allclose(m[0], np.array([0.6, 0.8, 0.1]) / 1.5, atol=1e-6)
+    prod = fusion.product_rule(P_HNK)
+    ref = np.prod(np.asarray(P_HNK), 0)
+    np.testing.assert_allclose(prod, ref / ref.sum(-1, keepdims=True), atol=1e-6)
+    # a zero from one hybrid vetoes that class, even where the others are confident
+    p_zero = P_HNK.at[2, 0].set(jnp.array([0.0, 0.9, 0.1]))
+    p_zero = p_zero.at[0, 0].set(jnp.array([0.98, 0.01, 0.01])).at[1, 0].set(jnp.array([0.98, 0.01, 0.01]))
+    out = fusion.product_rule(p_zero)
+    assert float(out[0, 0]) < 1e-6 and bool(jnp.all(jnp.isfinite(out)))
+    assert int(fusion.sum_rule(p_zero)[0].argmax()) == 0  # the sum rule is not vetoed
+    # every class vetoed by some hybrid: still finite and normalised
+    all_zero = jnp.array([[[1.0, 0.0]], [[0.0, 1.0]]])
+    np.testing.assert_allclose(fusion.product_rule(all_zero), [[0.5, 0.5]], atol=1e-6)
+    # weights: (1, 0, 0) picks hybrid 0; equal weights = mean rule
+    np.testing.assert_allclose(fusion.weighted_rule(P_HNK, [1.0, 0.0, 0.0]), P_HNK[0], atol=1e-6)
+    np.testing.assert_allclose(fusion.weighted_rule(P_HNK, [2.0, 2.0, 2.0]), fusion.mean_rule(P_HNK), atol=1e-6)
+    np.testing.assert_allclose(fusion.fuse("weighted", P_HNK, [1, 3, 0]),
+                               (P_HNK[0] + 3 * P_HNK[1]) / 4, atol=1e-6)
+    with pytest.raises(ValueError, match="fusion.py"):
+        fusion.weighted_rule(P_HNK, [1.0, 1.0])
+    with pytest.raises(ValueError, match="unknown fusion rule"):
+        fusion.fuse("median", P_HNK)
+
+
+def test_concat_features():
+    a, b = jnp.ones((4, 1024)), jnp.zeros((4, 1024))
+    c = fusion.concat_features(a, b)
+    assert c.shape == (4, 2048)
+    np.testing.assert_array_equal(c[:, :1024], 1.0)
+    with pytest.raises(ValueError, match="different numbers of examples"):
+        fusion.concat_features(a, jnp.ones((3, 8)))
+
+
+def test_meta_classifier_shapes_and_param_count():
+    d, k = 2048, 3
+    model = fusion.MetaClassifier(num_classes=k)
+    variables = model.init(jax.random.key(0), jnp.zeros((2, d)))
+    params = variables["params"]
+    assert list(params) == ["dense_0", "dense_1", "dense_2", "logits"]
+    assert params["dense_0"]["kernel"].shape == (d, 1000)
+    assert params["dense_1"]["kernel"].shape == (1000, 100)
+    assert params["dense_2"]["kernel"].shape == (100, 10)
+    assert params["logits"]["kernel"].shape == (10, k)
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
+    assert n_params == (d * 1000 + 1000) + (1000 * 100 + 100) + (100 * 10 + 10) + (10 * k + k)
+    logits, out = model.apply(variables, jnp.ones((5, d)))
+    assert logits.shape == (5, k) and out["pre_logits"].shape == (5, 10)
+    # dropout override may be traced; train=True with rate 0 needs no rng
+    model.apply(variables, jnp.ones((5, d)), train=True)
+    f = jax.jit(lambda r: model.apply(variables, jnp.ones((5, d)), train=True, dropout_rate=r,
+                                      rngs={"dropout": jax.random.key(1)})[0])
+    assert f(0.5).shape == (5, k)
+
+
+def test_meta_classifier_fits_separable_features():
+    rng = np.random.default_rng(0)
+    k, n = 3, 60
+    labels = np.repeat(np.arange(k), n // k)
+    centers = rng.normal(size=(k, 16)) * 3
+    feats_a = centers[labels] + rng.normal(size=(n, 16)) * 0.3
+    feats_b = rng.normal(size=(n, 8))  # an uninformative second branch
+    x = fusion.concat_features(jnp.asarray(feats_a, jnp.float32), jnp.asarray(feats_b, jnp.float32))
+    y = jnp.asarray(labels)
+    model = fusion.MetaClassifier(num_classes=k)
+    params = model.init(jax.random.key(0), x[:1])["params"]
+    tx = optax.adam(1e-2)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, opt_state):
+        def loss_fn(p):
+            logits, _ = model.apply({"params": p}, x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    for _ in range(60):
+        params, opt_state, loss = step(params, opt_state)
+    logits, _ = model.apply({"params": params}, x)
+    assert float(jnp.mean(logits.argmax(-1) == y)) == 1.0
+    assert float(loss) < 0.2
