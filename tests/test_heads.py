@@ -1,0 +1,108 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from leukax.models import classifier, heads
+
+
+class TinyBackbone(nn.Module):
+    """A 2-layer conv net honouring the backbone contract (Conv → BN → relu, stride 2)."""
+
+    @nn.compact
+    def __call__(self, x_bhwc, train: bool = False):
+        x = nn.Conv(8, (3, 3), strides=(2, 2), use_bias=False, name="conv")(x_bhwc)
+        x = nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3, name="bn")(x)
+        fm = nn.relu(x)
+        return fm, {"pre_logits": fm.mean(axis=(1, 2))}
+
+
+FM = jax.random.normal(jax.random.key(0), (3, 2, 3, 16))
+
+
+@pytest.mark.parametrize("head,dim", [(heads.GRUHead(2, units=8, hidden=6), 6),
+                                      (heads.DenseHead(3, features=10), 10),
+                                      (heads.LinearHead(4), 16)])
+def test_head_shapes(head, dim):
+    v = head.init(jax.random.key(1), FM)
+    logits, out = head.apply(v, FM)
+    assert logits.shape == (3, head.num_classes) and logits.dtype == jnp.float32
+    assert out["pre_logits"].shape == (3, dim)
+
+
+def test_gru_head_reads_positions_row_major_and_uses_final_state():
+    head = heads.GRUHead(2, units=5, hidden=4)
+    v = head.init(jax.random.key(2), FM)
+    gru = nn.RNN(nn.GRUCell(5, name="gru"), return_carry=True)
+    seq = FM.reshape(3, 6, 16)                        # row-major H·W steps
+    state, outs = gru.apply({"params": {"cell": v["params"]["gru"]}}, seq)
+    np.testing.assert_allclose(state, outs[:, -1], atol=1e-6)
+    hid = nn.relu(state @ v["params"]["dense"]["kernel"] + v["params"]["dense"]["bias"])
+    _, out = head.apply(v, FM)
+    np.testing.assert_allclose(out["pre_logits"], hid, atol=1e-5)
+    # Order matters: transposing H and W changes the result.
+    _, out_t = head.apply(v, FM.transpose(0, 2, 1, 3))
+    assert not np.allclose(out_t["pre_logits"], hid, atol=1e-4)
+
+
+def test_paper_gru_heads_table():
+    assert heads.PAPER_GRU_HEADS["inception_v3"] == {"units": 512, "dropout": 0.4}
+    assert heads.PAPER_GRU_HEADS["mobilenet_v2"] == {"units": 512, "dropout": 0.1}
+    assert heads.PAPER_GRU_HEADS["efficientnet_b3"] == {"units": 256, "dropout": 0.1}
+
+
+@pytest.mark.parametrize("head", [heads.GRUHead(2, units=8, hidden=32), heads.DenseHead(2, features=64)])
+def test_traced_dropout_rate_no_retrace(head):
+    v = head.init(jax.random.key(3), FM)
+    traces = []
+
+    @jax.jit
+    def f(v, rate, rng):
+        traces.append(1)
+        return head.apply(v, FM, train=True, dropout_rate=rate, rngs={"dropout": rng})[0]
+
+    rng = jax.random.key(4)
+    eval_logits = head.apply(v, FM)[0]
+    l0 = f(v, jnp.float32(0.0), rng)
+    l5 = f(v, jnp.float32(0.5), rng)
+    l9 = f(v, jnp.float32(0.9), rng)
+    assert len(traces) == 1
+    np.testing.assert_allclose(l0, eval_logits, atol=1e-5)          # rate 0 → identity
+    assert not np.allclose(l5, eval_logits, atol=1e-3)
+    assert not np.allclose(l5, l9, atol=1e-3)
+    # The head's own default rate is used when no override is given, and eval mode ignores dropout.
+    lt = head.apply(v, FM, train=True, rngs={"dropout": rng})[0]
+    assert not np.allclose(lt, eval_logits, atol=1e-3)
+
+
+def test_dropout_keeps_expectation():
+    x = jnp.ones((20000,))
+    y = heads.dropout(x, jnp.float32(0.25), jax.random.key(5), train=True)
+    assert abs(float((y == 0).mean()) - 0.25) < 0.02
+    np.testing.assert_allclose(float(y.max()), 1 / 0.75, rtol=1e-6)
+    np.testing.assert_allclose(float(y.mean()), 1.0, atol=0.03)
+    assert float(jnp.abs(heads.dropout(x, 1.0, jax.random.key(6), True)).max()) == 0.0
+
+
+def test_classifier_call_features_classify_and_counts():
+    model = classifier.Classifier(TinyBackbone(), heads.DenseHead(3, features=12))
+    x = jax.random.normal(jax.random.key(7), (2, 8, 8, 3))
+    v = model.init(jax.random.key(8), x)
+    assert set(v["params"]) == {"backbone", "head"}
+    logits, out = model.apply(v, x)
+    assert logits.shape == (2, 3)
+    assert out["feature_map"].shape == (2, 4, 4, 8)
+    assert out["backbone_pre_logits"].shape == (2, 8) and out["pre_logits"].shape == (2, 12)
+    fm, bb = model.apply(v, x, method=classifier.Classifier.features)
+    np.testing.assert_allclose(fm, out["feature_map"], atol=1e-6)
+    logits2, _ = model.apply(v, fm, method=classifier.Classifier.classify)
+    np.testing.assert_allclose(logits2, logits, atol=1e-6)
+    # train mode updates batch_stats and uses the dropout rng
+    (_, _), upd = model.apply(v, x, train=True, rngs={"dropout": jax.random.key(9)}, mutable=["batch_stats"])
+    assert not np.allclose(upd["batch_stats"]["backbone"]["bn"]["mean"], 0.0)
+    c = classifier.count_params(v)
+    assert c["backbone"] == 3 * 3 * 3 * 8 + 2 * 8
+    assert c["head"] == 8 * 12 + 12 + 12 * 3 + 3
+    assert c["non_trainable"] == 2 * 8
+    assert c["total"] == c["trainable"] + c["non_trainable"] == c["backbone"] + c["head"] + 16
