@@ -61,8 +61,8 @@ def pretrained(name: str, weights: Any = "imagenet", num_classes: int | None = N
     """Returns ``(module, variables, spec)``: backbone ``name`` (or ``Classifier(backbone, head)``) with weights.
 
     weights: "imagenet" (registry files in order: official keras file if found or downloadable, then the
-      offline alternatives, for mobilenet_v2 finally the embedded float16 copy), a file path (.h5 / .npz /
-      .pth), or None (random init).
+      offline alternatives, for mobilenet_v2 finally the embedded float16 copy), "embedded" (mobilenet_v2
+      only: the float16 copy shipped in the package), a file path (.h5 / .npz / .pth), or None (random init).
     head: a head Module, or "gru" | "dense" | "linear" (needs num_classes); num_classes alone means "linear".
     kw: backbone constructor kwargs (e.g. depthwise_impl, dtype). Weights that need a variant of the
       network (InceptionV3 tf2015: mixed10_pool="max") set it themselves.
@@ -93,6 +93,9 @@ def pretrained(name: str, weights: Any = "imagenet", num_classes: int | None = N
             chosen, fmt = cand, cand.format
             kw = {**dict(cand.loader_kw), **kw}
             break
+    elif weights == "embedded":
+        if name != "mobilenet_v2":
+            raise ValueError(f"leukax/models/__init__.py: weights='embedded' exists only for mobilenet_v2, not {name!r}")
     elif weights is not None:
         path = pathlib.Path(weights)
         if not path.is_file():
@@ -109,12 +112,13 @@ def pretrained(name: str, weights: Any = "imagenet", num_classes: int | None = N
     if path is not None:
         variables = _load_file(name, variables, path, fmt, prefix)
         log.info("pretrained %s: loaded %s (%s)", name, path, chosen.name if chosen else "given path")
-    elif weights == "imagenet":      # mobilenet_v2's last resort
+    elif weights in ("imagenet", "embedded"):      # mobilenet_v2's shipped copy (last resort for "imagenet")
         try:
             from leukax.weights import embedded
         except ImportError as e:  # pragma: no cover - the package ships it
             raise FileNotFoundError("leukax/models/__init__.py: no MobileNetV2 ImageNet weights found and no "
                                     "embedded copy (leukax.weights.embedded):\n  " + "\n  ".join(errors)) from e
         variables = embedded.load_embedded_mobilenet_v2(variables, prefix=prefix)
-        log.warning("pretrained mobilenet_v2: no weights file found; using the embedded float16 copy")
+        if weights == "imagenet":
+            log.warning("pretrained mobilenet_v2: no weights file found; using the embedded float16 copy")
     return module, variables, spec
