@@ -1,0 +1,205 @@
+"""Torch state dicts (`.pth` zip or `.npz`) as numpy arrays, without torch and without running pickled code.
+
+`read_state_dict` unpickles `archive/data.pkl` with an allow-list: only `collections.OrderedDict`,
+`torch._utils._rebuild_tensor_v2` / `_rebuild_parameter` (re-implemented here with numpy) and the torch
+storage type names resolve; any other global (`os.system`, `builtins.eval`, `subprocess.*`, ...) raises
+before it can be called. `efficientnet_lite_variables` maps lukemelas-style EfficientNet-Lite keys onto
+`leukax.models.efficientnet.EfficientNet(lite=True)`.
+"""
+from __future__ import annotations
+
+import collections
+import io
+import os
+import pathlib
+import pickle
+import zipfile
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+STORAGE_DTYPES = {
+    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+    "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
+    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+}
+
+
+class _StorageType:
+    """Stands for a `torch.<X>Storage` class inside the pickle; only carries its numpy dtype."""
+
+    def __init__(self, name: str):
+        self.name, self.dtype = name, np.dtype(STORAGE_DTYPES[name])
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
+                       metadata=None):
+    """numpy version of torch._utils._rebuild_tensor_v2: returns a copy of the strided view."""
+    del requires_grad, backward_hooks, metadata
+    if not isinstance(storage, np.ndarray):
+        raise pickle.UnpicklingError(f"tensor storage must come from a persistent id, got {type(storage)}")
+    size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+    if size and any(s > 0 for s in size):
+        last = storage_offset + sum((n - 1) * st for n, st in zip(size, stride) if n > 0)
+        if storage_offset < 0 or last >= storage.size or min(stride) < 0:
+            raise pickle.UnpicklingError(f"tensor view {size}/{stride}+{storage_offset} exceeds its storage "
+                                         f"of {storage.size} elements")
+    base = storage[storage_offset:]
+    view = np.lib.stride_tricks.as_strided(base, size, tuple(s * storage.itemsize for s in stride))
+    return np.array(view, copy=True)
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+    del requires_grad, backward_hooks
+    return data
+
+
+_ALLOWED = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch", "Size"): tuple,
+    **{("torch", name): _StorageType(name) for name in STORAGE_DTYPES},
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler whose globals come only from `_ALLOWED`; storages are read from the zip archive."""
+
+    def __init__(self, data: bytes, archive: zipfile.ZipFile, prefix: str, source: str, byteorder: str):
+        super().__init__(io.BytesIO(data))
+        self.archive, self.prefix, self.source, self.byteorder = archive, prefix, source, byteorder
+        self.storages: dict[str, np.ndarray] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _ALLOWED:
+            raise pickle.UnpicklingError(
+                f"{self.source}: refusing to load global {module}.{name} (not a tensor/state-dict type; "
+                f"only {', '.join(sorted(f'{m}.{n}' for m, n in _ALLOWED))} are allowed)")
+        return _ALLOWED[(module, name)]
+
+    def persistent_load(self, pid: Any) -> np.ndarray:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType)):
+            raise pickle.UnpicklingError(f"{self.source}: unsupported persistent id {pid!r:.200}")
+        _, stype, key, _location, numel = pid
+        key = str(key)
+        if key not in self.storages:
+            member = f"{self.prefix}data/{key}"
+            try:
+                raw = self.archive.read(member)
+            except KeyError as e:
+                raise pickle.UnpicklingError(f"{self.source}: storage {member} missing from the archive") from e
+            dtype = stype.dtype.newbyteorder("<" if self.byteorder == "little" else ">")
+            if len(raw) % dtype.itemsize:
+                raise pickle.UnpicklingError(f"{self.source}: storage {member} has {len(raw)} bytes, not a "
+                                             f"multiple of {dtype.itemsize}")
+            arr = np.frombuffer(raw, dtype=dtype).astype(stype.dtype)
+            if numel is not None and arr.size < int(numel):
+                raise pickle.UnpicklingError(f"{self.source}: storage {member} holds {arr.size} < {numel}")
+            self.storages[key] = arr
+        return self.storages[key]
+
+
+def _flatten(obj: Any, source: str, prefix: str = "") -> dict[str, np.ndarray]:
+    if isinstance(obj, np.ndarray):
+        return {prefix: obj}
+    if isinstance(obj, (bool, int, float)):
+        return {prefix: np.asarray(obj)}
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, source, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    raise ValueError(f"{source}: value at {prefix!r} is a {type(obj).__name__}, not a tensor")
+
+
+def _read_pth(path: pathlib.Path) -> dict[str, np.ndarray]:
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a zip-format torch file (legacy pre-1.6 .pth is not supported)")
+    with zipfile.ZipFile(path) as archive:
+        pkls = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
+        if len(pkls) != 1:
+            raise ValueError(f"{path}: expected one <archive>/data.pkl, found {pkls}")
+        prefix = pkls[0][: -len("data.pkl")]
+        byteorder = "little"
+        if f"{prefix}byteorder" in archive.namelist():
+            byteorder = archive.read(f"{prefix}byteorder").decode().strip()
+        obj = _RestrictedUnpickler(archive.read(pkls[0]), archive, prefix, str(path), byteorder).load()
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: top-level object is a {type(obj).__name__}, not a state dict")
+    return _flatten(obj, str(path))
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Returns {key: np.ndarray} from a torch `.pth`/`.pt` zip or an `.npz`, in file order."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such state-dict file")
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    return _read_pth(path)
+
+
+def _conv_oihw(w: np.ndarray) -> np.ndarray:
+    """Torch conv (O,I,kh,kw) → Flax HWIO; depthwise (C,1,kh,kw) → kh×kw×1×C."""
+    return np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0)))
+
+
+def efficientnet_lite_variables(state_dict: dict[str, np.ndarray], variant: str,
+                                include_top: bool = False) -> dict:
+    """Returns {"params", "batch_stats"} for `efficientnet(variant)` ("lite0".."lite4") from lukemelas keys.
+
+    include_top: also map `_fc` to the `predictions` Dense (build the module with num_classes=1000).
+    Raises ValueError naming unused or missing keys.
+    """
+    from leukax.models import efficientnet as en  # local: keeps this module importable without flax
+
+    if variant not in en.LITE_VARIANTS:
+        raise ValueError(f"efficientnet_lite_variables: {variant!r} is not one of {list(en.LITE_VARIANTS)}")
+    _, depth, _ = en.LITE_VARIANTS[variant]
+    names = en.block_names(depth, lite=True)
+    params: dict[str, dict] = {}
+    stats: dict[str, dict] = {}
+    used: set[str] = set()
+
+    def take(key):
+        if key not in state_dict:
+            raise ValueError(f"efficientnet_lite_variables({variant}): state dict lacks {key!r}")
+        used.add(key)
+        return np.asarray(state_dict[key], np.float32)
+
+    def conv(src, dst):
+        params[dst] = {"kernel": _conv_oihw(take(f"{src}.weight"))}
+
+    def bn(src, dst):
+        params[dst] = {"scale": take(f"{src}.weight"), "bias": take(f"{src}.bias")}
+        stats[dst] = {"mean": take(f"{src}.running_mean"), "var": take(f"{src}.running_var")}
+        used.add(f"{src}.num_batches_tracked")
+
+    conv("_conv_stem", "stem_conv")
+    bn("_bn0", "stem_bn")
+    for i, name in enumerate(names):
+        src = f"_blocks.{i}."
+        if f"{src}_expand_conv.weight" in state_dict:
+            conv(f"{src}_expand_conv", f"{name}expand_conv")
+            bn(f"{src}_bn0", f"{name}expand_bn")
+        conv(f"{src}_depthwise_conv", f"{name}dwconv")
+        bn(f"{src}_bn1", f"{name}bn")
+        conv(f"{src}_project_conv", f"{name}project_conv")
+        bn(f"{src}_bn2", f"{name}project_bn")
+    conv("_conv_head", "top_conv")
+    bn("_bn1", "top_bn")
+    if include_top:
+        params["predictions"] = {"kernel": np.ascontiguousarray(take("_fc.weight").T), "bias": take("_fc.bias")}
+    else:
+        used |= {"_fc.weight", "_fc.bias"}
+    unused = [k for k in state_dict if k not in used]
+    if unused:
+        raise ValueError(f"efficientnet_lite_variables({variant}): {len(unused)} keys not mapped (wrong "
+                         f"variant?): {', '.join(unused[:10])}")
+    return {"params": params, "batch_stats": stats}
