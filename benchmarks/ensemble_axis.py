@@ -1,0 +1,147 @@
+"""Ensemble-axis strategies (vmap / lax.map / sequential) of the deep-ensemble train step: steps/s.
+
+One "step" = one optimizer step of every member (M members, batch B each), measured through
+`make_train(...).fit` over whole epochs (so per-epoch overhead is included), after a warm-up epoch that
+compiles. Modes: finetune (backbone + GRU head, BN in train mode) and head (GRU head on cached features).
+
+  python benchmarks/ensemble_axis.py --backbone tiny --size 64 --members 3 5
+  python benchmarks/ensemble_axis.py --backbone mobilenet_v2 --size 96 --alpha 0.35
+
+Writes results/benchmarks/ensemble_axis.{json,md} (command, commit, device, numbers).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from leukax.models.classifier import Classifier
+from leukax.models.heads import GRUHead
+from leukax.models.layers import DepthwiseConv2D
+from leukax.train import ensemble
+from leukax.train.features import compute_features
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+class TinyNet(nn.Module):
+    """conv3×3/2 → BN → depthwise3×3/2 → BN → conv1×1 (the test backbone, wider). Returns (fm, out)."""
+    width: int = 16
+
+    @nn.compact
+    def __call__(self, x_bhwc, train: bool = False):
+        bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3, name=name)
+        x = nn.relu(bn("bn1")(nn.Conv(self.width, (3, 3), (2, 2), use_bias=False, name="Conv1")(x_bhwc)))
+        x = nn.relu(bn("dw_bn")(DepthwiseConv2D((3, 3), (2, 2), name="dw")(x)))
+        fm = nn.Conv(4 * self.width, (1, 1), name="project")(x)
+        return fm, {"pre_logits": jnp.mean(fm, (1, 2))}
+
+
+def backbone(name: str, alpha: float):
+    if name == "tiny":
+        return TinyNet(), "unit"
+    from leukax.models.registry import get_backbone
+    module, spec = get_backbone(name, alpha=alpha) if name == "mobilenet_v2" else get_backbone(name)
+    return module, spec.normalization
+
+
+def steps_per_second(cfg, model, data, epochs: int) -> tuple[float, float]:
+    """Returns (ensemble steps per second, warm-up seconds incl. compile)."""
+    tr = ensemble.make_train(cfg, model, data)
+    state = tr.init_state()
+    t0 = time.perf_counter()
+    state = tr.fit(state, until_epoch=1)
+    warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    state = tr.fit(state, until_epoch=1 + epochs)
+    jax.block_until_ready(state["train"]["params"])
+    steps = epochs * (data[0].shape[0] // cfg.batch_size)
+    return steps / (time.perf_counter() - t0), warm
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backbone", default="tiny")
+    p.add_argument("--alpha", type=float, default=0.35)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--members", type=int, nargs="+", default=[3, 5])
+    p.add_argument("--modes", nargs="+", default=["finetune", "head"])
+    p.add_argument("--axes", nargs="+", default=list(ensemble.AXES))
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--n", type=int, default=64, help="training images (epoch = n // batch steps)")
+    p.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up epoch")
+    p.add_argument("--units", type=int, default=64, help="GRU units of the head")
+    p.add_argument("--out", default=str(REPO / "results" / "benchmarks" / "ensemble_axis"))
+    args = p.parse_args(argv)
+
+    net, norm = backbone(args.backbone, args.alpha)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (args.n, args.size, args.size, 3), dtype=np.uint8)  # timing only: content irrelevant
+    y = (np.arange(args.n) % 2).astype(np.int32)
+    head = GRUHead(num_classes=2, units=args.units, hidden=64)
+    bb_vars = net.init(jax.random.PRNGKey(0), jnp.zeros((1, args.size, args.size, 3)))
+    feats = compute_features(net, bb_vars, x, norm, batch_size=args.batch)
+    rows = []
+    for mode in args.modes:
+        model, data = (Classifier(net, head), (x, y)) if mode == "finetune" else (head, (feats, y))
+        for m in args.members:
+            for axis in args.axes:
+                cfg = ensemble.TrainConfig(num_members=m, mode=mode, optimizer="adam", batch_size=args.batch,
+                                           num_epochs=1 + args.epochs, dropout_rate=0.2, normalization=norm,
+                                           ensemble_axis=axis)
+                sps, warm = steps_per_second(cfg, model, data, args.epochs)
+                rows.append({"mode": mode, "members": m, "axis": axis, "steps_per_s": round(sps, 3),
+                             "member_steps_per_s": round(sps * m, 3), "warmup_s": round(warm, 2)})
+                print(json.dumps(rows[-1]), flush=True)
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                            text=True).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout)
+    meta = {"command": "python " + " ".join([pathlib.Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
+            "commit": commit + ("+dirty" if dirty else ""), "backend": jax.default_backend(),
+            "device": str(jax.devices()[0].device_kind), "cpu": platform.processor() or platform.machine(),
+            "cpu_count": __import__("os").cpu_count(), "jax": jax.__version__, "backbone": args.backbone,
+            "size": args.size, "batch": args.batch, "n": args.n, "timed_epochs": args.epochs,
+            "head": f"GRUHead(units={args.units}, hidden=64)",
+            "note": "PROVISIONAL: measured on a shared 2-core machine with other jobs running; rerun quiet."}
+    best = {}
+    for mode in args.modes:
+        for m in args.members:
+            cand = [r for r in rows if r["mode"] == mode and r["members"] == m]
+            best[f"{mode}/M={m}"] = max(cand, key=lambda r: r["steps_per_s"])["axis"]
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # One run per (backbone, size, backend) is kept; other runs already in the file stay.
+    runs = json.loads(out.with_suffix(".json").read_text())["runs"] if out.with_suffix(".json").exists() else []
+    key = lambda r: (r["meta"]["backbone"], r["meta"]["size"], r["meta"]["backend"])
+    new = {"meta": meta, "rows": rows, "fastest": best}
+    runs = [r for r in runs if key(r) != key(new)] + [new]
+    out.with_suffix(".json").write_text(json.dumps({"runs": runs}, indent=1))
+    lines = ["# Ensemble-axis strategies of the deep-ensemble train step", "",
+             "One ensemble step = one optimizer step of every member (batch per member below), timed over whole "
+             "epochs after a warm-up epoch (per-epoch overhead included). Content of the images is random: "
+             "timing only.", ""]
+    for run in runs:
+        mt = run["meta"]
+        lines += [f"## {mt['backbone']} at {mt['size']} px ({mt['backend']}, {mt['device']}, {mt['cpu_count']} cores)", "",
+                  f"`{mt['command']}` at commit {mt['commit']}; jax {mt['jax']}; batch {mt['batch']} per member, "
+                  f"{mt['head']}.", "", f"**{mt['note']}**", "",
+                  "| mode | M | axis | ensemble steps/s | member steps/s | warm-up s (compile) |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['mode']} | {r['members']} | {r['axis']} | {r['steps_per_s']} | {r['member_steps_per_s']} | "
+                  f"{r['warmup_s']} |" for r in run["rows"]]
+        lines += ["", "Fastest: " + ", ".join(f"{k}: {v}" for k, v in run["fastest"].items()), ""]
+    out.with_suffix(".md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+if __name__ == "__main__":
+    main()

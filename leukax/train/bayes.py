@@ -1,0 +1,122 @@
+"""Bayesian optimisation (bayes_opt 3.x, GP + UCB) of the first paper's head hyper-parameters.
+
+Space (Akter et al. 2024): GRU units (integer), optimizer (categorical SGD / RMSprop), learning rate
+(searched as log10), momentum, dropout. The objective trains a deep ensemble of GRU heads on cached
+frozen-backbone features and returns a *validation* metric (the test split never enters). After every
+trial the whole log (params, target, seconds, extra info) is written as JSON; `run` re-registers those
+trials on start, so a stopped search continues where it was. Only trials that change ``units`` or the
+optimizer compile a new train step: learning rate and momentum are optimizer state, dropout a traced scalar.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import time
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+from bayes_opt import BayesianOptimization
+
+from leukax.train import ensemble
+
+log = logging.getLogger(__name__)
+
+# bayes_opt 3.x bounds: (lo, hi) float, (lo, hi, int) integer, a tuple of values = categorical.
+PAPER1_SPACE: dict[str, Any] = {
+    "units": (64, 512, int),
+    "optimizer": ("sgd", "rmsprop"),
+    "log10_lr": (-5.0, -2.0),
+    "momentum": (0.5, 0.99),
+    "dropout": (0.0, 0.5),
+}
+
+
+def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in params.items()}
+
+
+def load_log(path) -> list[dict[str, Any]]:
+    """Returns the trials saved at `path` ([] when the file does not exist)."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        return []
+    return json.loads(path.read_text())["trials"]
+
+
+def run(objective: Callable[[dict[str, Any]], tuple[float, dict[str, Any]]], space: dict[str, Any],
+        n_trials: int, log_path, init_points: int = 2, seed: int = 0) -> dict[str, Any]:
+    """Runs trials until `n_trials` are in the log at `log_path` (resuming it) and returns
+    {"trials": [{"trial", "params", "target", "seconds", "info"}...], "best": trial}.
+
+    objective(params) -> (target to maximise, info dict). The first `init_points` trials are random
+    draws (seeded per trial index), later ones maximise the GP's upper confidence bound.
+    """
+    log_path = pathlib.Path(log_path)
+    trials = load_log(log_path)
+    with warnings.catch_warnings():  # bayes_opt warns that non-float parameters are "experimental"
+        warnings.simplefilter("ignore")
+        bo = BayesianOptimization(f=None, pbounds=space, random_state=seed + len(trials), verbose=0,
+                                  allow_duplicate_points=True)
+    for t in trials:
+        bo.register(params=t["params"], target=t["target"])
+    if trials:
+        log.info("bayes: resumed %d trials from %s", len(trials), log_path)
+    for i in range(len(trials), n_trials):
+        if i < init_points:
+            rng = np.random.RandomState([seed, i])
+            params = bo.space.array_to_params(bo.space.random_sample(random_state=rng))
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # GP convergence warnings on a handful of points
+                params = bo.suggest()
+        params = _jsonable(params)
+        t0 = time.perf_counter()
+        target, info = objective(params)
+        seconds = time.perf_counter() - t0
+        bo.register(params=params, target=float(target))
+        trials.append({"trial": i, "params": params, "target": float(target), "seconds": seconds, "info": info})
+        best = max(trials, key=lambda t: t["target"])
+        log.info("bayes trial %d/%d %s target=%.4f (%.1fs) best=%.4f (trial %d)", i + 1, n_trials, params,
+                 target, seconds, best["target"], best["trial"])
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = log_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"space": {k: repr(v) for k, v in space.items()}, "seed": seed,
+                                   "trials": trials, "best": best}, indent=1))
+        tmp.replace(log_path)  # atomic: a crash never leaves half a log
+    return {"trials": trials, "best": max(trials, key=lambda t: t["target"]) if trials else None}
+
+
+def paper1_config(params: dict[str, Any], base: ensemble.TrainConfig) -> ensemble.TrainConfig:
+    """Returns `base` with a trial's optimizer, learning rate (10**log10_lr), momentum and dropout."""
+    return dataclasses.replace(base, optimizer=params["optimizer"], learning_rate=float(10.0 ** params["log10_lr"]),
+                               momentum=float(params["momentum"]), dropout_rate=float(params["dropout"]))
+
+
+def paper1_objective(train_data, val_data, base: ensemble.TrainConfig, make_head: Callable[[int], Any],
+                     metric: str = "val_acc") -> Callable[[dict[str, Any]], tuple[float, dict[str, Any]]]:
+    """Returns objective(params) -> (target, info) that trains a head-mode deep ensemble on cached
+    features and scores its sum-rule fusion on the validation split.
+
+    train_data / val_data: (features, labels). make_head(units) -> head module. metric: "val_acc"
+    (accuracy of the summed member probabilities) or "val_nll" (target = minus the fused NLL).
+    """
+    if base.mode != "head":
+        raise ValueError("leukax/train/bayes.py: the BO objective trains heads on cached features (mode='head')")
+    y_val = np.asarray(val_data[1])
+
+    def objective(params):
+        cfg = paper1_config(params, base)
+        tr = ensemble.make_train(cfg, make_head(int(params["units"])), train_data, val_data)
+        state = tr.fit()
+        probs_mnk = tr.predict(state, val_data[0])  # each member's best params (early stopping)
+        fused_nk = probs_mnk.mean(0)  # sum rule (mean = sum / M, same argmax)
+        acc = float(np.mean(fused_nk.argmax(-1) == y_val))
+        nll = float(-np.mean(np.log(np.clip(fused_nk[np.arange(len(y_val)), y_val], 1e-12, None))))
+        info = {"val_acc": acc, "val_nll": nll, "epochs": int(state["epoch"]),
+                "member_val_acc": [float(v) for v in np.mean(probs_mnk.argmax(-1) == y_val, -1)]}
+        return (acc if metric == "val_acc" else -nll), info
+
+    return objective

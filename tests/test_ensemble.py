@@ -1,0 +1,190 @@
+"""Deep-ensemble trainer: both modes, per-member differences, early stopping, checkpoint/resume, determinism."""
+import csv
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from leukax.models.classifier import Classifier
+from leukax.models.heads import DenseHead, GRUHead
+from leukax.models.layers import DepthwiseConv2D
+from leukax.train import ensemble, optim
+from leukax.train.features import cached_features
+
+SIZE = 32
+
+
+class TinyNet(nn.Module):
+    """A real backbone following the contract: conv → BN → depthwise → BN → 1×1 conv. Returns (fm, out)."""
+    width: int = 8
+    depthwise_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x_bhwc, train: bool = False):
+        bn = lambda name: nn.BatchNorm(use_running_average=not train, momentum=0.99, epsilon=1e-3, name=name)
+        x = nn.relu(bn("bn1")(nn.Conv(self.width, (3, 3), (2, 2), use_bias=False, name="Conv1")(x_bhwc)))
+        x = DepthwiseConv2D((3, 3), (2, 2), impl=self.depthwise_impl, name="dw")(x)
+        x = nn.relu(bn("dw_bn")(x))
+        fm = nn.Conv(2 * self.width, (1, 1), name="project")(x)
+        return fm, {"pre_logits": jnp.mean(fm, (1, 2))}
+
+
+@pytest.fixture(scope="module")
+def cnmc(shared_dir):
+    """C-NMC 2019 sample at 32 px: (x_train uint8 40×32×32×3, y_train, x_val 20×…, y_val)."""
+    root = shared_dir / "data" / "cnmc2019-sample"
+    rows = list(csv.DictReader(open(root / "labels.csv")))
+    x = np.stack([np.asarray(Image.open(root / "images" / r["filename"]).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR))
+                  for r in rows])
+    y = np.array([int(r["label"]) for r in rows], np.int32)
+    order = np.random.default_rng(0).permutation(len(y))
+    x, y = x[order], y[order]
+    return x[:40], y[:40], x[40:], y[40:]
+
+
+def flip_augment(key, x_bhwc):
+    """Random horizontal flip per image (a real, cheap augmentation)."""
+    flip = jax.random.bernoulli(key, 0.5, (x_bhwc.shape[0], 1, 1, 1))
+    return jnp.where(flip, x_bhwc[:, :, ::-1], x_bhwc)
+
+
+def finetune_cfg(**kw):
+    base = dict(num_members=3, mode="finetune", optimizer="adam", learning_rate=3e-3, dropout_rate=0.2,
+                batch_size=16, eval_batch_size=32, num_epochs=4, seed=1, normalization="unit",
+                ensemble_axis="sequential")
+    return ensemble.TrainConfig(**{**base, **kw})
+
+
+MODEL = Classifier(TinyNet(), GRUHead(num_classes=2, units=8, hidden=8))
+
+
+def tree_equal(a, b):
+    return all(jax.tree.leaves(jax.tree.map(lambda u, v: bool(np.array_equal(u, v, equal_nan=True)), a, b)))
+
+
+def test_finetune_checkpoint_resume_equals_straight(cnmc, tmp_path):
+    x, y, xv, yv = cnmc
+    cfg = finetune_cfg()
+    straight = ensemble.make_train(cfg, MODEL, (x, y), (xv, yv), augment_fn=flip_augment).fit()
+    first = ensemble.make_train(cfg, MODEL, (x, y), (xv, yv), augment_fn=flip_augment)
+    half = first.fit(checkpoint_dir=tmp_path / "ckpt", until_epoch=2)
+    assert int(half["epoch"]) == 2
+    second = ensemble.make_train(cfg, MODEL, (x, y), (xv, yv), augment_fn=flip_augment)
+    resumed = second.fit(checkpoint_dir=tmp_path / "ckpt")  # starts from the epoch-2 checkpoint
+    assert int(resumed["epoch"]) == 4
+    assert tree_equal(straight["train"], resumed["train"])
+    assert tree_equal(straight["best"], resumed["best"])
+    assert tree_equal(straight["history"], resumed["history"])
+
+    # Members differ (own init, data order, dropout and augmentation draws) and BN statistics moved.
+    k = straight["train"]["params"]["head"]["logits"]["kernel"]
+    assert not np.allclose(k[0], k[1]) and not np.allclose(k[1], k[2])
+    bb = straight["train"]["params"]["backbone"]["Conv1"]["kernel"]
+    assert not np.allclose(bb[0], bb[1])
+    init = first.init_state()
+    assert not np.allclose(straight["train"]["batch_stats"]["backbone"]["bn1"]["mean"],
+                           init["train"]["batch_stats"]["backbone"]["bn1"]["mean"])
+    # History: M×epochs of finite losses; predictions are M×N×K probabilities.
+    hist = second.history(resumed)
+    assert hist["train_loss"].shape == (3, 4) and np.isfinite(hist["val_loss"]).all()
+    probs_mnk = second.predict(resumed, xv)
+    assert probs_mnk.shape == (3, 20, 2)
+    np.testing.assert_allclose(probs_mnk.sum(-1), 1.0, atol=1e-5)
+    # evaluate(best) reproduces the recorded best score of each member (monitor = val_loss).
+    val_loss_m, _ = second.evaluate(resumed, (xv, yv), use_best=True)
+    np.testing.assert_allclose(-val_loss_m, np.asarray(resumed["best_score"]), rtol=1e-5)
+
+
+def test_same_seed_is_deterministic(cnmc):
+    x, y, xv, yv = cnmc
+    cfg = finetune_cfg(num_epochs=1, ensemble_axis="vmap")
+    a = ensemble.make_train(cfg, MODEL, (x, y), (xv, yv)).fit()
+    b = ensemble.make_train(cfg, MODEL, (x, y), (xv, yv)).fit()
+    assert tree_equal(a["train"], b["train"])
+    other_seed = ensemble.make_train(finetune_cfg(num_epochs=1, ensemble_axis="vmap", seed=2),
+                                     MODEL, (x, y), (xv, yv)).fit()
+    assert not tree_equal(a["train"]["params"], other_seed["train"]["params"])
+
+
+@pytest.fixture(scope="module")
+def features(cnmc):
+    """Frozen TinyNet feature maps (8×8×16 at 32 px) of the train and val images."""
+    x, y, xv, yv = cnmc
+    net = TinyNet()
+    variables = net.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)))
+    f = cached_features(net, variables, np.concatenate([x, xv]), normalization="unit", batch_size=32)
+    return f[:40], y, f[40:], yv
+
+
+def test_head_mode_early_stopping_and_optimizers(features, tmp_path):
+    f, y, fv, yv = features
+    assert f.shape == (40, 8, 8, 16)
+    head = GRUHead(num_classes=2, units=8, hidden=8)
+    cfg = ensemble.TrainConfig(num_members=3, mode="head", optimizer="sgd", learning_rate=0.3, momentum=0.9,
+                               dropout_rate=0.1, batch_size=20, num_epochs=12, patience=2, seed=0,
+                               ensemble_axis="vmap")
+    tr = ensemble.make_train(cfg, head, (f, y), (fv, yv))
+    state = tr.fit(checkpoint_dir=tmp_path / "head")
+    stopped = ~np.asarray(state["train"]["active"])
+    assert stopped.any(), "lr 0.3 with momentum 0.9 and patience 2 should stop some member early"
+    hist = tr.history(state)
+    for m in np.flatnonzero(stopped):
+        last = int(np.flatnonzero(np.isfinite(hist["val_loss"][m]))[-1])
+        assert last == int(state["best_epoch"][m]) + cfg.patience  # ran `patience` epochs past its best
+        assert np.isnan(hist["train_loss"][m, last + 1:]).all()
+    # A stopped member's params stopped changing: compare with a run cut at its stop epoch.
+    m = int(np.flatnonzero(stopped)[0])
+    stop = int(state["best_epoch"][m]) + cfg.patience + 1
+    cut = tr.fit(until_epoch=stop)  # a fresh run (no checkpoint dir) cut at the stop epoch
+    assert tree_equal(jax.tree.map(lambda v: v[m], cut["train"]["params"]),
+                      jax.tree.map(lambda v: v[m], state["train"]["params"]))
+    # The optimizer state holds the injected hyper-parameters, per member.
+    hp = state["train"]["opt_state"].hyperparams
+    np.testing.assert_allclose(hp["learning_rate"], [0.3] * 3)
+    np.testing.assert_allclose(hp["momentum"], [0.9] * 3)
+    assert tr.predict(state, fv).shape == (3, 20, 2)
+
+
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+def test_optimizer_hyperparams_in_state(name):
+    tx = optim.get_optimizer(name)
+    assert optim.get_optimizer(name) is tx  # cached: jit sees the same static object every trial
+    s = optim.set_hyperparams(tx.init({"w": jnp.ones(3)}), learning_rate=0.5, momentum=0.8)
+    g = {"w": jnp.ones(3)}
+    upd, _ = tx.update(g, s, {"w": jnp.ones(3)})
+    assert float(s.hyperparams["learning_rate"]) == 0.5
+    assert np.all(np.asarray(upd["w"]) < 0)
+
+
+def test_feature_cache_on_disk(cnmc, tmp_path):
+    x = cnmc[0][:8]
+    net = TinyNet()
+    variables = net.init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)))
+    a = cached_features(net, variables, x, "unit", batch_size=4, cache_dir=tmp_path, cache_tag="tiny")
+    files = list(tmp_path.glob("*.npy"))
+    assert len(files) == 1
+    np.save(files[0], np.asarray(a) + 1)  # a hit must read the file, not recompute
+    b = cached_features(net, variables, x, "unit", batch_size=4, cache_dir=tmp_path, cache_tag="tiny")
+    np.testing.assert_array_equal(b, np.asarray(a) + 1)
+    c = cached_features(net, variables, x[:4], "unit", batch_size=4, cache_dir=tmp_path, cache_tag="tiny")
+    assert len(list(tmp_path.glob("*.npy"))) == 2 and c.shape[0] == 4
+
+
+def test_head_mode_axes_agree(features):
+    """vmap, lax.map and the sequential loop train the same members (to float tolerance)."""
+    f, y, fv, yv = features
+    head = DenseHead(num_classes=2, features=16)
+    runs = {}
+    for axis in ensemble.AXES:
+        cfg = ensemble.TrainConfig(num_members=3, mode="head", optimizer="rmsprop", learning_rate=1e-3,
+                                   momentum=0.5, dropout_rate=0.3, batch_size=20, num_epochs=2,
+                                   ensemble_axis=axis)
+        tr = ensemble.make_train(cfg, head, (f, y), (fv, yv))
+        runs[axis] = tr.fit()
+        assert tr.predict(runs[axis], fv).shape == (3, 20, 2)
+    for axis in ("map", "sequential"):
+        for u, v in zip(jax.tree.leaves(runs["vmap"]["train"]), jax.tree.leaves(runs[axis]["train"])):
+            np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)
