@@ -5,6 +5,9 @@
 - ``"shift"``: a sum of ``kh*kw`` strided slices times per-channel weights. XLA:CPU's grouped
   convolution is ~10x slower than this, forward and backward.
 ``impl="auto"`` picks "shift" on the CPU backend and "lax" elsewhere.
+
+`PointwiseConv2D` (1×1 conv) is a channel matmul ("dot") on CPU: on XLA:CPU its backward is
+~3x faster than the 1×1 convolution's ("conv", used on other backends); forward about equal.
 """
 from __future__ import annotations
 
@@ -94,4 +97,42 @@ class DepthwiseConv2D(nn.Module):
         y = fn(x_bhwc, kernel, tuple(self.strides), self.padding)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (c,), jnp.float32).astype(y.dtype)
+        return y
+
+
+def resolve_pointwise_impl(impl: str) -> str:
+    """Maps "auto" to "dot" on CPU and "conv" on other backends."""
+    if impl == "auto":
+        return "dot" if jax.default_backend() == "cpu" else "conv"
+    if impl not in ("dot", "conv"):
+        raise ValueError(f"pointwise impl must be auto|dot|conv, got {impl!r}")
+    return impl
+
+
+class PointwiseConv2D(nn.Module):
+    """1×1 stride-1 convolution. Kernel param: 1×1×Cin×Cout (Keras/Flax layout), optional bias.
+
+    impl "dot" contracts the channel axis with `lax.dot_general` (a plain matmul on XLA:CPU);
+    "conv" uses `lax.conv_general_dilated`. Both return B×H×W×Cout and are numerically equal.
+    """
+    features: int
+    use_bias: bool = False
+    impl: str = "auto"
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    dtype: jnp.dtype | None = None
+
+    @nn.compact
+    def __call__(self, x_bhwc):
+        cin = x_bhwc.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (1, 1, cin, self.features), jnp.float32)
+        if self.dtype is not None:
+            x_bhwc = x_bhwc.astype(self.dtype)
+        k = kernel.astype(x_bhwc.dtype)
+        if resolve_pointwise_impl(self.impl) == "dot":
+            y = lax.dot_general(x_bhwc, k[0, 0], (((3,), (0,)), ((), ())))
+        else:
+            y = lax.conv_general_dilated(x_bhwc, k, (1, 1), "VALID",
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(y.dtype)
         return y

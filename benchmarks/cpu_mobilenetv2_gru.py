@@ -1,0 +1,223 @@
+"""CPU throughput of MobileNetV2 + GRU head (Akter et al. hybrid CNN-GRU), leukax/JAX vs PyTorch.
+
+Measures images/s of one SGD training step (forward, backward, update; BN in train mode; dropout)
+and of inference (BN running stats), at 224 px, batch 16, 2 classes, GRU units 256.
+
+  python benchmarks/cpu_mobilenetv2_gru.py --steps 5 --warmup 2 \
+      --out results/benchmarks/cpu_mobilenetv2_gru.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import time
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps (compile) first")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--units", type=int, default=256, help="GRU units")
+    p.add_argument("--hidden", type=int, default=128, help="dense layer after the GRU")
+    p.add_argument("--frameworks", default="jax,torch")
+    p.add_argument("--modes", default="train,infer")
+    p.add_argument("--depthwise-impl", default="auto", help="leukax DepthwiseConv2D impl")
+    p.add_argument("--pointwise-impl", default="auto", help="leukax PointwiseConv2D impl")
+    p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before jax import")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
+    p.add_argument("--out", default="")
+    return p.parse_args()
+
+
+def timed(step, steps, warmup):
+    """Runs step() warmup+steps times; returns (seconds per timed step list, warmup seconds)."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    t_warm = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return times, t_warm
+
+
+def bench_jax(args, modes):
+    if args.xla_flags:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from leukax.models.classifier import Classifier
+    from leukax.models.heads import GRUHead
+    from leukax.models.mobilenet_v2 import MobileNetV2
+
+    model = Classifier(MobileNetV2(depthwise_impl=args.depthwise_impl,
+                                   pointwise_impl=args.pointwise_impl),
+                       GRUHead(num_classes=2, units=args.units, hidden=args.hidden, dropout=0.3))
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.uniform(-1, 1, (args.batch, args.size, args.size, 3)).astype(np.float32))
+    y = jnp.asarray(rng.integers(0, 2, args.batch).astype(np.int32))
+    variables = jax.jit(model.init)(jax.random.key(0), x[:1])
+    params, stats = variables["params"], variables["batch_stats"]
+    tx = optax.sgd(1e-3, momentum=0.9)
+    opt_state = tx.init(params)
+
+    def train_step(params, stats, opt_state, x, y, key):
+        def loss_fn(p):
+            (logits, _), upd = model.apply({"params": p, "batch_stats": stats}, x, train=True,
+                                           rngs={"dropout": key}, mutable=["batch_stats"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
+        (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), upd["batch_stats"], opt_state, loss
+
+    train_jit = jax.jit(train_step, donate_argnums=(0, 1, 2))
+    infer_jit = jax.jit(lambda p, s, x: model.apply({"params": p, "batch_stats": s}, x)[0])
+    state = {"p": params, "s": stats, "o": opt_state, "key": jax.random.key(1)}
+
+    def train():
+        state["key"], k = jax.random.split(state["key"])
+        state["p"], state["s"], state["o"], loss = train_jit(state["p"], state["s"], state["o"],
+                                                             x, y, k)
+        loss.block_until_ready()
+
+    def infer():
+        infer_jit(state["p"], state["s"], x).block_until_ready()
+
+    out = {"framework": "jax", "jax": jax.__version__, "device": str(jax.devices()[0]),
+           "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+           "depthwise_impl": args.depthwise_impl, "pointwise_impl": args.pointwise_impl}
+    for mode, fn in (("train", train), ("infer", infer)):
+        if mode in modes:
+            times, warm = timed(fn, args.steps, args.warmup)
+            out[mode] = summarize(times, warm, args.batch)
+    return out
+
+
+def torch_model(units, hidden):
+    import torch
+    from torch import nn
+
+    def conv_bn(cin, cout, k, s, groups=1, act=True):
+        layers = [nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=False),
+                  nn.BatchNorm2d(cout, eps=1e-3, momentum=0.001)]
+        return nn.Sequential(*layers, nn.ReLU6(inplace=True)) if act else nn.Sequential(*layers)
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride, expansion):
+            super().__init__()
+            mid = cin * expansion
+            layers = [conv_bn(cin, mid, 1, 1)] if expansion != 1 else []
+            layers += [conv_bn(mid, mid, 3, stride, groups=mid), conv_bn(mid, cout, 1, 1, act=False)]
+            self.body = nn.Sequential(*layers)
+            self.res = stride == 1 and cin == cout
+
+        def forward(self, x):
+            return x + self.body(x) if self.res else self.body(x)
+
+    from leukax.models.mobilenet_v2 import BLOCKS
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layers, cin = [conv_bn(3, 32, 3, 2)], 32
+            for expansion, cout, stride in BLOCKS:
+                layers.append(Block(cin, cout, stride, expansion))
+                cin = cout
+            layers.append(conv_bn(cin, 1280, 1, 1))
+            self.backbone = nn.Sequential(*layers)
+            self.gru = nn.GRU(1280, units, batch_first=True)
+            self.dense = nn.Linear(units, hidden)
+            self.drop = nn.Dropout(0.3)
+            self.logits = nn.Linear(hidden, 2)
+
+        def forward(self, x):
+            fm = self.backbone(x)
+            seq = fm.flatten(2).transpose(1, 2)  # B×HW×C
+            _, h = self.gru(seq)
+            return self.logits(self.drop(torch.relu(self.dense(h[-1]))))
+
+    return Net()
+
+
+def bench_torch(args, modes):
+    import numpy as np
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = torch_model(args.units, args.hidden)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.uniform(-1, 1, (args.batch, 3, args.size, args.size)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 2, args.batch).astype(np.int64))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def train():
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+
+    def infer():
+        model.eval()
+        with torch.inference_mode():
+            model(x)
+
+    out = {"framework": "torch", "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "device": "cpu"}
+    for mode, fn in (("train", train), ("infer", infer)):
+        if mode in modes:
+            times, warm = timed(fn, args.steps, args.warmup)
+            out[mode] = summarize(times, warm, args.batch)
+    return out
+
+
+def summarize(times, warm, batch):
+    med = sorted(times)[len(times) // 2]
+    return {"img_per_s": batch / med, "median_step_s": med, "step_s": times, "warmup_s": warm}
+
+
+def git_commit():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=pathlib.Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def main():
+    args = parse_args()
+    modes = args.modes.split(",")
+    result = {"benchmark": "cpu_mobilenetv2_gru", "batch": args.batch, "size": args.size,
+              "gru_units": args.units, "steps": args.steps, "warmup": args.warmup,
+              "cpu_count": os.cpu_count(), "platform": platform.platform(),
+              "git_commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "results": []}
+    for fw in args.frameworks.split(","):
+        r = bench_jax(args, modes) if fw == "jax" else bench_torch(args, modes)
+        result["results"].append(r)
+        print(json.dumps({k: (v if not isinstance(v, dict) else
+                              {kk: vv for kk, vv in v.items() if kk != "step_s"})
+                          for k, v in r.items()}), flush=True)
+    if args.out:
+        path = pathlib.Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
