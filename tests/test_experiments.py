@@ -1,0 +1,125 @@
+"""End-to-end runs of experiments/hybrid_gru.py and experiments/feature_fusion.py at tiny scale.
+
+Random-weight backbones at 32 px on the embedded C-NMC 2019 sample (60 images), M=2, 1-2 epochs, 2 folds.
+"""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import feature_fusion, hybrid_gru
+from leukax import fusion
+from leukax.train import bayes
+
+TINY = ["--weights=none", "--image_size=32", "--members=2", "--folds=2", "--batch_size=8"]
+
+
+def _parse(cls, out_dir, *extra):
+    return hybrid_gru.parse_argv(cls, ["prog", f"--out_dir={out_dir}", *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def hybrid_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hybrid_gru")
+    cfg = _parse(hybrid_gru.Config, out, "--backbones=mobilenet_v2,efficientnet_lite0", "--epochs=2")
+    return out, hybrid_gru.run(cfg)
+
+
+def test_flags_round_trip():
+    cfg = _parse(hybrid_gru.Config, "/tmp/x", "--backbones=a,b", "--leaky", "--hparams=bo")
+    assert cfg.backbones == ("a", "b") and cfg.leaky is True and cfg.members == 2 and cfg.hparams == "bo"
+    argv = hybrid_gru.command_line("experiments.hybrid_gru", cfg).split()[3:]
+    assert hybrid_gru.parse_argv(hybrid_gru.Config, ["prog", *argv]) == cfg
+    ff = hybrid_gru.parse_argv(feature_fusion.Config, ["prog", "--noenhance", "--branch_fallbacks="])
+    assert ff.enhance is False and ff.branch_fallbacks == () and ff.branches == ("efficientnet_b7", "mobilenet_v3_large")
+
+
+def test_hybrid_gru_outputs(hybrid_run):
+    out, m = hybrid_run
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["fused"]["test_mean_std"]["accuracy"] == m["fused"]["test_mean_std"]["accuracy"]
+    assert set(m["per_hybrid"]) == {"mobilenet_v2", "efficientnet_lite0"}
+    assert [h["weights"] for h in m["hybrids"]] == ["random init"] * 2
+    for part in list(m["per_hybrid"].values()) + [m["fused"]]:
+        stats = part["test_mean_std"]
+        for key in hybrid_gru.metric_keys(2):
+            assert key in stats and len(stats[key]["per_split"]) == 2
+        assert 0.0 <= stats["accuracy"]["mean"] <= 1.0
+        assert {"predictive_entropy", "mutual_information", "variance_pred", "aurc"} <= set(part["uncertainty_mean_std"])
+        assert len(part["referral_per_split"]) == 2
+    # Paper hyper-parameters: efficientnet_lite0 is not in the paper's table, mobilenet_v2 is (512 units, 0.1).
+    hp = m["per_hybrid"]["mobilenet_v2"]["hparams_per_split"][0]
+    assert (hp["units"], hp["dropout"]) == (512, 0.1) and "PAPER_GRU_HEADS" in hp["source"]
+    assert m["paper_reported"]["accuracy"]["all_idb2"] == 0.9807 and "Akter" in m["paper_reported"]["source"]
+    assert "stratified_group_kfold" in m["protocol"]["name"] and m["dataset"]["n"] == 60
+    assert (out / "config.json").exists() and m["command"].startswith("python -m experiments.hybrid_gru")
+    assert len(list((out / "splits").glob("*.json"))) == 2
+    for name in ("confusion_matrix_fused", "roc_fused", "reliability_fused", "accuracy_coverage_fused",
+                 "training_curves_first", "confusion_matrix_mobilenet_v2"):
+        assert (out / "figures" / f"{name}.png").stat().st_size > 1000
+
+
+def test_hybrid_gru_sum_rule_consistent(hybrid_run):
+    out, m = hybrid_run
+    z = np.load(out / "predictions_first_repeat.npz")
+    hybrids = np.stack([z["probs_mobilenet_v2"], z["probs_efficientnet_lite0"]])
+    assert hybrids.shape == (2, 60, 2) and z["probs_fused"].shape == (60, 2)
+    np.testing.assert_allclose(z["probs_fused"], np.asarray(fusion.sum_rule(hybrids)), atol=1e-6)
+    np.testing.assert_allclose(z["probs_fused"].sum(-1), 1.0, atol=1e-5)
+    pooled = m["fused"]["pooled_first_repeat"]
+    assert pooled["n"] == 60
+    assert pooled["accuracy"] == pytest.approx(np.mean(z["probs_fused"].argmax(-1) == z["labels"]), abs=1e-6)
+    # mean over folds of the per-fold accuracies == what the per-fold confusion matrices say
+    accs = m["fused"]["test_mean_std"]["accuracy"]["per_split"]
+    assert np.mean(accs) == pytest.approx(m["fused"]["test_mean_std"]["accuracy"]["mean"])
+
+
+def test_hybrid_gru_bo_paper_protocol(tmp_path):
+    cfg = _parse(hybrid_gru.Config, tmp_path, "--backbones=mobilenet_v2", "--epochs=1", "--members=1", "--hparams=bo",
+                 "--bo_trials=2", "--protocol=paper_80_20", "--leaky")
+    m = hybrid_gru.run(cfg)
+    assert "ungrouped-leaky" in m["protocol"]["name"] and m["protocol"]["splits"] == 1
+    trials = bayes.load_log(tmp_path / "bo" / "mobilenet_v2_r0_f0.json")
+    assert len(trials) == 2 and all(set(t["info"]) >= {"val_acc", "val_nll"} for t in trials)
+    hp = m["per_hybrid"]["mobilenet_v2"]["hparams_per_split"][0]
+    best = max(trials, key=lambda t: t["target"])
+    assert hp["units"] == best["params"]["units"] and "BO trial" in hp["source"]
+
+
+def test_load_backbone_substitution(shared_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("LEUKAX_OFFLINE", "1")
+    monkeypatch.setenv("LEUKAX_CACHE_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="efficientnet_b3"):
+        hybrid_gru.load_backbone("efficientnet_b3", "imagenet", shared_dir / "weights", substitute="")
+    _, variables, spec, rec = hybrid_gru.load_backbone("efficientnet_b3", "imagenet", shared_dir / "weights",
+                                                       substitute="efficientnet_lite0")
+    assert rec["used"] == "efficientnet_lite0" and "efficientnet_b3" in rec["substitution"]
+    assert spec.normalization == "lite" and rec["weights"] == "imagenet"
+    _, random_vars, _, rec0 = hybrid_gru.load_backbone("efficientnet_lite0", "none", None)
+    assert rec0["params"] == rec["params"]  # same network, and the file's values were loaded into it
+    loaded, random = (jax.tree_util.tree_leaves(v["params"]) for v in (variables, random_vars))
+    assert not any(np.allclose(a, b) for a, b in zip(loaded, random) if a.size > 1000)
+
+
+def test_feature_fusion_outputs(tmp_path):
+    cfg = _parse(feature_fusion.Config, tmp_path, "--branches=mobilenet_v2,efficientnet_lite0", "--epochs=2",
+                 "--meta_epochs=2", "--timing_images=8")
+    m = feature_fusion.run(cfg)
+    assert json.loads((tmp_path / "metrics.json").read_text())["ablation"].keys() == m["ablation"].keys()
+    assert list(m["ablation"]) == ["mobilenet_v2", "efficientnet_lite0", "branch_sum_rule", "fused_meta"]
+    for row in m["ablation"].values():
+        assert len(row["test_mean_std"]["accuracy"]["per_split"]) == 2
+        assert row["pooled_first_repeat"]["n"] == 60
+    assert "enhance_paper2" in m["dataset"]["enhancement"]
+    rows = {r["model"]: r for r in m["params_and_test_time"]["rows"]}
+    meta = rows["meta-classifier alone"]["params"]["trainable"]
+    assert meta == 2048 * 1000 + 1000 + 1000 * 100 + 100 + 100 * 10 + 10 + 10 * 2 + 2  # two 1024-d branches
+    branch = rows["branch mobilenet_v2 (own softmax)"]
+    assert branch["params"]["trainable"] == 2223872 + 1280 * 1024 + 1024 + 1024 * 2 + 2  # MobileNetV2 + DenseHead
+    fused = rows["two-stage fused model (branches + meta-classifier)"]
+    parts = [r for name, r in rows.items() if not name.startswith("two-stage")]
+    assert len(parts) == 3 and fused["params"]["total"] == sum(r["params"]["total"] for r in parts)
+    assert branch["ms_per_image"] > 0 and fused["ms_per_image"] > 0
+    for name in ("confusion_matrix_fused_meta", "roc_fused_meta", "confusion_matrix_efficientnet_lite0"):
+        assert (tmp_path / "figures" / f"{name}.png").exists()
