@@ -80,6 +80,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=64, help="training images (epoch = n // batch steps)")
     p.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up epoch")
     p.add_argument("--units", type=int, default=64, help="GRU units of the head")
+    p.add_argument("--note", default="", help="machine conditions to record, e.g. 'no other job running'")
     p.add_argument("--out", default=str(REPO / "results" / "benchmarks" / "ensemble_axis"))
     args = p.parse_args(argv)
 
@@ -112,7 +113,7 @@ def main(argv=None):
             "cpu_count": __import__("os").cpu_count(), "jax": jax.__version__, "backbone": args.backbone,
             "size": args.size, "batch": args.batch, "n": args.n, "timed_epochs": args.epochs,
             "head": f"GRUHead(units={args.units}, hidden=64)",
-            "note": "PROVISIONAL: measured on a shared 2-core machine with other jobs running; rerun quiet."}
+            "note": args.note}
     best = {}
     for mode in args.modes:
         for m in args.members:
@@ -134,7 +135,7 @@ def main(argv=None):
         mt = run["meta"]
         lines += [f"## {mt['backbone']} at {mt['size']} px ({mt['backend']}, {mt['device']}, {mt['cpu_count']} cores)", "",
                   f"`{mt['command']}` at commit {mt['commit']}; jax {mt['jax']}; batch {mt['batch']} per member, "
-                  f"{mt['head']}.", "", f"**{mt['note']}**", "",
+                  f"{mt['head']}.", "", f"**{mt['note']}**" if mt.get("note") else "", "",
                   "| mode | M | axis | ensemble steps/s | member steps/s | warm-up s (compile) |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {r['mode']} | {r['members']} | {r['axis']} | {r['steps_per_s']} | {r['member_steps_per_s']} | "
