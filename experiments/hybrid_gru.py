@@ -3,10 +3,10 @@
 Command:   python -m experiments.hybrid_gru                          (writes results/hybrid_gru/)
            python -m experiments.hybrid_gru --dataset=all_idb2 --manual_dir=<ALL-IDB folder> --hparams=bo
            python -m experiments.hybrid_gru --protocol=paper_80_20 --leaky     (the paper's own split)
-Runtime:   the full default run (60 images, 224 px, 3 backbones, M=5, 5 folds) has not been timed yet; the
-           test-size run (2 random-weight backbones, 32 px, M=2, 2 epochs, 2 folds) took ~2 min on 2 busy
-           CPU cores. `--hparams=bo` adds about `--bo_trials` trainings per hybrid and split. Every run writes
-           its measured times to metrics.json (timing_s).
+Runtime:   `--members=3` on the embedded sample (60 images, 224 px, 3 backbones, 5 folds, paper hparams) took
+           752 s on 2 CPU cores (results/hybrid_gru/README.md); the default M=5 takes about 5/3 of the
+           training part. `--hparams=bo` adds about `--bo_trials` trainings per hybrid and split. Every run
+           writes its measured times to metrics.json (timing_s).
 
 What it does:
 1. loads `--dataset` (cnmc2019 = the embedded sample; all_idb1, all_idb2, all_idb or any builder name);
