@@ -36,7 +36,7 @@ from leukax.gradcam import gradcam_classifier
 from leukax.models import pretrained
 from leukax.models.classifier import Classifier
 from leukax.models.heads import make_head
-from leukax.train.ensemble import TrainConfig, make_train, member_variables
+from leukax.train.ensemble import TrainConfig, make_train, member_variables, normalize
 from leukax.train.features import cached_features
 
 FLAGS = flags.FLAGS
@@ -186,7 +186,6 @@ def main(argv):
     m0 = member_variables(state, 0)
     variables = {"params": {"backbone": bb_vars["params"], "head": m0["params"]},
                  "batch_stats": {"backbone": bb_vars.get("batch_stats", {})}}
-    from leukax.train.ensemble import normalize
     x = normalize(jnp.asarray(ds.images[show]), spec.normalization)
     heat, logits = gradcam_classifier(model, variables, x, return_logits=True)
     plots.gradcam_overlays(ds.images[show], np.asarray(heat), labels[show], np.asarray(jax.nn.softmax(logits)),

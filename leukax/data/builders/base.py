@@ -74,24 +74,13 @@ def pixel_hash(image_hw3: np.ndarray) -> str:
 
 def duplicate_groups(subjects: list[str], hashes: list[str]) -> np.ndarray:
     """Returns int64 N group ids: connected components of equal non-empty subject or equal pixel hash,
-    numbered 0.. in order of first appearance."""
-    parent = list(range(len(hashes)))
+    numbered 0.. in order of first appearance (`leukax.data.splits.combine_groups`)."""
+    from leukax.data.splits import combine_groups
 
-    def find(i):
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
+    def keys(values):  # an empty value joins nothing: give it a key of its own
+        return [v if v else f"\0{i}" for i, v in enumerate(values)]
 
-    first: dict[str, int] = {}
-    for i, keys in enumerate(zip(subjects, hashes)):
-        for kind, key in zip(("subject:", "pixels:"), keys):
-            if not key:
-                continue
-            j = first.setdefault(kind + key, i)
-            parent[find(i)] = find(j)
-    ids: dict[int, int] = {}
-    return np.array([ids.setdefault(find(i), len(ids)) for i in range(len(hashes))], np.int64)
+    return combine_groups(keys(subjects), keys(hashes))
 
 
 def class_counts(labels, class_names) -> dict[str, int]:
