@@ -33,9 +33,9 @@ class TinyNet(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def cnmc(shared_dir):
+def cnmc(cnmc_sample_dir):
     """C-NMC 2019 sample at 32 px: (x_train uint8 40×32×32×3, y_train, x_val 20×…, y_val)."""
-    root = shared_dir / "data" / "cnmc2019-sample"
+    root = cnmc_sample_dir
     rows = list(csv.DictReader(open(root / "labels.csv")))
     x = np.stack([np.asarray(Image.open(root / "images" / r["filename"]).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR))
                   for r in rows])

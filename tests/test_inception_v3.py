@@ -82,13 +82,13 @@ def test_inference_and_train_equal_keras(keras_and_h5):
     assert diff <= 1e-2
 
 
-def test_shared_tf2015_weights_equal_keras(shared_dir):
+def test_shared_tf2015_weights_equal_keras(shared_dir, cnmc_sample_dir):
     """Offline 2015 weights: leukax (by name) vs Keras max-pool clone (by topology) on a real image."""
     wdir = shared_dir / "weights"
     path = wdir / SHARED_H5
     manifest = json.loads((wdir / "manifest.json").read_text())["files"][SHARED_H5]
     assert hashlib.sha256(path.read_bytes()).hexdigest() == manifest["sha256"]
-    img_path = sorted((shared_dir / "data" / "cnmc2019-sample" / "images").glob("*.png"))[0]
+    img_path = sorted((cnmc_sample_dir / "images").glob("*.png"))[0]
     img = Image.open(img_path).convert("RGB").resize((299, 299), Image.BICUBIC)
     x = (np.asarray(img, np.float32)[None] / 127.5 - 1.0)
 

@@ -77,9 +77,9 @@ def test_load_errors_name_file_and_layers(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def mnv2_shared(shared_dir):
+def mnv2_shared(shared_dir, cnmc_sample_dir):
     path = shared_dir / "weights" / MNV2_H5
-    img_path = sorted((shared_dir / "data" / "cnmc2019-sample" / "images").glob("*.png"))[0]
+    img_path = sorted((cnmc_sample_dir / "images").glob("*.png"))[0]
     img = Image.open(img_path).convert("RGB").resize((224, 224), Image.BICUBIC)
     x = np.asarray(img, np.float32)[None] / 127.5 - 1.0
     return path, x

@@ -159,8 +159,8 @@ def test_allidb_duplicate_pairs_same_side(idb):
         split_pair[0].check_disjoint(groups)
 
 
-def test_cnmc_subject_grouping(shared_dir):
-    root = shared_dir / "data" / "cnmc2019-sample"
+def test_cnmc_subject_grouping(cnmc_sample_dir):
+    root = cnmc_sample_dir
     with open(root / "labels.csv") as fh:
         rows = list(csv.DictReader(fh))
     labels = np.array([int(r["label"]) for r in rows])

@@ -162,7 +162,6 @@ def test_pretrained_mobilenet_v2_falls_back_to_coral_with_gru_head(shared_dir):
 
 
 def test_pretrained_lite0_npz(shared_dir):
-    pytest.importorskip("leukax.weights.torch_state")
     import jax
     import numpy as np
 
