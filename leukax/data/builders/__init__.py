@@ -4,11 +4,15 @@ from __future__ import annotations
 from leukax.data.builders.base import (DatasetError, LeukaxBuilder, ManualDownloadError, Record, class_counts,
                                        default_data_dir, default_manual_dir, duplicate_groups, pixel_hash)
 from leukax.data.builders.datasets import BUILDERS, PBC_CLASSES, read_xyc, sample_dir
+from leukax.data.builders.standin import BUILDERS as _STANDIN
+
+BUILDERS.update(_STANDIN)  # all_aml_healthy_standin, lab_probe (open stand-ins, shared/data)
 
 
 def names() -> list[str]:
     """Returns the builder names: all_idb1, all_idb2, ash_aml, all_idb, all_aml_healthy, cnmc2019, pbc,
-    image_folder ("cnmc2019/full" selects a config)."""
+    image_folder, all_aml_healthy_standin, lab_probe
+    ("cnmc2019/full" selects a config)."""
     return list(BUILDERS)
 
 
