@@ -44,6 +44,17 @@ def test_threshold_metrics_match_sklearn(seed, k, ties):
     # specificity of class c = recall of "not c"
     spec = [skm.recall_score(labels != c, preds != c, zero_division=0) for c in range(k)]
     np.testing.assert_allclose(pc["specificity"], spec, atol=1e-6)
+    # macro = unweighted mean over classes (sklearn average="macro"), not support-weighted
+    for name, fn in (("precision", skm.precision_score), ("recall", skm.recall_score)):
+        ref = fn(labels, preds, average="macro", labels=range(k), zero_division=0)
+        assert float(pc[f"macro_{name}"]) == pytest.approx(ref, abs=1e-6), name
+    assert float(pc["macro_specificity"]) == pytest.approx(np.mean(spec), abs=1e-6)
+    rep = metrics.classification_report(labels, probs, [f"c{c}" for c in range(k)])
+    assert rep["macro_precision"] == pytest.approx(
+        skm.precision_score(labels, preds, average="macro", labels=range(k), zero_division=0), abs=1e-6)
+    assert rep["macro_recall"] == pytest.approx(
+        skm.recall_score(labels, preds, average="macro", labels=range(k), zero_division=0), abs=1e-6)
+    assert rep["macro_specificity"] == pytest.approx(np.mean(spec), abs=1e-6)
     for pos in range(k):
         b = metrics.binary(y, p, pos_label=pos)
         yb, pb = labels == pos, preds == pos
