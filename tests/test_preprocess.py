@@ -134,10 +134,34 @@ def test_switches_turn_transforms_off():
     prm = pp.random_affine_params(jax.random.key(3), 8, dataclasses.replace(OFF, vertical_flip=True))
     assert (np.asarray(prm["theta"]) == 0).all() and (np.asarray(prm["zoom_x"]) == 1).all()
     assert not np.asarray(prm["flip_h"]).any() and np.asarray(prm["flip_v"]).any()
-    # only rotation on: a centred disc-like constant image stays unchanged in the centre
+
+
+def test_only_rotation_on_rotates_a_ramp_about_the_centre():
+    """rotation_range alone: every image is rotated about its centre by its drawn angle and nothing else.
+    On a linear ramp f(x, y) = 2x + 3y + 10, bilinear sampling is exact, so output pixel p must equal
+    f(c + R(θ)(p - c)) wherever that source point is inside the image (R = [[cos, -sin], [sin, cos]])."""
     cfg = dataclasses.replace(OFF, rotation_range=45.0)
-    out = pp.augment_paper1(jax.random.key(4), np.full((2, 16, 16, 3), 9, np.uint8), cfg)
-    np.testing.assert_array_equal(out, 9)
+    key = jax.random.key(4)
+    h = w = 17
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float64)
+    ramp_hw = 2.0 * xs + 3.0 * ys + 10.0
+    images = np.repeat(ramp_hw[None, ..., None], 3, -1).astype(np.float32)
+    images = np.concatenate([images, images + 5.0])  # B = 2, so two different angles
+    prm = pp.random_affine_params(key, 2, cfg)
+    theta_b = np.deg2rad(np.asarray(prm["theta"], np.float64))
+    assert (np.abs(theta_b) > np.deg2rad(1)).all() and (np.abs(theta_b) <= np.deg2rad(45)).all()
+    out = np.asarray(pp.augment_paper1(key, images, cfg))
+    c = (w - 1) / 2.0
+    for b in range(2):
+        cos, sin = np.cos(theta_b[b]), np.sin(theta_b[b])
+        sx = c + cos * (xs - c) - sin * (ys - c)
+        sy = c + sin * (xs - c) + cos * (ys - c)
+        inside = (sx >= 0) & (sx <= w - 1) & (sy >= 0) & (sy <= h - 1)
+        assert inside.mean() > 0.5
+        expected_hw = 2.0 * sx + 3.0 * sy + 10.0 + 5.0 * b
+        for ch in range(3):
+            np.testing.assert_allclose(out[b, ..., ch][inside], expected_hw[inside], atol=2e-3)
+        assert not np.allclose(out[b], images[b], atol=1.0)  # it did move
 
 
 def test_jit_and_vmap_over_member_keys():
