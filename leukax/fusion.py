@@ -8,6 +8,8 @@ H×M×N×K (members not yet averaged) is first reduced to the deep-ensemble mean
 
 Feature level: the second stage of Himel et al. concatenates the frozen Dense(1024) features of the
 EfficientNetB7 and MobileNetV3Large branches (`concat_features`) and trains `MetaClassifier` on them.
+`BranchHead` is the first stage's head, on pooled features or (the paper's position) on the backbone's
+ImageNet classifier; `table3_rows` counts parameters the way the paper's Table 3 does.
 """
 from __future__ import annotations
 
@@ -119,3 +121,81 @@ class MetaClassifier(nn.Module):
         h = _dropout(x, rate, rng, train)
         logits_bk = nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(h)
         return logits_bk.astype(jnp.float32), {"pre_logits": x}
+
+
+# ------------------------------------------------------------------------- Himel et al. branches, Table 3
+
+
+class BranchHead(nn.Module):
+    """Himel et al.'s stage-1 head on a backbone's feature map, in either position.
+
+    imagenet_hidden < 0 (branch_input "pooled", leukax's default): GAP → Dense(1024, relu) → dropout →
+    Dense(K) — the same parameters as `leukax.models.heads.DenseHead`.
+    imagenet_hidden ≥ 0 (branch_input "imagenet_logits", the paper's position, Table 3): the backbone's
+    ImageNet classifier (`leukax.imagenet_top.ImageNetTop(hidden=imagenet_hidden)`, submodule
+    "imagenet_top", frozen by the caller) → softmax → Dense(1024, relu) → dropout → Dense(K).
+    Returns ``(logits_bk, {"pre_logits": B×1024})`` (the feature the second stage fuses).
+    """
+    num_classes: int
+    features: int = 1024
+    dropout: float = 0.3
+    imagenet_hidden: int = -1
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, feature_map_bhwc, train: bool = False, dropout_rate=None):
+        from leukax.imagenet_top import ImageNetTop
+        if self.imagenet_hidden >= 0:
+            x_bd = jax.nn.softmax(ImageNetTop(hidden=self.imagenet_hidden, name="imagenet_top")(feature_map_bhwc))
+        else:
+            x_bd = jnp.mean(feature_map_bhwc.astype(jnp.float32), axis=(1, 2))
+        hid_bd = nn.relu(nn.Dense(self.features, dtype=self.dtype, name="dense")(x_bd))
+        rate = self.dropout if dropout_rate is None else dropout_rate
+        h = _dropout(hid_bd, rate, self.make_rng("dropout") if train else None, train)
+        logits_bk = nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(h)
+        return logits_bk.astype(jnp.float32), {"pre_logits": hid_bd}
+
+
+def branch_head_params(in_features: int, num_classes: int, features: int = 1024, with_output: bool = True) -> int:
+    """Returns Dense(in→features) + Dense(features→K) parameters; with_output=False drops the second
+    (the branch inside the fused model, whose last Dense is discarded). Himel et al. Table 3:
+    branch_head_params(1000, 3) = 1,028,099 and branch_head_params(1000, 3, with_output=False) = 1,025,024."""
+    return in_features * features + features + (features * num_classes + num_classes if with_output else 0)
+
+
+def meta_classifier_params(in_features: int, num_classes: int) -> int:
+    """Returns MetaClassifier parameters on D inputs: D·1000+1000 + 1000·100+100 + 100·10+10 + 10·K+K
+    (Himel et al. Table 3: D = 2·1024, K = 3 gives 2,150,143)."""
+    return in_features * 1000 + 1000 + 1000 * 100 + 100 + 100 * 10 + 10 + 10 * num_classes + num_classes
+
+
+def table3_rows(backbone_totals: dict, backbone_channels: dict, branches: tuple, num_classes: int,
+                branch_input: str = "imagenet_logits", features: int = 1024) -> list[dict]:
+    """Returns Himel et al. Table 3's parameter rows as the paper counts them (Keras totals, BatchNorm
+    moving statistics included as non-trainable; each backbone frozen, only the head trainable).
+
+    backbone_totals: {name: all variables of the no-top backbone}; backbone_channels: {name: C}.
+    Per base model: total = backbone [+ ImageNet top] + branch head, trainable = branch head. Per branch of
+    the proposed model (output Dense dropped): trainable = Dense(features) alone. Meta-classifier: all.
+    """
+    from leukax.imagenet_top import keras_top_params
+
+    def top(name):
+        return keras_top_params(name, backbone_channels[name]) if branch_input == "imagenet_logits" else 0
+
+    def head_in(name):
+        return 1000 if branch_input == "imagenet_logits" else backbone_channels[name]
+
+    rows = []
+    for name in backbone_totals:
+        head = branch_head_params(head_in(name), num_classes, features)
+        frozen = backbone_totals[name] + top(name)
+        rows.append(dict(model=name, total=frozen + head, trainable=head, non_trainable=frozen))
+    for i, name in enumerate(branches, 1):
+        head = branch_head_params(head_in(name), num_classes, features, with_output=False)
+        frozen = backbone_totals[name] + top(name)
+        rows.append(dict(model=f"proposed [branch {i}: {name}]", total=frozen + head, trainable=head,
+                         non_trainable=frozen))
+    meta = meta_classifier_params(features * len(branches), num_classes)
+    rows.append(dict(model="proposed [meta-classifier]", total=meta, trainable=meta, non_trainable=0))
+    return rows

@@ -237,3 +237,81 @@ def gradcam_overlays(images_bhwc, heatmaps_bhw, labels_n, probs_nk, class_names,
             ax.set_yticks([])
     fig.colorbar(im, ax=fig.axes, fraction=0.02, pad=0.01, label="class evidence (0–1)")
     return _save(fig, path)
+
+
+def _macro_curves(labels_n, probs_nk, grid_g):
+    """Returns (macro TPR on FPR grid, macro precision on recall grid, macro AUC, macro AP), one-vs-rest
+    curves averaged over classes (K = 2: the positive class only)."""
+    tprs, precs, aucs, aps = [], [], [], []
+    for c in _curve_classes(probs_nk.shape[-1], None):
+        is_pos = labels_n == c
+        tp, fp = _roc_points(is_pos, probs_nk[:, c])
+        tpr, fpr = np.r_[0, tp] / max(is_pos.sum(), 1), np.r_[0, fp] / max((~is_pos).sum(), 1)
+        tprs.append(np.interp(grid_g, fpr, tpr))
+        rec, prec = np.r_[0, tp / max(is_pos.sum(), 1)], np.r_[1, tp / np.maximum(tp + fp, 1)]
+        # step interpolation: precision at recall r = the precision of the first threshold reaching r
+        idx = np.minimum(np.searchsorted(rec, grid_g, side="left"), len(rec) - 1)
+        precs.append(prec[idx])
+        aucs.append(float(metrics.roc_auc_binary(is_pos, probs_nk[:, c])))
+        aps.append(float(metrics.average_precision_binary(is_pos, probs_nk[:, c])))
+    return np.mean(tprs, 0), np.mean(precs, 0), float(np.mean(aucs)), float(np.mean(aps))
+
+
+def model_comparison_curves(labels_n, probs_by_model: dict, class_names, title: str = "", path=None) -> Figure:
+    """Two panels comparing models (Himel et al. Figs. 5, 6): macro-averaged one-vs-rest ROC (mean TPR over
+    classes on a common FPR grid) and precision-recall (mean precision on a recall grid); macro AUC / AP
+    in the legend. probs_by_model: {model name: N×K probabilities}. The class names are in the title."""
+    labels_n = np.asarray(labels_n)
+    grid = np.linspace(0, 1, 201)
+    fig = Figure(figsize=(11, 5))
+    roc_ax, pr_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for i, (name, probs) in enumerate(probs_by_model.items()):
+        tpr, prec, auc, ap = _macro_curves(labels_n, np.asarray(probs, np.float64), grid)
+        color = _COLORS[i % len(_COLORS)]
+        roc_ax.plot(grid, tpr, color=color, lw=2, label=f"{name} (macro AUC = {auc:.3f})")
+        pr_ax.plot(grid, prec, color=color, lw=2, label=f"{name} (macro AP = {ap:.3f})")
+    roc_ax.plot([0, 1], [0, 1], "k--", lw=1, label="chance")
+    classes = ", ".join(class_names) if len(class_names) > 2 else f"{class_names[1]} vs {class_names[0]}"
+    roc_ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="False positive rate (1 − specificity)",
+               ylabel="True positive rate (sensitivity)", title=f"Macro ROC ({classes})")
+    pr_ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="Recall (sensitivity)",
+              ylabel="Precision (positive predictive value)", title=f"Macro precision-recall ({classes})")
+    for ax in (roc_ax, pr_ax):
+        ax.legend(loc="lower left" if ax is pr_ax else "lower right", fontsize=8)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def gradcam_branches(images_bhwc, heat_by_branch: dict, labels_n, probs_by_branch: dict, class_names,
+                     alpha: float = 0.45, title: str = "", path=None) -> Figure:
+    """Himel et al. Fig. 10: one column per image; row 0 the input (true class), then one row per branch
+    with that branch's Grad-CAM over the image and its predicted class and probability (red when wrong).
+    heat_by_branch / probs_by_branch: {branch name: B×H×W heatmaps / B×K probabilities}."""
+    images = np.asarray(images_bhwc)
+    labels = np.asarray(labels_n)
+    n, rows = len(images), 1 + len(heat_by_branch)
+    if n == 0:
+        raise ValueError("leukax/plots.py: gradcam_branches needs at least one image")
+    fig = Figure(figsize=(2.5 * n + 1, 2.6 * rows))
+    im = None
+    for i in range(n):
+        ax = fig.add_subplot(rows, n, i + 1)
+        ax.imshow(images[i])
+        ax.set_title(f"input, true: {class_names[int(labels[i])]}", fontsize=9)
+        ax.set_xticks([]), ax.set_yticks([])
+        for r, (name, heat) in enumerate(heat_by_branch.items(), 1):
+            probs = np.asarray(probs_by_branch[name])
+            pred = int(probs[i].argmax())
+            ax = fig.add_subplot(rows, n, r * n + i + 1)
+            ax.imshow(images[i])
+            im = ax.imshow(np.asarray(heat)[i], cmap="jet", alpha=alpha, vmin=0, vmax=1)
+            ax.set_title(f"{name}: {class_names[pred]} ({probs[i, pred]:.2f})", fontsize=8,
+                         color="black" if pred == int(labels[i]) else "tab:red")
+            ax.set_xticks([]), ax.set_yticks([])
+    fig.colorbar(im, ax=fig.axes, fraction=0.02, pad=0.01, label="Grad-CAM class evidence (0–1)")
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)

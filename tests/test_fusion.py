@@ -112,3 +112,81 @@ def test_meta_classifier_fits_separable_features():
     logits, _ = model.apply({"params": params}, x)
     assert float(jnp.mean(logits.argmax(-1) == y)) == 1.0
     assert float(loss) < 0.2
+
+
+# ----------------------------------------------------------------- Himel et al. Table 3 and the branch head
+# Table 3 of Himel et al. 2024 (3 classes): base-model totals (trainable 1,028,099 each), the proposed
+# model's two branches (trainable 1,025,024 each) and its meta-classifier (2,150,143).
+PAPER_TABLE3_TOTALS = {"xception": 23_938_579, "inception_v3": 24_879_883, "resnet50_v2": 26_641_899,
+                       "efficientnet_b6": 44_293_242, "efficientnet_b7": 67_686_786,
+                       "mobilenet_v3_large": 6_535_531}
+
+
+def test_table3_head_counts_equal_paper():
+    assert fusion.branch_head_params(1000, 3) == 1_028_099
+    assert fusion.branch_head_params(1000, 3, with_output=False) == 1_025_024
+    assert fusion.meta_classifier_params(2 * 1024, 3) == 2_150_143
+    meta = fusion.MetaClassifier(num_classes=3)
+    v = jax.eval_shape(meta.init, jax.random.key(0), jnp.zeros((1, 2048)))
+    assert sum(x.size for x in jax.tree_util.tree_leaves(v)) == 2_150_143
+    head = fusion.BranchHead(num_classes=3)  # on 1000 ImageNet outputs (a 1×1 map of 1000 channels)
+    v = jax.eval_shape(head.init, jax.random.key(0), jnp.zeros((1, 1, 1, 1000)))
+    assert sum(x.size for x in jax.tree_util.tree_leaves(v)) == 1_028_099
+
+
+def _backbone_total_channels(name):
+    from leukax.models import registry
+    m = registry.get_spec(name).make()
+    x = jnp.zeros((1, 75, 75, 3))
+    v = jax.eval_shape(m.init, jax.random.key(0), x)
+    fm = jax.eval_shape(lambda v_: m.apply(v_, x)[0], v)
+    return sum(a.size for a in jax.tree_util.tree_leaves(v)), fm.shape[-1]
+
+
+def test_table3_totals_equal_paper():
+    from leukax.imagenet_top import keras_constant_params
+    names = list(PAPER_TABLE3_TOTALS)
+    tc = {n: _backbone_total_channels(n) for n in names}
+    totals = {n: t + keras_constant_params(n) for n, (t, _) in tc.items()}
+    rows = fusion.table3_rows(totals, {n: c for n, (_, c) in tc.items()}, ("efficientnet_b7", "mobilenet_v3_large"),
+                              3, branch_input="imagenet_logits")
+    by = {r["model"]: r for r in rows}
+    for n in names:
+        assert by[n]["total"] == PAPER_TABLE3_TOTALS[n] and by[n]["trainable"] == 1_028_099
+    b1, b2 = by["proposed [branch 1: efficientnet_b7]"], by["proposed [branch 2: mobilenet_v3_large]"]
+    assert (b1["total"], b1["trainable"]) == (67_683_711, 1_025_024)
+    assert (b2["total"], b2["trainable"]) == (6_532_456, 1_025_024)
+    assert by["proposed [meta-classifier]"]["total"] == 2_150_143
+    pooled = {r["model"]: r for r in fusion.table3_rows(totals, {n: c for n, (_, c) in tc.items()}, (), 3, "pooled")}
+    assert pooled["xception"]["trainable"] == fusion.branch_head_params(2048, 3)
+
+
+def test_branch_head_positions():
+    from leukax.models.heads import DenseHead
+    from leukax.imagenet_top import make_top
+    fm = jax.random.normal(jax.random.key(0), (2, 3, 3, 960))
+    pooled = fusion.BranchHead(num_classes=3)
+    v = pooled.init(jax.random.key(1), fm)
+    dense = DenseHead(num_classes=3)  # same parameters and outputs as leukax's DenseHead
+    np.testing.assert_allclose(pooled.apply(v, fm)[0], dense.apply(v, fm)[0], atol=1e-5)
+    top = fusion.BranchHead(num_classes=3, imagenet_hidden=1280)  # MobileNetV3Large's Conv_2/Logits top
+    vt = top.init(jax.random.key(1), fm)
+    assert set(vt["params"]) == {"imagenet_top", "dense", "logits"}
+    assert vt["params"]["imagenet_top"]["Conv_2"]["kernel"].shape == (960, 1280)
+    # the head reads the softmax of the ImageNet logits
+    logits_1000 = make_top("mobilenet_v3_large").apply({"params": vt["params"]["imagenet_top"]}, fm)
+    head_only = {"params": {k: vt["params"][k] for k in ("dense", "logits")}}
+    ref = DenseHead(num_classes=3).apply(head_only, jax.nn.softmax(logits_1000)[:, None, None, :])[0]
+    np.testing.assert_allclose(top.apply(vt, fm)[0], ref, atol=1e-5)
+
+
+def test_lite_imagenet_top_loads(shared_dir):
+    from leukax import imagenet_top
+    v = imagenet_top.load_imagenet_top("efficientnet_lite0", 1280, "imagenet", shared_dir / "weights")
+    z = np.load(shared_dir / "weights" / "efficientnet_lite0.npz")
+    np.testing.assert_array_equal(v["params"]["predictions"]["kernel"], z["_fc.weight"].T)
+    with pytest.raises(FileNotFoundError, match="mobilenet_v2"):
+        imagenet_top.load_imagenet_top("mobilenet_v2", 1280, "imagenet", shared_dir / "weights")
+    p = imagenet_top.top_outputs("efficientnet_lite0", v, np.ones((3, 1280), np.float32))
+    assert p.shape == (3, 1000)
+    np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)
