@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import feature_fusion, hybrid_gru
+from experiments import common, feature_fusion, hybrid_gru
 from leukax import fusion
 from leukax.train import bayes
 
@@ -16,7 +16,7 @@ TINY = ["--weights=none", "--image_size=32", "--members=2", "--folds=2", "--batc
 
 
 def _parse(cls, out_dir, *extra):
-    return hybrid_gru.parse_argv(cls, ["prog", f"--out_dir={out_dir}", *TINY, *extra])
+    return common.parse_argv(cls, ["prog", f"--out_dir={out_dir}", *TINY, *extra])
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +29,9 @@ def hybrid_run(tmp_path_factory):
 def test_flags_round_trip():
     cfg = _parse(hybrid_gru.Config, "/tmp/x", "--backbones=a,b", "--leaky", "--hparams=bo")
     assert cfg.backbones == ("a", "b") and cfg.leaky is True and cfg.members == 2 and cfg.hparams == "bo"
-    argv = hybrid_gru.command_line("experiments.hybrid_gru", cfg).split()[3:]
-    assert hybrid_gru.parse_argv(hybrid_gru.Config, ["prog", *argv]) == cfg
-    ff = hybrid_gru.parse_argv(feature_fusion.Config, ["prog", "--noenhance", "--branch_fallbacks="])
+    argv = common.command_line("experiments.hybrid_gru", cfg).split()[3:]
+    assert common.parse_argv(hybrid_gru.Config, ["prog", *argv]) == cfg
+    ff = common.parse_argv(feature_fusion.Config, ["prog", "--noenhance", "--branch_fallbacks="])
     assert ff.enhance is False and ff.branch_fallbacks == () and ff.branches == ("efficientnet_b7", "mobilenet_v3_large")
 
 
@@ -43,7 +43,7 @@ def test_hybrid_gru_outputs(hybrid_run):
     assert [h["weights"] for h in m["hybrids"]] == ["random init"] * 2
     for part in list(m["per_hybrid"].values()) + [m["fused"]]:
         stats = part["test_mean_std"]
-        for key in hybrid_gru.metric_keys(2):
+        for key in common.metric_keys(2):
             assert key in stats and len(stats[key]["per_split"]) == 2
         assert 0.0 <= stats["accuracy"]["mean"] <= 1.0
         assert {"predictive_entropy", "mutual_information", "variance_pred", "aurc"} <= set(part["uncertainty_mean_std"])
@@ -61,18 +61,30 @@ def test_hybrid_gru_outputs(hybrid_run):
 
 
 def test_hybrid_gru_sum_rule_consistent(hybrid_run):
+    """The fused probabilities are the sum rule written out by hand, and the reported per-fold accuracies and
+    their mean are recomputed from the saved predictions and the saved splits."""
     out, m = hybrid_run
     z = np.load(out / "predictions_first_repeat.npz")
-    hybrids = np.stack([z["probs_mobilenet_v2"], z["probs_efficientnet_lite0"]])
-    assert hybrids.shape == (2, 60, 2) and z["probs_fused"].shape == (60, 2)
-    np.testing.assert_allclose(z["probs_fused"], np.asarray(fusion.sum_rule(hybrids)), atol=1e-6)
-    np.testing.assert_allclose(z["probs_fused"].sum(-1), 1.0, atol=1e-5)
+    h0, h1 = z["probs_mobilenet_v2"], z["probs_efficientnet_lite0"]
+    assert h0.shape == h1.shape == z["probs_fused"].shape == (60, 2)
+    total = h0 + h1  # sum rule: Σ_h p_h, normalised over classes
+    np.testing.assert_allclose(z["probs_fused"], total / total.sum(-1, keepdims=True), atol=1e-6)
+    assert not np.allclose(z["probs_fused"], h0, atol=1e-4) and not np.allclose(z["probs_fused"], h1, atol=1e-4)
+    labels = np.empty(60, int)
+    labels[z["index"]] = z["labels"]
+    fused = np.empty((60, 2))
+    fused[z["index"]] = z["probs_fused"]
     pooled = m["fused"]["pooled_first_repeat"]
     assert pooled["n"] == 60
-    assert pooled["accuracy"] == pytest.approx(np.mean(z["probs_fused"].argmax(-1) == z["labels"]), abs=1e-6)
-    # mean over folds of the per-fold accuracies == what the per-fold confusion matrices say
-    accs = m["fused"]["test_mean_std"]["accuracy"]["per_split"]
-    assert np.mean(accs) == pytest.approx(m["fused"]["test_mean_std"]["accuracy"]["mean"])
+    assert pooled["accuracy"] == pytest.approx(np.mean(fused.argmax(-1) == labels), abs=1e-6)
+    # per fold: accuracy on that fold's saved test indices; then their mean and (population) std
+    folds = [json.loads((out / "splits" / f"r0_f{f}.json").read_text()) for f in range(2)]
+    accs = [np.mean(fused[s["test"]].argmax(-1) == labels[s["test"]]) for s in folds]
+    assert sorted(np.concatenate([s["test"] for s in folds]).tolist()) == list(range(60))
+    reported = m["fused"]["test_mean_std"]["accuracy"]
+    np.testing.assert_allclose(reported["per_split"], accs, atol=1e-6)
+    assert reported["mean"] == pytest.approx(np.mean(accs), abs=1e-6)
+    assert reported["std"] == pytest.approx(np.std(accs), abs=1e-6)
 
 
 def test_hybrid_gru_bo_paper_protocol(tmp_path):
@@ -91,12 +103,12 @@ def test_load_backbone_substitution(shared_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("LEUKAX_OFFLINE", "1")
     monkeypatch.setenv("LEUKAX_CACHE_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="efficientnet_b3"):
-        hybrid_gru.load_backbone("efficientnet_b3", "imagenet", shared_dir / "weights", substitute="")
-    _, variables, spec, rec = hybrid_gru.load_backbone("efficientnet_b3", "imagenet", shared_dir / "weights",
+        common.load_backbone("efficientnet_b3", "imagenet", shared_dir / "weights", substitute="")
+    _, variables, spec, rec = common.load_backbone("efficientnet_b3", "imagenet", shared_dir / "weights",
                                                        substitute="efficientnet_lite0")
     assert rec["used"] == "efficientnet_lite0" and "efficientnet_b3" in rec["substitution"]
     assert spec.normalization == "lite" and rec["weights"] == "imagenet"
-    _, random_vars, _, rec0 = hybrid_gru.load_backbone("efficientnet_lite0", "none", None)
+    _, random_vars, _, rec0 = common.load_backbone("efficientnet_lite0", "none", None)
     assert rec0["params"] == rec["params"]  # same network, and the file's values were loaded into it
     loaded, random = (jax.tree_util.tree_leaves(v["params"]) for v in (variables, random_vars))
     assert not any(np.allclose(a, b) for a, b in zip(loaded, random) if a.size > 1000)
