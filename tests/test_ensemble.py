@@ -1,10 +1,12 @@
-"""Deep-ensemble trainer: both modes, per-member differences, early stopping, checkpoint/resume, determinism."""
+"""Deep-ensemble trainer: both modes, per-member differences, early stopping, checkpoint/resume, determinism,
+momentum semantics. Real images come from the sample embedded in the package (no ../shared needed)."""
 import csv
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from PIL import Image
 
@@ -71,22 +73,21 @@ def test_finetune_checkpoint_resume_equals_straight(cnmc, tmp_path):
     straight = ensemble.make_train(cfg, MODEL, (x, y), (xv, yv), augment_fn=flip_augment).fit()
     first = ensemble.make_train(cfg, MODEL, (x, y), (xv, yv), augment_fn=flip_augment)
     half = first.fit(checkpoint_dir=tmp_path / "ckpt", until_epoch=2)
-    assert int(half["epoch"]) == 2
+    assert int(half.epoch) == 2
     second = ensemble.make_train(cfg, MODEL, (x, y), (xv, yv), augment_fn=flip_augment)
     resumed = second.fit(checkpoint_dir=tmp_path / "ckpt")  # starts from the epoch-2 checkpoint
-    assert int(resumed["epoch"]) == 4
-    assert tree_equal(straight["train"], resumed["train"])
-    assert tree_equal(straight["best"], resumed["best"])
-    assert tree_equal(straight["history"], resumed["history"])
+    assert int(resumed.epoch) == 4
+    assert isinstance(resumed, ensemble.EnsembleState)  # Orbax restored the dataclass itself
+    assert tree_equal(straight, resumed)  # members, best, scores, keys, history: all of it, bit for bit
 
     # Members differ (own init, data order, dropout and augmentation draws) and BN statistics moved.
-    k = straight["train"]["params"]["head"]["logits"]["kernel"]
+    k = straight.members.params["head"]["logits"]["kernel"]
     assert not np.allclose(k[0], k[1]) and not np.allclose(k[1], k[2])
-    bb = straight["train"]["params"]["backbone"]["Conv1"]["kernel"]
+    bb = straight.members.params["backbone"]["Conv1"]["kernel"]
     assert not np.allclose(bb[0], bb[1])
     init = first.init_state()
-    assert not np.allclose(straight["train"]["batch_stats"]["backbone"]["bn1"]["mean"],
-                           init["train"]["batch_stats"]["backbone"]["bn1"]["mean"])
+    assert not np.allclose(straight.members.batch_stats["backbone"]["bn1"]["mean"],
+                           init.members.batch_stats["backbone"]["bn1"]["mean"])
     # History: M×epochs of finite losses; predictions are M×N×K probabilities.
     hist = second.history(resumed)
     assert hist["train_loss"].shape == (3, 4) and np.isfinite(hist["val_loss"]).all()
@@ -95,7 +96,7 @@ def test_finetune_checkpoint_resume_equals_straight(cnmc, tmp_path):
     np.testing.assert_allclose(probs_mnk.sum(-1), 1.0, atol=1e-5)
     # evaluate(best) reproduces the recorded best score of each member (monitor = val_loss).
     val_loss_m, _ = second.evaluate(resumed, (xv, yv), use_best=True)
-    np.testing.assert_allclose(-val_loss_m, np.asarray(resumed["best_score"]), rtol=1e-5)
+    np.testing.assert_allclose(-val_loss_m, np.asarray(resumed.best_score), rtol=1e-5)
 
 
 def test_same_seed_is_deterministic(cnmc):
@@ -103,10 +104,10 @@ def test_same_seed_is_deterministic(cnmc):
     cfg = finetune_cfg(num_epochs=1, ensemble_axis="vmap")
     a = ensemble.make_train(cfg, MODEL, (x, y), (xv, yv)).fit()
     b = ensemble.make_train(cfg, MODEL, (x, y), (xv, yv)).fit()
-    assert tree_equal(a["train"], b["train"])
+    assert tree_equal(a, b)
     other_seed = ensemble.make_train(finetune_cfg(num_epochs=1, ensemble_axis="vmap", seed=2),
                                      MODEL, (x, y), (xv, yv)).fit()
-    assert not tree_equal(a["train"]["params"], other_seed["train"]["params"])
+    assert not tree_equal(a.members.params, other_seed.members.params)
 
 
 @pytest.fixture(scope="module")
@@ -128,21 +129,21 @@ def test_head_mode_early_stopping_and_optimizers(features, tmp_path):
                                ensemble_axis="vmap")
     tr = ensemble.make_train(cfg, head, (f, y), (fv, yv))
     state = tr.fit(checkpoint_dir=tmp_path / "head")
-    stopped = ~np.asarray(state["train"]["active"])
+    stopped = ~np.asarray(state.members.active)
     assert stopped.any(), "lr 0.3 with momentum 0.9 and patience 2 should stop some member early"
     hist = tr.history(state)
     for m in np.flatnonzero(stopped):
         last = int(np.flatnonzero(np.isfinite(hist["val_loss"][m]))[-1])
-        assert last == int(state["best_epoch"][m]) + cfg.patience  # ran `patience` epochs past its best
+        assert last == int(state.best_epoch[m]) + cfg.patience  # ran `patience` epochs past its best
         assert np.isnan(hist["train_loss"][m, last + 1:]).all()
     # A stopped member's params stopped changing: compare with a run cut at its stop epoch.
     m = int(np.flatnonzero(stopped)[0])
-    stop = int(state["best_epoch"][m]) + cfg.patience + 1
+    stop = int(state.best_epoch[m]) + cfg.patience + 1
     cut = tr.fit(until_epoch=stop)  # a fresh run (no checkpoint dir) cut at the stop epoch
-    assert tree_equal(jax.tree.map(lambda v: v[m], cut["train"]["params"]),
-                      jax.tree.map(lambda v: v[m], state["train"]["params"]))
+    assert tree_equal(jax.tree.map(lambda v: v[m], cut.members.params),
+                      jax.tree.map(lambda v: v[m], state.members.params))
     # The optimizer state holds the injected hyper-parameters, per member.
-    hp = state["train"]["opt_state"].hyperparams
+    hp = state.members.opt_state.hyperparams
     np.testing.assert_allclose(hp["learning_rate"], [0.3] * 3)
     np.testing.assert_allclose(hp["momentum"], [0.9] * 3)
     assert tr.predict(state, fv).shape == (3, 20, 2)
@@ -157,6 +158,48 @@ def test_optimizer_hyperparams_in_state(name):
     upd, _ = tx.update(g, s, {"w": jnp.ones(3)})
     assert float(s.hyperparams["learning_rate"]) == 0.5
     assert np.all(np.asarray(upd["w"]) < 0)
+
+
+def test_sgd_momentum_zero_is_plain_sgd():
+    """momentum 0 and momentum None (Keras's SGD default) both give w ← w − lr·∇f(w) at every step."""
+    tx = optim.get_optimizer("sgd")
+    w0 = jnp.array([1.0, -2.0, 3.0])
+
+    def grad(w):  # ∇ Σ (w² + w)
+        return 2 * w + 1
+
+    def run(momentum):
+        s, w = optim.set_hyperparams(tx.init(w0), learning_rate=0.1, momentum=momentum), w0
+        for _ in range(3):
+            upd, s = tx.update(grad(w), s, w)
+            w = optax.apply_updates(w, upd)
+        return np.asarray(w)
+
+    plain = w0
+    for _ in range(3):
+        plain = plain - 0.1 * grad(plain)
+    np.testing.assert_allclose(run(0.0), plain, rtol=1e-6)
+    np.testing.assert_allclose(run(None), plain, rtol=1e-6)
+    assert not np.allclose(run(0.9), plain, atol=1e-3)  # momentum really acts when asked for
+
+
+@pytest.mark.parametrize("optimizer,momentum,want", [("sgd", 0.0, 0.0), ("sgd", None, 0.0), ("sgd", 0.7, 0.7),
+                                                     ("rmsprop", 0.0, 0.0), ("rmsprop", None, 0.0)])
+def test_config_momentum_reaches_the_state(optimizer, momentum, want):
+    cfg = ensemble.TrainConfig(num_members=2, mode="head", optimizer=optimizer, momentum=momentum)
+    state = ensemble.init(ensemble.Spec(cfg, DenseHead(num_classes=2, features=4)), np.zeros((1, 2, 2, 3)))
+    np.testing.assert_allclose(state.members.opt_state.hyperparams["momentum"], [want] * 2)
+
+
+def test_experiment_sgd_momentum_zero_reaches_the_state():
+    """`experiments.hybrid_gru` with --optimizer=sgd --momentum=0: the members train with momentum 0."""
+    from experiments import hybrid_gru
+    cfg = hybrid_gru.Config(optimizer="sgd", momentum=0.0, members=2)
+    hp = hybrid_gru.split_hparams(cfg, "mobilenet_v2", None, None, None, 2, None)  # hparams=paper: from cfg
+    tcfg = hybrid_gru._train_config(cfg, hp, 0, "head")
+    state = ensemble.init(ensemble.Spec(tcfg, DenseHead(num_classes=2, features=4)), np.zeros((1, 2, 2, 3)))
+    assert tcfg.optimizer == "sgd"
+    np.testing.assert_array_equal(state.members.opt_state.hyperparams["momentum"], [0.0, 0.0])
 
 
 def test_feature_cache_on_disk(cnmc, tmp_path):
@@ -186,7 +229,7 @@ def test_head_mode_axes_agree(features):
         runs[axis] = tr.fit()
         assert tr.predict(runs[axis], fv).shape == (3, 20, 2)
     for axis in ("map", "sequential"):
-        for u, v in zip(jax.tree.leaves(runs["vmap"]["train"]), jax.tree.leaves(runs[axis]["train"])):
+        for u, v in zip(jax.tree.leaves(runs["vmap"].members), jax.tree.leaves(runs[axis].members)):
             np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)
 
 
@@ -199,8 +242,7 @@ def test_head_mode_checkpoint_resume_equals_straight(features, tmp_path):
     straight = ensemble.make_train(cfg, head, (f, y), (fv, yv)).fit()
     ensemble.make_train(cfg, head, (f, y), (fv, yv)).fit(checkpoint_dir=tmp_path / "c", until_epoch=2)
     resumed = ensemble.make_train(cfg, head, (f, y), (fv, yv)).fit(checkpoint_dir=tmp_path / "c")
-    assert int(resumed["epoch"]) == 4
-    assert tree_equal(straight["train"]["params"], resumed["train"]["params"])
-    assert tree_equal(straight["best"], resumed["best"])
-    kernel = np.asarray(jax.tree.leaves(resumed["train"]["params"])[0])
+    assert int(resumed.epoch) == 4
+    assert tree_equal(straight, resumed)
+    kernel = np.asarray(jax.tree.leaves(resumed.members.params)[0])
     assert not np.allclose(kernel[0], kernel[1]) and not np.allclose(kernel[1], kernel[2])

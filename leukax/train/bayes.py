@@ -4,7 +4,8 @@ Space (Akter et al. 2024): GRU units (integer), optimizer (categorical SGD / RMS
 (searched as log10), momentum, dropout. The objective trains a deep ensemble of GRU heads on cached
 frozen-backbone features and returns a *validation* metric (the test split never enters). After every
 trial the whole log (params, target, seconds, extra info) is written as JSON; `run` re-registers those
-trials on start, so a stopped search continues where it was. Only trials that change ``units`` or the
+trials on start, so a stopped search continues at its first unfinished trial and suggests exactly what an
+uninterrupted search would have (trial i's draws are seeded by (seed, i)). Only trials that change ``units`` or the
 optimizer compile a new train step: learning rate and momentum are optimizer state, dropout a traced scalar.
 """
 from __future__ import annotations
@@ -17,9 +18,11 @@ import time
 import warnings
 from typing import Any, Callable
 
+import jax.numpy as jnp
 import numpy as np
 from bayes_opt import BayesianOptimization
 
+from leukax import metrics
 from leukax.train import ensemble
 
 log = logging.getLogger(__name__)
@@ -46,25 +49,34 @@ def load_log(path) -> list[dict[str, Any]]:
     return json.loads(path.read_text())["trials"]
 
 
+def _optimizer(space: dict[str, Any], trials: list[dict[str, Any]], seed: int, i: int) -> BayesianOptimization:
+    """Returns a GP optimizer over `space` that knows `trials`, seeded by (seed, i) only: trial i's suggestion
+    depends on the finished trials and nothing else, so a resumed search suggests what an uninterrupted one would."""
+    with warnings.catch_warnings():  # bayes_opt warns that non-float parameters are "experimental"
+        warnings.simplefilter("ignore")
+        bo = BayesianOptimization(f=None, pbounds=space, random_state=np.random.RandomState([seed, i]),
+                                  verbose=0, allow_duplicate_points=True)
+    for t in trials:
+        bo.register(params=t["params"], target=t["target"])
+    return bo
+
+
 def run(objective: Callable[[dict[str, Any]], tuple[float, dict[str, Any]]], space: dict[str, Any],
         n_trials: int, log_path, init_points: int = 2, seed: int = 0) -> dict[str, Any]:
     """Runs trials until `n_trials` are in the log at `log_path` (resuming it) and returns
     {"trials": [{"trial", "params", "target", "seconds", "info"}...], "best": trial}.
 
     objective(params) -> (target to maximise, info dict). The first `init_points` trials are random
-    draws (seeded per trial index), later ones maximise the GP's upper confidence bound.
+    draws (seeded per trial index), later ones maximise the GP's upper confidence bound. A trial is in the
+    log only once its objective returned (the log is replaced atomically after each), so a search killed at
+    any point resumes at its first unfinished trial and never repeats a finished one.
     """
     log_path = pathlib.Path(log_path)
     trials = load_log(log_path)
-    with warnings.catch_warnings():  # bayes_opt warns that non-float parameters are "experimental"
-        warnings.simplefilter("ignore")
-        bo = BayesianOptimization(f=None, pbounds=space, random_state=seed + len(trials), verbose=0,
-                                  allow_duplicate_points=True)
-    for t in trials:
-        bo.register(params=t["params"], target=t["target"])
     if trials:
         log.info("bayes: resumed %d trials from %s", len(trials), log_path)
     for i in range(len(trials), n_trials):
+        bo = _optimizer(space, trials, seed, i)
         if i < init_points:
             rng = np.random.RandomState([seed, i])
             params = bo.space.array_to_params(bo.space.random_sample(random_state=rng))
@@ -76,7 +88,6 @@ def run(objective: Callable[[dict[str, Any]], tuple[float, dict[str, Any]]], spa
         t0 = time.perf_counter()
         target, info = objective(params)
         seconds = time.perf_counter() - t0
-        bo.register(params=params, target=float(target))
         trials.append({"trial": i, "params": params, "target": float(target), "seconds": seconds, "info": info})
         best = max(trials, key=lambda t: t["target"])
         log.info("bayes trial %d/%d %s target=%.4f (%.1fs) best=%.4f (trial %d)", i + 1, n_trials, params,
@@ -98,10 +109,10 @@ def paper1_config(params: dict[str, Any], base: ensemble.TrainConfig) -> ensembl
 def paper1_objective(train_data, val_data, base: ensemble.TrainConfig, make_head: Callable[[int], Any],
                      metric: str = "val_acc") -> Callable[[dict[str, Any]], tuple[float, dict[str, Any]]]:
     """Returns objective(params) -> (target, info) that trains a head-mode deep ensemble on cached
-    features and scores its sum-rule fusion on the validation split.
+    features and scores the member-mean probabilities (the sum rule up to 1/M) on the validation split.
 
     train_data / val_data: (features, labels). make_head(units) -> head module. metric: "val_acc"
-    (accuracy of the summed member probabilities) or "val_nll" (target = minus the fused NLL).
+    (accuracy of the member mean) or "val_nll" (target = minus `leukax.metrics.nll` of the member mean).
     """
     if base.mode != "head":
         raise ValueError("leukax/train/bayes.py: the BO objective trains heads on cached features (mode='head')")
@@ -112,10 +123,10 @@ def paper1_objective(train_data, val_data, base: ensemble.TrainConfig, make_head
         tr = ensemble.make_train(cfg, make_head(int(params["units"])), train_data, val_data)
         state = tr.fit()
         probs_mnk = tr.predict(state, val_data[0])  # each member's best params (early stopping)
-        fused_nk = probs_mnk.mean(0)  # sum rule (mean = sum / M, same argmax)
-        acc = float(np.mean(fused_nk.argmax(-1) == y_val))
-        nll = float(-np.mean(np.log(np.clip(fused_nk[np.arange(len(y_val)), y_val], 1e-12, None))))
-        info = {"val_acc": acc, "val_nll": nll, "epochs": int(state["epoch"]),
+        mean_nk = probs_mnk.mean(0)
+        acc = float(np.mean(mean_nk.argmax(-1) == y_val))
+        nll = float(metrics.nll(jnp.asarray(y_val, jnp.int32), jnp.asarray(mean_nk)))
+        info = {"val_acc": acc, "val_nll": nll, "epochs": int(state.epoch),
                 "member_val_acc": [float(v) for v in np.mean(probs_mnk.argmax(-1) == y_val, -1)]}
         return (acc if metric == "val_acc" else -nll), info
 

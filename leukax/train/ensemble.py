@@ -1,16 +1,17 @@
 """Deep-ensemble trainer (purejaxrl style): M members with a leading member axis on every state leaf.
 
 Each member has its own init seed, dropout keys, data order (a permutation per epoch) and augmentation
-draws. `train_step` is one member's pure step; the ensemble step maps it over members with an
-ensemble-axis strategy: "vmap" (jax.vmap), "map" (lax.map) or "sequential" (a Python loop over members
-calling the jitted per-member step). Two modes:
+draws. Two modes:
 - "finetune": `model` is a `Classifier`; inputs are uint8 images, augmented then normalised in the step;
 - "head": `model` is any head module; inputs are cached frozen-backbone features (see `features.py`).
-`make_train` returns a `Train` of pure functions; the ensemble state is a dict of arrays (Orbax-saveable).
+
+The run's state is an `EnsembleState` (a `flax.struct.dataclass`, saved and restored whole by Orbax). The
+module-level functions are pure: `init`, `train_epoch`, `evaluate`, `predict`, `record_history`,
+`early_stopping_update`. `fit` only sequences them, with logging, a progress bar, a finiteness check and
+checkpoints. `make_train` binds a config, a model and data into a `Train` of those functions.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import logging
@@ -19,30 +20,24 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from jax import lax
+from flax import struct
 
-from leukax import preprocess
+from leukax import metrics
 from leukax.train import checkpoint as ckpt_lib
+from leukax.train import members as mb
+from leukax.train.members import AXES, TRACES, Members, normalize, resolve_axis  # noqa: F401  (public)
 from leukax.train.optim import get_optimizer, set_hyperparams
 
 log = logging.getLogger(__name__)
-
-# Counts traces of the member functions (incremented at trace time only); tests use it to prove
-# that changing learning rate / momentum / dropout between trials does not recompile.
-TRACES: collections.Counter = collections.Counter()
-
-# Ensemble-axis choice per (backend, mode), from results/benchmarks/ensemble_axis.md (2 quiet CPU cores):
-# finetune MobileNetV2-0.35 at 96 px, M=3: lax.map 1.61, sequential 1.29, vmap 1.16 ensemble steps/s (the tiny
-# test net favours sequential, but real backbones are what finetune trains); head mode: vmap 77.6, map 55.7,
-# sequential 49.9. GPU backends default to vmap (not yet measured here).
-AUTO_AXIS = {("cpu", "finetune"): "map", ("cpu", "head"): "vmap"}
-AXES = ("vmap", "map", "sequential")
+HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Hyper-parameters of one ensemble run. `monitor`: "val_loss" (lower is better) or "val_acc"."""
+    """Hyper-parameters of one ensemble run. `monitor`: "val_loss" (lower is better) or "val_acc".
+
+    momentum: sgd / rmsprop momentum, adam's b1; None keeps the Keras default (sgd 0, rmsprop 0, adam b1 0.9).
+    """
     num_members: int = 3
     mode: str = "finetune"
     optimizer: str = "adam"
@@ -60,123 +55,284 @@ class TrainConfig:
     progress: bool = False
 
 
-def resolve_axis(axis: str, mode: str) -> str:
-    """Maps "auto" to the measured fastest strategy for this backend and mode."""
-    if axis == "auto":
-        return AUTO_AXIS.get((jax.default_backend(), mode), "vmap")
-    if axis not in AXES:
-        raise ValueError(f"leukax/train/ensemble.py: ensemble_axis must be auto|{'|'.join(AXES)}, got {axis!r}")
-    return axis
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """What stays fixed during a run: config, model, augmentation; validated on construction."""
+    config: TrainConfig
+    model: Any
+    augment_fn: Callable | None = None
+
+    def __post_init__(self):
+        cfg = self.config
+        if cfg.mode not in ("finetune", "head"):
+            raise ValueError(f"leukax/train/ensemble.py: mode must be finetune|head, got {cfg.mode!r}")
+        if cfg.mode == "head" and self.augment_fn is not None:
+            raise ValueError("leukax/train/ensemble.py: augment_fn needs images; head mode trains on features")
+        if cfg.monitor not in ("val_loss", "val_acc"):
+            raise ValueError(f"leukax/train/ensemble.py: monitor must be val_loss|val_acc, got {cfg.monitor!r}")
+        resolve_axis(cfg.ensemble_axis, cfg.mode)
+
+    @property
+    def axis(self) -> str:
+        return resolve_axis(self.config.ensemble_axis, self.config.mode)
+
+    @property
+    def normalization(self) -> str | None:
+        return self.config.normalization if self.config.mode == "finetune" else None
+
+    @property
+    def tx(self):
+        return get_optimizer(self.config.optimizer)
 
 
-# ---------------------------------------------------------------- per-member pure functions
-def normalize(x, name: str | None):
-    """Returns float32 `x`: `leukax.preprocess.normalize(x, name)`, or just cast when name is None (features)."""
-    return x.astype(jnp.float32) if name is None else preprocess.normalize(x, name)
+@struct.dataclass
+class EnsembleState:
+    """Everything a run needs to continue exactly; every array but `epoch` has a leading member axis M.
+
+    best_params / best_batch_stats: each member's variables at its best epoch by `config.monitor`;
+    best_score: M (val_acc, or minus val_loss; -inf before the first epoch); best_epoch: M (0-based, -1 none);
+    bad_epochs: M epochs since the best; data_key: M×2 keys of the per-epoch data order; epoch: epochs done;
+    history: {"train_loss", "train_acc", "val_loss", "val_acc"} each M×num_epochs float32 (nan: not run).
+    """
+    members: Members
+    best_params: dict
+    best_batch_stats: dict
+    best_score: jax.Array
+    best_epoch: jax.Array
+    bad_epochs: jax.Array
+    data_key: jax.Array
+    epoch: jax.Array
+    history: dict
 
 
-def _apply(model, params, batch_stats, x, train: bool, dropout_rate, rng):
-    """Returns (logits_bk, batch_stats after the call)."""
-    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-    kw = {} if dropout_rate is None else {"dropout_rate": dropout_rate}
-    rngs = {"dropout": rng} if rng is not None else None
-    if train and batch_stats:
-        (logits, _), new = model.apply(variables, x, train=True, rngs=rngs, mutable=["batch_stats"], **kw)
-        return logits, new["batch_stats"]
-    logits, _ = model.apply(variables, x, train=train, rngs=rngs, **kw)
-    return logits, batch_stats
+class NonFiniteError(FloatingPointError):
+    """A member's training loss or parameters became nan or inf; nothing of that epoch was saved."""
 
 
-def member_train_step(member, idx_b, shared_args, static):
-    """One member's optimizer step on examples idx_b. shared_args = (data_x, data_y, dropout_rate);
-    static = (model, tx, augment_fn, normalization). Returns (new member state, {"loss", "acc"})."""
-    TRACES["train_step"] += 1
-    data_x, data_y, dropout_rate = shared_args
-    model, tx, augment_fn, normalization = static
-    key, aug_key, drop_key = jax.random.split(member["key"], 3)
-    x, y = jnp.take(data_x, idx_b, axis=0), jnp.take(data_y, idx_b, axis=0)
-    if augment_fn is not None:
-        x = augment_fn(aug_key, x)
-    x = normalize(x, normalization)
+# ---------------------------------------------------------------- pure functions of the run
+def init(spec: Spec, x_example, pretrained: dict | None = None) -> EnsembleState:
+    """Returns the epoch-0 state. Keys: fold_in(PRNGKey(seed), 0 | 1 | 2) → inits | data orders | dropout.
 
-    def loss_fn(params):
-        logits, bs = _apply(model, params, member["batch_stats"], x, True, dropout_rate, drop_key)
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
-        return loss, (logits, bs)
-
-    (loss, (logits, bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(member["params"])
-    updates, opt_state = tx.update(grads, member["opt_state"], member["params"])
-    new = dict(member, params=optax.apply_updates(member["params"], updates), batch_stats=bs,
-               opt_state=opt_state, key=key)
-    new = jax.tree.map(lambda a, b: jnp.where(member["active"], a, b), new, member)  # stopped: frozen
-    acc = jnp.mean(jnp.argmax(logits, -1) == y)
-    return new, {"loss": loss, "acc": acc}
-
-
-def member_probs(params, batch_stats, shared_args, static):
-    """Returns softmax probabilities B×K of one member."""
-    TRACES["probs"] += 1
-    (x,) = shared_args
-    model, normalization = static
-    logits, _ = _apply(model, params, batch_stats, normalize(x, normalization), False, None, None)
-    return jax.nn.softmax(logits.astype(jnp.float32), -1)
+    pretrained: {"params", "batch_stats"} copied into every member's "backbone" (the heads stay random).
+    """
+    cfg, tx, num = spec.config, spec.tx, spec.config.num_members
+    root = jax.random.PRNGKey(cfg.seed)
+    init_keys = jax.random.split(jax.random.fold_in(root, 0), num)
+    per_member = []
+    for m in range(num):
+        variables = dict(mb.init_variables(spec.model, init_keys[m], jnp.asarray(x_example[:1]), spec.normalization))
+        params, bstats = variables["params"], variables.get("batch_stats", {})
+        if pretrained is not None:
+            params = {**params, "backbone": pretrained["params"]}
+            if pretrained.get("batch_stats"):
+                bstats = {**bstats, "backbone": pretrained["batch_stats"]}
+        opt_state = set_hyperparams(tx.init(params), learning_rate=cfg.learning_rate, momentum=cfg.momentum)
+        per_member.append((params, bstats, opt_state))
+    params, bstats, opt_state = mb.stack(per_member)
+    members = Members(params=params, batch_stats=bstats, opt_state=opt_state,
+                      key=jax.random.split(jax.random.fold_in(root, 2), num), active=jnp.ones((num,), bool))
+    nan_me = jnp.full((num, cfg.num_epochs), jnp.nan, jnp.float32)
+    return EnsembleState(
+        members=members, best_params=jax.tree.map(jnp.copy, params), best_batch_stats=jax.tree.map(jnp.copy, bstats),
+        best_score=jnp.full((num,), -jnp.inf, jnp.float32), best_epoch=jnp.full((num,), -1, jnp.int32),
+        bad_epochs=jnp.zeros((num,), jnp.int32), data_key=jax.random.split(jax.random.fold_in(root, 1), num),
+        epoch=jnp.zeros((), jnp.int32), history={k: nan_me for k in HISTORY_KEYS})
 
 
-def _over_members(fn, axis: str):
-    """fn(a, b, shared, static) with member axes on a and b -> the same over all members."""
-    if axis == "vmap":
-        return lambda a, b, sa, st: jax.vmap(lambda u, v: fn(u, v, sa, st))(a, b)
-    if axis == "map":
-        return lambda a, b, sa, st: lax.map(lambda uv: fn(uv[0], uv[1], sa, st), (a, b))
-    return fn  # "sequential": the per-member function, looped over in Python
+def train_epoch(spec: Spec, members: Members, data_key, epoch: int, data) -> tuple[Members, np.ndarray, np.ndarray]:
+    """One pass over data = (x, y int32) in each member's own order (full batches only: one compilation).
+
+    Returns (members, loss_m, acc_m): the epoch-mean training loss and accuracy; nan for stopped members.
+    """
+    cfg, axis = spec.config, spec.axis
+    x, y = data
+    n, num = x.shape[0], cfg.num_members
+    batch = min(cfg.batch_size, n)
+    dropout = None if cfg.dropout_rate is None else jnp.float32(cfg.dropout_rate)
+    static = (spec.model, spec.tx, spec.augment_fn, spec.normalization)
+    perm_mn = np.asarray(mb.permutations(data_key, epoch, n))
+    active = np.asarray(members.active)
+    run_m = np.flatnonzero(active) if axis == "sequential" else np.arange(num)
+    mets = []
+    per_member = mb.unstack(members, num) if axis == "sequential" else None
+    for s in range(n // batch):
+        idx_mb = perm_mn[:, s * batch:(s + 1) * batch]
+        if per_member is None:
+            members, met = mb.STEP[axis](members, jnp.asarray(idx_mb), (x, y, dropout), static)
+        else:  # a stopped member's step would leave it unchanged: skip it
+            out = {}
+            for m in run_m:
+                per_member[m], out[m] = mb.STEP[axis](per_member[m], jnp.asarray(idx_mb[m]), (x, y, dropout), static)
+            met = {k: jnp.stack([out[m][k] for m in run_m]) for k in ("loss", "acc")} if len(run_m) else None
+        if met is not None:
+            mets.append(met)
+    if per_member is not None:
+        members = mb.stack(per_member)
+    loss_m, acc_m = np.full(num, np.nan, np.float32), np.full(num, np.nan, np.float32)
+    if mets and len(run_m):
+        loss_m[run_m] = np.mean(np.stack([np.asarray(v["loss"]) for v in mets]), 0)
+        acc_m[run_m] = np.mean(np.stack([np.asarray(v["acc"]) for v in mets]), 0)
+    loss_m[~active], acc_m[~active] = np.nan, np.nan
+    return members, loss_m, acc_m
 
 
-# Module-level jitted functions: jit caches on the static tuple, so equal models/optimizers reuse them.
-_jit = functools.partial(jax.jit, static_argnums=3)
-train_step = _jit(member_train_step, donate_argnums=0)
-STEP = {a: _jit(_over_members(member_train_step, a), donate_argnums=0) for a in ("vmap", "map")}
-STEP["sequential"] = train_step
-PROBS = {a: _jit(_over_members(member_probs, a)) for a in AXES}
+def predict(spec: Spec, state: EnsembleState, x, use_best: bool = True) -> np.ndarray:
+    """Returns probs_mnk (members × examples × classes) float32 for inputs x (images or features)."""
+    params = state.best_params if use_best else state.members.params
+    bstats = state.best_batch_stats if use_best else state.members.batch_stats
+    static = (spec.model, spec.normalization)
+    x = jnp.asarray(x)
+    n = x.shape[0]
+    bs = min(spec.config.eval_batch_size, n)
+    per_member = mb.unstack((params, bstats), spec.config.num_members) if spec.axis == "sequential" else None
+    out = []
+    for s in range(0, n, bs):
+        xb = x[s:s + bs]
+        if xb.shape[0] < bs:  # pad the last batch by repeating its last row (fixed shapes)
+            xb = jnp.concatenate([xb, jnp.repeat(xb[-1:], bs - xb.shape[0], 0)], 0)
+        if per_member is None:
+            p = mb.PROBS[spec.axis](params, bstats, (xb,), static)
+        else:
+            p = jnp.stack([mb.PROBS[spec.axis](*pv, (xb,), static) for pv in per_member])
+        out.append(np.asarray(p)[:, : min(bs, n - s)])
+    return np.concatenate(out, 1)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _init_member(model, key, x, normalization):
-    return model.init({"params": key, "dropout": key}, normalize(x, normalization), train=False)
+def evaluate(spec: Spec, state: EnsembleState, data, use_best: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (nll_m, acc_m) of every member on data = (x, y): `leukax.metrics.nll` and accuracy."""
+    probs_mnk = jnp.asarray(predict(spec, state, data[0], use_best=use_best))
+    y_n = jnp.asarray(data[1], jnp.int32)
+    nll_m = jax.vmap(metrics.nll, (None, 0))(y_n, probs_mnk)
+    return np.asarray(nll_m), np.asarray(jnp.mean(jnp.argmax(probs_mnk, -1) == y_n, -1))
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _unstack(tree, num: int):
-    return [jax.tree.map(lambda v: v[m], tree) for m in range(num)]
+def record_history(state: EnsembleState, epoch: int, values: dict[str, np.ndarray]) -> EnsembleState:
+    """Returns state with history[k][:, epoch] = values[k] (M each) for the keys given."""
+    hist = dict(state.history)
+    for k, v_m in values.items():
+        hist[k] = hist[k].at[:, epoch].set(jnp.asarray(v_m, jnp.float32))
+    return state.replace(history=hist)
 
 
-@jax.jit
-def _stack(trees):
-    return jax.tree.map(lambda *v: jnp.stack(v), *trees)
+def early_stopping_update(state: EnsembleState, members: Members, score_m, patience: int | None) -> EnsembleState:
+    """Returns the state after an epoch whose trained `members` scored score_m (higher is better).
+
+    improved_m = active_m ∧ score_m > best_score_m: best params/score/epoch ← this epoch's;
+    bad_m = 0 if improved_m else bad_m + active_m; active_m ← active_m ∧ bad_m < patience; epoch += 1.
+    """
+    active = members.active
+    score_m = jnp.asarray(score_m, jnp.float32)
+    improved = active & (score_m > state.best_score)
+    bad = jnp.where(improved, 0, state.bad_epochs + active.astype(jnp.int32))
+    still = active if patience is None else active & (bad < patience)
+    return state.replace(
+        members=members.replace(active=still),
+        best_params=mb.select(improved, members.params, state.best_params),
+        best_batch_stats=mb.select(improved, members.batch_stats, state.best_batch_stats),
+        best_score=jnp.where(improved, score_m, state.best_score),
+        best_epoch=jnp.where(improved, state.epoch, state.best_epoch),
+        bad_epochs=bad.astype(jnp.int32), epoch=state.epoch + 1)
 
 
-@jax.jit
-def _select(mask_m, new, old):
-    """Per member: `new` where mask_m else `old` (leaves have a leading member axis)."""
-    return jax.tree.map(lambda a, b: jnp.where(mask_m.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
+def check_finite(members: Members, loss_m: np.ndarray, epoch: int) -> None:
+    """Raises NonFiniteError naming the epoch (1-based) and members whose loss or parameters are nan/inf."""
+    active = np.asarray(members.active)
+    ok_m = np.asarray(mb.finite_m((members.params, members.batch_stats, members.opt_state)))
+    bad = [m for m in range(len(active)) if active[m] and not (np.isfinite(loss_m[m]) and ok_m[m])]
+    if bad:
+        what = ", ".join(f"member {m} (loss {loss_m[m]}, parameters {'finite' if ok_m[m] else 'non-finite'})"
+                         for m in bad)
+        raise NonFiniteError(f"leukax/train/ensemble.py: epoch {epoch + 1}: non-finite training in {what}; "
+                             f"stopped before saving this epoch, so the last checkpoint (epoch {epoch}) is "
+                             f"intact. Lower the learning rate or check the inputs for nan/inf.")
 
 
-@functools.partial(jax.jit, static_argnums=2)
-def _permutations(data_keys, epoch, n: int):
-    return jax.vmap(lambda k: jax.random.permutation(jax.random.fold_in(k, epoch), n))(data_keys)
+def history(state: EnsembleState) -> dict[str, np.ndarray]:
+    """Returns {"train_loss", "train_acc", "val_loss", "val_acc"}: M×epochs_done float32 (nan after a stop)."""
+    e = int(state.epoch)
+    return {k: np.asarray(v)[:, :e] for k, v in state.history.items()}
 
 
-def _member(state, m: int):
-    return jax.tree.map(lambda v: v[m], state)
+def member_variables(state: EnsembleState, m: int, use_best: bool = True) -> dict[str, Any]:
+    """Returns member m's flax variables {"params", "batch_stats"?} (e.g. for Grad-CAM or export)."""
+    params = state.best_params if use_best else state.members.params
+    bstats = state.best_batch_stats if use_best else state.members.batch_stats
+    out = {"params": jax.tree.map(lambda v: v[m], params)}
+    if bstats:
+        out["batch_stats"] = jax.tree.map(lambda v: v[m], bstats)
+    return out
 
 
-# ---------------------------------------------------------------- the trainer
+# ---------------------------------------------------------------- the loop (I/O lives here)
+def fit(spec: Spec, train_data, val_data=None, state: EnsembleState | None = None, checkpoint_dir=None,
+        until_epoch: int | None = None, pretrained: dict | None = None) -> EnsembleState:
+    """Trains until `until_epoch` (default config.num_epochs) or until every member stopped early.
+
+    With `checkpoint_dir`: resumes from its newest readable checkpoint and saves after every finite epoch.
+    A nan/inf loss or parameter raises NonFiniteError before anything of that epoch is saved.
+    """
+    cfg = spec.config
+    x, y = jnp.asarray(train_data[0]), jnp.asarray(train_data[1], jnp.int32)
+    state = init(spec, x, pretrained) if state is None else state
+    mngr = ckpt_lib.manager(checkpoint_dir) if checkpoint_dir is not None else None
+    if mngr is not None:
+        restored, step = ckpt_lib.restore_latest(mngr, state)
+        if restored is not None:
+            state = restored
+            log.info("resumed from %s at epoch %d", checkpoint_dir, step)
+    end = cfg.num_epochs if until_epoch is None else min(until_epoch, cfg.num_epochs)
+    bar = _progress_bar(cfg, end, int(state.epoch))
+    try:
+        for epoch in range(int(state.epoch), end):
+            active = np.asarray(state.members.active)
+            if not active.any():
+                break
+            members, loss_m, acc_m = train_epoch(spec, state.members, state.data_key, epoch, (x, y))
+            check_finite(members, loss_m, epoch)
+            values = {"train_loss": loss_m, "train_acc": acc_m}
+            if val_data is not None:
+                nll_m, vacc_m = evaluate(spec, state.replace(members=members), val_data)
+                values.update(val_loss=np.where(active, nll_m, np.nan), val_acc=np.where(active, vacc_m, np.nan))
+                score_m = vacc_m if cfg.monitor == "val_acc" else -nll_m
+            else:  # no validation split: the latest params are the best
+                score_m = np.full(cfg.num_members, float(epoch))
+            state = early_stopping_update(record_history(state, epoch, values), members, score_m, cfg.patience)
+            _log_epoch(epoch, end, values, np.asarray(state.members.active), bar)
+            if mngr is not None:
+                ckpt_lib.save(mngr, epoch + 1, state)
+    finally:
+        if bar is not None:
+            bar.close()
+        if mngr is not None:
+            mngr.close()
+    return state
+
+
+def _progress_bar(cfg: TrainConfig, end: int, start: int):
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=end, initial=start, desc="ensemble", unit="epoch")
+
+
+def _log_epoch(epoch: int, end: int, values: dict, still_m: np.ndarray, bar) -> None:
+    v = {k: values.get(k, np.full(len(still_m), np.nan)) for k in HISTORY_KEYS}
+    log.info("epoch %d/%d %s", epoch + 1, end, " ".join(
+        f"m{m}:loss={v['train_loss'][m]:.4f},acc={v['train_acc'][m]:.3f},val_loss={v['val_loss'][m]:.4f},"
+        f"val_acc={v['val_acc'][m]:.3f}{'' if still_m[m] else '(stopped)'}" for m in range(len(still_m))))
+    if bar is not None:
+        with np.errstate(all="ignore"):
+            bar.set_postfix(loss=float(np.nanmean(v["train_loss"])), val_acc=float(np.nanmean(v["val_acc"])))
+        bar.update(1)
+
+
 class Train(NamedTuple):
-    """Pure functions of one ensemble run (see `make_train`)."""
-    init_state: Callable[[], dict]
-    fit: Callable[..., dict]
+    """The module functions bound to one config, model and data set (`make_train`); `fit` does I/O."""
+    init_state: Callable[[], EnsembleState]
+    fit: Callable[..., EnsembleState]
     evaluate: Callable[..., tuple[np.ndarray, np.ndarray]]
     predict: Callable[..., np.ndarray]
-    history: Callable[[dict], dict]
+    history: Callable[[EnsembleState], dict]
     axis: str
 
 
@@ -187,202 +343,16 @@ def make_train(config: TrainConfig, model, train_data, val_data=None, *, augment
     train_data / val_data: (x, y). finetune mode: x = uint8 images N×S×S×3 (normalised in the step by
     `config.normalization`); head mode: x = cached features of any shape N×..., normalisation None.
     augment_fn(key, x_b...) -> x_b: per-member augmentation (finetune mode only).
-    pretrained: {"params": ..., "batch_stats": ...} copied into every member's "backbone" submodule
-    (finetune mode; the heads keep their per-member random init).
+    pretrained: {"params": ..., "batch_stats": ...} copied into every member's "backbone" submodule.
+    fit(state=None, checkpoint_dir=None, until_epoch=None); evaluate(state, data, use_best=False);
+    predict(state, x, use_best=True); history(state).
     """
-    cfg = config
-    if cfg.mode not in ("finetune", "head"):
-        raise ValueError(f"leukax/train/ensemble.py: mode must be finetune|head, got {cfg.mode!r}")
-    if cfg.mode == "head" and augment_fn is not None:
-        raise ValueError("leukax/train/ensemble.py: augment_fn needs images; head mode trains on cached features")
-    axis = resolve_axis(cfg.ensemble_axis, cfg.mode)
-    num = cfg.num_members
-    tx = get_optimizer(cfg.optimizer)
-    norm = cfg.normalization if cfg.mode == "finetune" else None
-    x_tr, y_tr = jnp.asarray(train_data[0]), jnp.asarray(train_data[1], jnp.int32)
-    n_tr = x_tr.shape[0]
-    batch = min(cfg.batch_size, n_tr)
-    steps = n_tr // batch  # the last partial batch is dropped (fixed shapes: one compilation)
-    dropout = None if cfg.dropout_rate is None else jnp.float32(cfg.dropout_rate)
-    static_train = (model, tx, augment_fn, norm)
-    static_probs = (model, norm)
-    higher_better = cfg.monitor == "val_acc"
-    if cfg.monitor not in ("val_loss", "val_acc"):
-        raise ValueError(f"leukax/train/ensemble.py: monitor must be val_loss|val_acc, got {cfg.monitor!r}")
+    spec = Spec(config, model, augment_fn)
+    data = (jnp.asarray(train_data[0]), jnp.asarray(train_data[1], jnp.int32))
 
-    def init_state() -> dict:
-        """Returns the member-stacked state: params, batch_stats, opt_state, key, active + bookkeeping."""
-        root = jax.random.PRNGKey(cfg.seed)
-        init_keys = jax.random.split(jax.random.fold_in(root, 0), num)
-        members = []
-        for m in range(num):
-            variables = dict(_init_member(model, init_keys[m], x_tr[:1], norm))
-            params, bstats = variables["params"], variables.get("batch_stats", {})
-            if pretrained is not None:
-                params = {**params, "backbone": pretrained["params"]}
-                if pretrained.get("batch_stats"):
-                    bstats = {**bstats, "backbone": pretrained["batch_stats"]}
-            opt_state = set_hyperparams(tx.init(params), learning_rate=cfg.learning_rate, momentum=cfg.momentum)
-            members.append({"params": params, "batch_stats": bstats, "opt_state": opt_state})
-        train = _stack(members)
-        train["key"] = jax.random.split(jax.random.fold_in(root, 2), num)
-        train["active"] = jnp.ones((num,), bool)
-        nan_me = jnp.full((num, cfg.num_epochs), jnp.nan, jnp.float32)
-        return {
-            "train": train,
-            "data_key": jax.random.split(jax.random.fold_in(root, 1), num),
-            "best": jax.tree.map(jnp.copy, {"params": train["params"], "batch_stats": train["batch_stats"]}),
-            "best_score": jnp.full((num,), -jnp.inf, jnp.float32),
-            "best_epoch": jnp.full((num,), -1, jnp.int32),
-            "bad_epochs": jnp.zeros((num,), jnp.int32),
-            "epoch": jnp.zeros((), jnp.int32),
-            "history": {k: nan_me for k in ("train_loss", "train_acc", "val_loss", "val_acc")},
-        }
+    def run(state=None, checkpoint_dir=None, until_epoch=None):
+        return fit(spec, data, val_data, state, checkpoint_dir, until_epoch, pretrained)
 
-    def _batches(x, bs):
-        """Yields (x_b padded to bs, valid mask_b, start) over x."""
-        n = x.shape[0]
-        for s in range(0, n, bs):
-            xb = x[s:s + bs]
-            pad = bs - xb.shape[0]
-            mask = jnp.arange(bs) < xb.shape[0]
-            if pad:
-                xb = jnp.concatenate([xb, jnp.repeat(xb[-1:], pad, 0)], 0)
-            yield xb, mask, s
-
-    def evaluate(state: dict, data, use_best: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Returns (mean NLL_m, accuracy_m) of every member on data = (x, y)."""
-        probs_mnk = predict(state, data[0], use_best=use_best)
-        y = np.asarray(data[1])
-        p_true_mn = np.take_along_axis(probs_mnk, y[None, :, None], -1)[..., 0]
-        nll_m = -np.mean(np.log(np.maximum(p_true_mn, np.finfo(np.float32).tiny)), -1)
-        return nll_m, np.mean(probs_mnk.argmax(-1) == y, -1)
-
-    def predict(state: dict, x, use_best: bool = True) -> np.ndarray:
-        """Returns probs_mnk (members × examples × classes) float32 for inputs x (images or features)."""
-        src = state["best"] if use_best else state["train"]
-        x = jnp.asarray(x)
-        bs = min(cfg.eval_batch_size, x.shape[0])
-        members = _unstack((src["params"], src["batch_stats"]), num) if axis == "sequential" else None
-        out = []
-        for xb, mask, s in _batches(x, bs):
-            if members is None:
-                p = PROBS[axis](src["params"], src["batch_stats"], (xb,), static_probs)
-            else:
-                p = jnp.stack([PROBS[axis](*mv, (xb,), static_probs) for mv in members])
-            out.append(np.asarray(p)[:, : int(mask.sum())])
-        return np.concatenate(out, 1)
-
-    def _train_epoch(train: dict, data_key, epoch: int):
-        """Returns (train state, loss_m, acc_m) after one epoch; stopped members report nan."""
-        perm = np.asarray(_permutations(data_key, epoch, n_tr))
-        active = np.asarray(train["active"])
-        loss, acc = [], []
-        if axis == "sequential":
-            members = _unstack(train, num)
-            for s in range(steps):
-                mets = []
-                for m in range(num):
-                    if not active[m]:  # a stopped member's step would leave it unchanged
-                        continue
-                    idx = jnp.asarray(perm[m, s * batch:(s + 1) * batch])
-                    members[m], met = train_step(members[m], idx, (x_tr, y_tr, dropout), static_train)
-                    mets.append(met)
-                loss.append(jnp.stack([mt["loss"] for mt in mets]))
-                acc.append(jnp.stack([mt["acc"] for mt in mets]))
-            train = _stack(members)
-        else:
-            for s in range(steps):
-                idx = jnp.asarray(perm[:, s * batch:(s + 1) * batch])
-                train, met = STEP[axis](train, idx, (x_tr, y_tr, dropout), static_train)
-                loss.append(met["loss"])
-                acc.append(met["acc"])
-        loss_m = np.full(num, np.nan, np.float32)
-        acc_m = np.full(num, np.nan, np.float32)
-        if loss:
-            act = np.flatnonzero(active) if axis == "sequential" else np.arange(num)
-            loss_m[act] = np.mean(np.stack([np.asarray(v) for v in loss]), 0)
-            acc_m[act] = np.mean(np.stack([np.asarray(v) for v in acc]), 0)
-        loss_m[~active], acc_m[~active] = np.nan, np.nan
-        return train, loss_m, acc_m
-
-    def fit(state: dict | None = None, checkpoint_dir=None, until_epoch: int | None = None) -> dict:
-        """Trains until `until_epoch` (default config.num_epochs) or until every member stopped early.
-
-        With `checkpoint_dir`, resumes from its newest checkpoint and saves after every epoch.
-        Returns the final state (``state["best"]`` holds each member's best params by `config.monitor`).
-        """
-        state = init_state() if state is None else state
-        mngr = None
-        if checkpoint_dir is not None:
-            mngr = ckpt_lib.manager(checkpoint_dir)
-            restored, step = ckpt_lib.restore_latest(mngr, state)
-            if restored is not None:
-                state = restored
-                log.info("resumed from %s at epoch %d", checkpoint_dir, step)
-        end = cfg.num_epochs if until_epoch is None else min(until_epoch, cfg.num_epochs)
-        bar = None
-        if cfg.progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=end, initial=int(state["epoch"]), desc="ensemble", unit="epoch")
-        for epoch in range(int(state["epoch"]), end):
-            active = np.asarray(state["train"]["active"])
-            if not active.any():
-                break
-            train, tr_loss, tr_acc = _train_epoch(state["train"], state["data_key"], epoch)
-            state = dict(state, train=train)
-            hist = {k: np.array(v) for k, v in state["history"].items()}
-            hist["train_loss"][:, epoch], hist["train_acc"][:, epoch] = tr_loss, tr_acc
-            if val_data is not None:
-                va_loss, va_acc = evaluate(state, val_data)
-                va_loss[~active], va_acc[~active] = np.nan, np.nan
-                hist["val_loss"][:, epoch], hist["val_acc"][:, epoch] = va_loss, va_acc
-                score = va_acc if higher_better else -va_loss
-            else:  # no validation split: the latest params are the best
-                score = np.full(num, float(epoch))
-            best_score = np.asarray(state["best_score"])
-            improved = active & (score > best_score)
-            bad = np.where(improved, 0, np.asarray(state["bad_epochs"]) + active)
-            still = active.copy()
-            if cfg.patience is not None:
-                still &= bad < cfg.patience
-            best_src = {"params": train["params"], "batch_stats": train["batch_stats"]}
-            state.update(
-                best=_select(jnp.asarray(improved), best_src, state["best"]),
-                best_score=jnp.asarray(np.where(improved, score, best_score), jnp.float32),
-                best_epoch=jnp.asarray(np.where(improved, epoch, np.asarray(state["best_epoch"])), jnp.int32),
-                bad_epochs=jnp.asarray(bad, jnp.int32),
-                epoch=jnp.asarray(epoch + 1, jnp.int32),
-                history={k: jnp.asarray(v) for k, v in hist.items()},
-                train=dict(train, active=jnp.asarray(still)))
-            msg = " ".join(f"m{m}:loss={tr_loss[m]:.4f},acc={tr_acc[m]:.3f},val_loss={hist['val_loss'][m, epoch]:.4f},"
-                           f"val_acc={hist['val_acc'][m, epoch]:.3f}{'' if still[m] else '(stopped)'}"
-                           for m in range(num))
-            log.info("epoch %d/%d %s", epoch + 1, end, msg)
-            if bar is not None:
-                bar.set_postfix(loss=float(np.nanmean(tr_loss)) if active.any() else np.nan,
-                                val_acc=float(np.nanmean(hist["val_acc"][:, epoch])) if val_data is not None else np.nan)
-                bar.update(1)
-            if mngr is not None:
-                ckpt_lib.save(mngr, epoch + 1, state)
-        if bar is not None:
-            bar.close()
-        if mngr is not None:
-            mngr.close()
-        return state
-
-    def history(state: dict) -> dict[str, np.ndarray]:
-        """Returns {"train_loss", "train_acc", "val_loss", "val_acc"}: M×epochs_done float32 (nan after a stop)."""
-        e = int(state["epoch"])
-        return {k: np.asarray(v)[:, :e] for k, v in state["history"].items()}
-
-    return Train(init_state, fit, evaluate, predict, history, axis)
-
-
-def member_variables(state: dict, m: int, use_best: bool = True) -> dict[str, Any]:
-    """Returns member m's flax variables {"params", "batch_stats"?} (e.g. for Grad-CAM or export)."""
-    src = state["best"] if use_best else state["train"]
-    out = {"params": _member(src["params"], m)}
-    if src["batch_stats"]:
-        out["batch_stats"] = _member(src["batch_stats"], m)
-    return out
+    return Train(init_state=lambda: init(spec, data[0], pretrained), fit=run,
+                 evaluate=functools.partial(evaluate, spec), predict=functools.partial(predict, spec),
+                 history=history, axis=spec.axis)
