@@ -18,8 +18,9 @@ What it does:
    classifier, trained on frozen features (`--mode=head`) or fine-tuned with rot90/flip augmentation;
 3. stage 2: the branches are frozen, their 1024-d `pre_logits` concatenated, and the MetaClassifier
    (1000 sigmoid → 100 relu → 10 sigmoid → softmax) trained on them with the head-mode trainer;
-4. leakage-safe splits as in experiments/hybrid_gru.py; reports the ablation (each branch's own softmax,
-   the two branches' sum rule, the fused meta-classifier), parameter counts and measured test time per image.
+4. leakage-safe splits by `--protocol` (experiments/common.py); reports the ablation (each branch's own
+   softmax, the two branches' sum rule, the fused meta-classifier), parameter counts and measured test time
+   per image.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import hybrid_gru as common
+from experiments import common
+from experiments.common import field
 from leukax import fusion, metrics, plots
 from leukax.data import load_arrays
 from leukax.models.classifier import Classifier, count_params
@@ -44,51 +46,40 @@ from leukax.train.features import cached_features, compute_features
 
 @dataclasses.dataclass
 class Config:
-    out_dir: str = "results/feature_fusion"
-    dataset: str = "cnmc2019"
-    data_dir: str | None = None
-    manual_dir: str | None = None
-    branches: tuple = ("efficientnet_b7", "mobilenet_v3_large")
-    branch_fallbacks: tuple = ("efficientnet_lite2", "mobilenet_v2")
-    weights: str = "imagenet"
-    weights_dir: str | None = None
-    image_size: int = 224
-    enhance: bool = True
-    mode: str = "head"
-    members: int = 1
-    features: int = 1024
-    dropout: float = 0.3
-    optimizer: str = "adam"
-    learning_rate: float = 1e-4
-    batch_size: int = 16
-    epochs: int = 30
-    patience: int = 10
-    meta_optimizer: str = "adam"
-    meta_learning_rate: float = 1e-3
-    meta_epochs: int = 100
-    meta_patience: int = 20
-    protocol: str = "grouped_kfold"
-    folds: int = 5
-    repeats: int = 1
-    val_fraction: float = 0.2
-    leaky: bool = False
-    referral_accuracy: float = 0.95
-    timing_images: int = 32
-    seed: int = 0
-
-
-HELP = {
-    "out_dir": "Where metrics.json, config.json, figures/ and splits/ go.",
-    "dataset": "cnmc2019 (embedded sample, binary) | all_aml_healthy (the paper's 3 classes) | any builder.",
-    "branches": "Comma-separated stage-1 backbones.",
-    "branch_fallbacks": "Per position, used when a branch's ImageNet weights are missing ('' = fail).",
-    "weights": "imagenet | none (random init, for tests).", "enhance": "Apply enhance_paper2 to every image.",
-    "mode": "head (frozen backbone features) | finetune.", "members": "Seeds per stage (deep ensemble).",
-    "features": "Width of each branch's dense layer (the fused features).", "dropout": "Branch head dropout.",
-    "epochs": "Stage-1 maximum epochs.", "meta_epochs": "Stage-2 maximum epochs.",
-    "protocol": "grouped_kfold | paper_80_20.", "leaky": "paper_80_20 per image (ignores subjects).",
-    "timing_images": "Test images used to measure the time per image.",
-}
+    out_dir: str = field("results/feature_fusion", "Where metrics.json, config.json, figures/ and splits/ go.")
+    dataset: str = field("cnmc2019", "cnmc2019 (embedded sample, binary) | all_aml_healthy (the paper's 3 "
+                         "classes) | any builder.")
+    data_dir: str | None = field(None, "TFDS data dir of prepared datasets.")
+    manual_dir: str | None = field(None, "Folder with the manually downloaded data.")
+    branches: tuple = field(("efficientnet_b7", "mobilenet_v3_large"), "Comma-separated stage-1 backbones.")
+    branch_fallbacks: tuple = field(("efficientnet_lite2", "mobilenet_v2"),
+                                    "Per position, used when a branch's ImageNet weights are missing ('' = fail).")
+    weights: str = field("imagenet", "imagenet | none (random init, for tests).")
+    weights_dir: str | None = field(None, "Folder of weight files.")
+    image_size: int = field(224, "Input size in pixels.")
+    enhance: bool = field(True, "Apply enhance_paper2 to every image.")
+    mode: str = field("head", "head (frozen backbone features) | finetune.", choices=("head", "finetune"))
+    members: int = field(1, "Seeds per stage (deep ensemble).")
+    features: int = field(1024, "Width of each branch's dense layer (the fused features).")
+    dropout: float = field(0.3, "Branch head dropout.")
+    optimizer: str = field("adam", "Stage-1 optimizer.", choices=("sgd", "rmsprop", "adam"))
+    learning_rate: float = field(1e-4, "Stage-1 learning rate.")
+    batch_size: int = field(16, "Batch size.")
+    epochs: int = field(30, "Stage-1 maximum epochs.")
+    patience: int = field(10, "Stage-1 early-stopping patience (epochs).")
+    meta_optimizer: str = field("adam", "Stage-2 optimizer.", choices=("sgd", "rmsprop", "adam"))
+    meta_learning_rate: float = field(1e-3, "Stage-2 learning rate.")
+    meta_epochs: int = field(100, "Stage-2 maximum epochs.")
+    meta_patience: int = field(20, "Stage-2 early-stopping patience (epochs).")
+    protocol: str = field("grouped_kfold", "grouped_kfold | paper_80_20.", choices=common.PROTOCOLS)
+    folds: int = field(5, "k of grouped_kfold.")
+    repeats: int = field(1, "Seeds repeated.")
+    val_fraction: float = field(0.2, "Validation part (fraction of all images, grouped) inside every training part.")
+    leaky: bool = field(False, "paper_80_20 per image (ignores subjects).")
+    referral_accuracy: float = field(0.95, "Refer above the largest entropy cut whose validation accuracy reaches "
+                                     "this.")
+    timing_images: int = field(32, "Test images used to measure the time per image.")
+    seed: int = field(0, "Seed of everything.")
 
 
 def _stage1_config(cfg, seed, mode, normalization) -> TrainConfig:
@@ -211,16 +202,15 @@ def run(cfg: Config) -> dict:
     if len(set(bnames)) != len(bnames):
         raise ValueError(f"experiments/feature_fusion.py: the branches used {bnames} are not distinct")
 
-    splits = common.make_splits(cfg, labels, ds.groups, names)
+    splits = common.make_splits(cfg.protocol, labels, ds.groups, names, folds=cfg.folds, repeats=cfg.repeats,
+                                val_fraction=cfg.val_fraction, seed=cfg.seed, leaky=cfg.leaky)
     rows = bnames + ["branch_sum_rule", "fused_meta"]
     per = {r: {"reports": [], "unc": [], "referral": []} for r in rows}
     pooled = {r: np.zeros((len(labels), k), np.float32) for r in rows}
     mask = np.zeros(len(labels), bool)
     table, t0 = None, time.perf_counter()
     for split in splits:
-        sid = f"r{split.repeat}_f{split.fold}"
-        split.check_disjoint(np.arange(len(labels)) if cfg.protocol == "paper_80_20" and cfg.leaky else ds.groups)
-        split.save(out / "splits" / f"{sid}.json")
+        common.check_and_save(split, ds.groups, cfg.protocol == "paper_80_20" and cfg.leaky, out / "splits")
         y_va, y_te = labels[split.val], labels[split.test]
         seed = cfg.seed + 1000 * split.repeat + split.fold
         probs = {}
@@ -235,7 +225,8 @@ def run(cfg: Config) -> dict:
         m_va, m_te, meta_vars = train_meta(cfg, feats, split, labels, k, seed)
         probs["fused_meta"] = (m_va, m_te)
         for r in rows:
-            rep, unc, ref = common.evaluate_probs(y_va, probs[r][0], y_te, probs[r][1], names, cfg.referral_accuracy)
+            rep, unc, ref = common.evaluate_probs(y_va, probs[r][0], y_te, probs[r][1], names, "accuracy",
+                                                  cfg.referral_accuracy)
             per[r]["reports"].append(rep)
             per[r]["unc"].append(unc)
             per[r]["referral"].append(ref)
@@ -285,13 +276,5 @@ def run(cfg: Config) -> dict:
     return result
 
 
-def main(argv):
-    del argv
-    from absl import flags
-    run(common.config_from_flags(Config, flags.FLAGS))
-
-
 if __name__ == "__main__":
-    from absl import app, flags
-    common.define_flags(Config, HELP, flags.FLAGS)
-    app.run(main)
+    common.main(Config, run)

@@ -17,21 +17,22 @@ What it does (the first paper's hybrid, in head mode, with leakage-safe evaluati
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
-import platform
-import subprocess
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 
+from experiments import common
+from experiments.common import field
 from leukax import bundle as bundle_lib
 from leukax import metrics, plots, uncertainty
 from leukax.data import load_arrays
-from leukax.data.splits import repeated_holdout, stratified_group_kfold
+from leukax.data.splits import repeated_holdout
 from leukax.gradcam import gradcam_classifier
 from leukax.models import pretrained
 from leukax.models.classifier import Classifier
@@ -39,136 +40,113 @@ from leukax.models.heads import make_head
 from leukax.train.ensemble import TrainConfig, make_train, member_variables, normalize
 from leukax.train.features import cached_features
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("out_dir", "results/quickstart", "Where metrics.json, config.json, figures/ and model/ go.")
-flags.DEFINE_string("backbone", "mobilenet_v2", "Registered backbone name.")
-flags.DEFINE_string("weights", "embedded", "Backbone weights: embedded | imagenet | a file path.")
-flags.DEFINE_string("weights_dir", None, "Folder holding downloaded weight files (or env LEUKAX_WEIGHTS_DIR).")
-flags.DEFINE_integer("image_size", 224, "Input size in pixels.")
-flags.DEFINE_integer("members", 3, "Deep-ensemble members M.")
-flags.DEFINE_integer("folds", 5, "Grouped stratified k-fold.")
-flags.DEFINE_float("val_fraction", 0.2, "Fraction of all images used for validation inside each fold.")
-flags.DEFINE_integer("units", 128, "GRU units (the paper's Bayesian-optimised MobileNetV2 value is 512; 128 keeps "
-                     "the quickstart to a few minutes on 2 CPU cores).")
-flags.DEFINE_float("dropout", 0.1, "Head dropout (the paper's MobileNetV2 value).")
-flags.DEFINE_integer("hidden", 128, "Width of the first dense layer after the GRU.")
-flags.DEFINE_enum("optimizer", "rmsprop", ["sgd", "rmsprop", "adam"], "optax optimizer.")
-flags.DEFINE_float("learning_rate", 1e-4, "Learning rate.")
-flags.DEFINE_float("momentum", 0.0, "Momentum (sgd / rmsprop).")
-flags.DEFINE_integer("batch_size", 16, "Batch size.")
-flags.DEFINE_integer("epochs", 60, "Maximum epochs.")
-flags.DEFINE_integer("patience", 15, "Early-stopping patience in epochs (per member).")
-flags.DEFINE_enum("referral_target", "coverage", ["coverage", "accuracy"],
-                  "How the referral threshold is chosen on validation data: keep at least --referral_value of the "
-                  "cases (coverage), or the largest cut whose retained accuracy reaches --referral_value (accuracy).")
-flags.DEFINE_float("referral_value", 0.8, "Target coverage or accuracy of the referral rule.")
-flags.DEFINE_integer("seed", 0, "Seed of splits, inits, dropout and data order.")
-
 CLASS_LABELS = {"hem": "healthy (hem)", "all": "ALL (blast)"}
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=pathlib.Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
+@dataclasses.dataclass
+class Config:
+    out_dir: str = field("results/quickstart", "Where metrics.json, config.json, figures/ and model/ go.")
+    backbone: str = field("mobilenet_v2", "Registered backbone name.")
+    weights: str = field("embedded", "Backbone weights: embedded | imagenet | a file path.")
+    weights_dir: str | None = field(None, "Folder holding downloaded weight files (or env LEUKAX_WEIGHTS_DIR).")
+    image_size: int = field(224, "Input size in pixels.")
+    members: int = field(3, "Deep-ensemble members M.")
+    folds: int = field(5, "Grouped stratified k-fold.")
+    val_fraction: float = field(0.2, "Fraction of all images used for validation inside each fold.")
+    units: int = field(128, "GRU units (the paper's Bayesian-optimised MobileNetV2 value is 512; 128 keeps the "
+                       "quickstart to a few minutes on 2 CPU cores).")
+    dropout: float = field(0.1, "Head dropout (the paper's MobileNetV2 value).")
+    hidden: int = field(128, "Width of the first dense layer after the GRU.")
+    optimizer: str = field("rmsprop", "optax optimizer.", choices=("sgd", "rmsprop", "adam"))
+    learning_rate: float = field(1e-4, "Learning rate.")
+    momentum: float = field(0.0, "Momentum (sgd / rmsprop).")
+    batch_size: int = field(16, "Batch size.")
+    epochs: int = field(60, "Maximum epochs.")
+    patience: int = field(15, "Early-stopping patience in epochs (per member).")
+    referral_target: str = field(
+        "coverage", "How the referral threshold is chosen on validation data: keep at least --referral_value of "
+        "the cases (coverage), or the largest cut whose retained accuracy reaches --referral_value (accuracy).",
+        choices=("coverage", "accuracy"))
+    referral_value: float = field(0.8, "Target coverage or accuracy of the referral rule.")
+    seed: int = field(0, "Seed of splits, inits, dropout and data order.")
 
 
-def _mean_std(reports: list[dict], keys) -> dict:
-    out = {}
-    for key in keys:
-        vals = []
-        for r in reports:
-            v = r
-            for part in key.split("."):
-                v = v[part]
-            vals.append(np.nan if v is None else v)
-        vals = np.asarray(vals, float)
-        out[key] = {"mean": float(np.nanmean(vals)), "std": float(np.nanstd(vals)), "per_fold": vals.tolist()}
-    return out
-
-
-def _train_ensemble(feats, labels, split, seed):
-    head = make_head("gru", 2, units=FLAGS.units, dropout=FLAGS.dropout, hidden=FLAGS.hidden)
-    cfg = TrainConfig(num_members=FLAGS.members, mode="head", optimizer=FLAGS.optimizer,
-                      learning_rate=FLAGS.learning_rate, momentum=FLAGS.momentum or None,
-                      dropout_rate=FLAGS.dropout, batch_size=FLAGS.batch_size, num_epochs=FLAGS.epochs,
-                      patience=FLAGS.patience, monitor="val_loss", seed=seed, normalization=None, progress=True)
-    tr = make_train(cfg, head, (feats[split.train], labels[split.train]), (feats[split.val], labels[split.val]))
+def _train_ensemble(cfg: Config, feats, labels, split, seed):
+    head = make_head("gru", 2, units=cfg.units, dropout=cfg.dropout, hidden=cfg.hidden)
+    tcfg = TrainConfig(num_members=cfg.members, mode="head", optimizer=cfg.optimizer,
+                       learning_rate=cfg.learning_rate, momentum=cfg.momentum or None,
+                       dropout_rate=cfg.dropout, batch_size=cfg.batch_size, num_epochs=cfg.epochs,
+                       patience=cfg.patience, monitor="val_loss", seed=seed, normalization=None, progress=True)
+    tr = make_train(tcfg, head, (feats[split.train], labels[split.train]), (feats[split.val], labels[split.val]))
     state = tr.fit()
     return head, tr, state
 
 
-def main(argv):
-    del argv
+def run(cfg: Config) -> dict:
+    """Runs the quickstart; writes <out_dir>/metrics.json, config.json, figures/, splits/, model/."""
     logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every step at INFO; progress is printed below
     t_start = time.perf_counter()
-    out = pathlib.Path(FLAGS.out_dir)
+    out = pathlib.Path(cfg.out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     (out / "splits").mkdir(exist_ok=True)
 
-    ds = load_arrays("cnmc2019", FLAGS.image_size)
+    ds = load_arrays("cnmc2019", cfg.image_size)
     names = [CLASS_LABELS.get(c, c) for c in ds.class_names]
     labels = np.asarray(ds.labels)
     print(f"C-NMC 2019 sample: {ds.counts}, {len(np.unique(ds.groups))} subjects", flush=True)
 
     t0 = time.perf_counter()
-    backbone, bb_vars, spec = pretrained(FLAGS.backbone, weights=FLAGS.weights, weights_dir=FLAGS.weights_dir)
+    backbone, bb_vars, spec = pretrained(cfg.backbone, weights=cfg.weights, weights_dir=cfg.weights_dir)
     feats = cached_features(backbone, bb_vars, ds.images, spec.normalization)
     t_features = time.perf_counter() - t0
-    print(f"frozen {FLAGS.backbone} features {feats.shape} in {t_features:.1f}s", flush=True)
+    print(f"frozen {cfg.backbone} features {feats.shape} in {t_features:.1f}s", flush=True)
 
-    folds = stratified_group_kfold(labels, ds.groups, FLAGS.folds, FLAGS.seed, val_fraction=FLAGS.val_fraction,
-                                   class_names=ds.class_names)
-    reports, referrals, oof_probs, oof_unc = [], [], np.zeros((len(labels), 2)), np.zeros(len(labels))
+    folds = common.make_splits("grouped_kfold", labels, ds.groups, ds.class_names, folds=cfg.folds, repeats=1,
+                               val_fraction=cfg.val_fraction, seed=cfg.seed)
+    reports, uncs, referrals = [], [], []
+    oof_probs, oof_unc = np.zeros((len(labels), 2)), np.zeros(len(labels))
     histories = None
     t0 = time.perf_counter()
     for split in folds:
         split.check_disjoint(ds.groups).save(out / "splits" / f"fold{split.fold}.json")
-        print(f"fold {split.fold + 1}/{FLAGS.folds}", split.summary(labels, ds.class_names), sep="\n", flush=True)
-        _, tr, state = _train_ensemble(feats, labels, split, FLAGS.seed + split.fold)
+        print(f"fold {split.fold + 1}/{cfg.folds}", split.summary(labels, ds.class_names), sep="\n", flush=True)
+        _, tr, state = _train_ensemble(cfg, feats, labels, split, cfg.seed + split.fold)
         if histories is None:
             histories = tr.history(state)
-        ens_test = uncertainty.deep_ensemble(jnp.asarray(tr.predict(state, feats[split.test])))
-        ens_val = uncertainty.deep_ensemble(jnp.asarray(tr.predict(state, feats[split.val])))
-        y_te, y_va = labels[split.test], labels[split.val]
-        reports.append(metrics.classification_report(y_te, ens_test["mean"], names))
-        thr = uncertainty.fit_referral_threshold(np.asarray(ens_val["predictive_entropy"]),
-                                                 np.asarray(ens_val["pred"]) == y_va, FLAGS.referral_target,
-                                                 FLAGS.referral_value)
-        referrals.append(uncertainty.referral_report(np.asarray(ens_test["predictive_entropy"]),
-                                                     np.asarray(ens_test["pred"]) == y_te, thr))
+        p_te, p_va = tr.predict(state, feats[split.test]), tr.predict(state, feats[split.val])
+        report, unc, referral = common.evaluate_probs(labels[split.val], p_va, labels[split.test], p_te, names,
+                                                      cfg.referral_target, cfg.referral_value)
+        reports.append(report)
+        uncs.append(unc)
+        referrals.append(referral)
+        ens_test = uncertainty.deep_ensemble(jnp.asarray(p_te))
         oof_probs[split.test] = np.asarray(ens_test["mean"])
         oof_unc[split.test] = np.asarray(ens_test["predictive_entropy"])
     t_cv = time.perf_counter() - t0
 
-    keys = ["accuracy", "binary.precision", "binary.recall", "binary.f1", "binary.specificity",
-            "binary.roc_auc", "nll", "brier", "ece"]
-    summary = _mean_std(reports, keys)
+    summary = common.summarize(reports, uncs, referrals, common.metric_keys(2))
     pooled = metrics.classification_report(labels, oof_probs, names)
     correct = oof_probs.argmax(-1) == labels
 
     # Final ensemble on all images (grouped validation part for early stopping and the referral threshold).
     t0 = time.perf_counter()
-    final_split = repeated_holdout(labels, ds.groups, test_fraction=0.0, val_fraction=FLAGS.val_fraction,
-                                   repeats=1, seed=FLAGS.seed, class_names=ds.class_names)[0]
+    final_split = repeated_holdout(labels, ds.groups, test_fraction=0.0, val_fraction=cfg.val_fraction,
+                                   repeats=1, seed=cfg.seed, class_names=ds.class_names)[0]
     final_split.save(out / "splits" / "final.json")
-    head, tr, state = _train_ensemble(feats, labels, final_split, FLAGS.seed + 1000)
+    head, tr, state = _train_ensemble(cfg, feats, labels, final_split, cfg.seed + 1000)
     ens_val = uncertainty.deep_ensemble(jnp.asarray(tr.predict(state, feats[final_split.val])))
     final_thr = uncertainty.fit_referral_threshold(np.asarray(ens_val["predictive_entropy"]),
                                                    np.asarray(ens_val["pred"]) == labels[final_split.val],
-                                                   FLAGS.referral_target, FLAGS.referral_value)
-    best = state["best"]
-    head_vars_m = {"params": best["params"]}
+                                                   cfg.referral_target, cfg.referral_value)
+    head_vars_m = {"params": state.best_params}
     t_final = time.perf_counter() - t0
     bcfg = bundle_lib.BundleConfig(
-        backbone=FLAGS.backbone, weights=FLAGS.weights, image_size=FLAGS.image_size,
+        backbone=cfg.backbone, weights=cfg.weights, image_size=cfg.image_size,
         normalization=spec.normalization, head="gru",
-        head_kwargs=dict(units=FLAGS.units, dropout=FLAGS.dropout, hidden=FLAGS.hidden),
-        class_names=list(ds.class_names), mode="head", num_members=FLAGS.members,
+        head_kwargs=dict(units=cfg.units, dropout=cfg.dropout, hidden=cfg.hidden),
+        class_names=list(ds.class_names), mode="head", num_members=cfg.members,
         uncertainty="predictive_entropy", referral_threshold=None if not np.isfinite(final_thr) else final_thr,
-        provenance=dict(trained_on="cnmc2019 embedded sample (60 images)", commit=_git_commit()))
+        provenance=dict(trained_on="cnmc2019 embedded sample (60 images)", commit=common.git_commit()))
     bundle_lib.save(out / "model", bcfg, head_vars_m)
 
     # Figures (pooled out-of-fold predictions; Grad-CAM with the final ensemble's member 0).
@@ -194,33 +172,24 @@ def main(argv):
     t_total = time.perf_counter() - t_start
     result = dict(
         task="C-NMC 2019 embedded sample, ALL vs healthy (hem), 60 images / 37 subjects",
-        protocol=f"{FLAGS.folds}-fold stratified k-fold grouped by subject; val {FLAGS.val_fraction:g} of all "
+        protocol=f"{cfg.folds}-fold stratified k-fold grouped by subject; val {cfg.val_fraction:g} of all "
                  f"images (grouped) inside each fold's training part; mean ± std over folds",
-        model=f"{FLAGS.backbone} ({FLAGS.weights} ImageNet weights, frozen) + GRU head "
-              f"({FLAGS.units} units, dropout {FLAGS.dropout}), deep ensemble M={FLAGS.members}, head mode",
-        test_mean_std=summary, pooled_out_of_fold=pooled, referral_per_fold=referrals,
-        referral_mean_std=_mean_std([{k: (np.nan if v is None else v) for k, v in r.items()} for r in referrals],
-                                    ["coverage", "accuracy_retained", "accuracy_referred", "accuracy_all"]),
+        model=f"{cfg.backbone} ({cfg.weights} ImageNet weights, frozen) + GRU head "
+              f"({cfg.units} units, dropout {cfg.dropout}), deep ensemble M={cfg.members}, head mode",
+        **summary, pooled_out_of_fold=pooled,
         referral_rule=f"refer if predictive entropy > a threshold chosen on each fold's validation part for "
-                      f"{FLAGS.referral_target} >= {FLAGS.referral_value}",
+                      f"{cfg.referral_target} >= {cfg.referral_value}",
         timing_s=dict(total=t_total, features=t_features, cross_validation=t_cv, final_ensemble=t_final),
-        environment=dict(commit=_git_commit(), device=str(jax.devices()[0]), backend=jax.default_backend(),
-                         jax=jax.__version__, cpu_count=__import__("os").cpu_count(), python=platform.python_version()),
-        command="python -m experiments.quickstart " + " ".join(f"--{k}={v}" for k, v in _flag_values().items()),
+        environment=common.environment(), command=common.command_line("experiments.quickstart", cfg),
     )
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    (out / "config.json").write_text(json.dumps(_flag_values(), indent=2))
-    acc = summary["accuracy"]
-    auc = summary["binary.roc_auc"]
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    acc = summary["test_mean_std"]["accuracy"]
+    auc = summary["test_mean_std"]["binary.roc_auc"]
     print(f"quickstart: accuracy {acc['mean']:.3f} ± {acc['std']:.3f}, ROC AUC {auc['mean']:.3f} ± {auc['std']:.3f} "
-          f"over {FLAGS.folds} subject-grouped folds; {t_total:.0f}s total. Wrote {out}/")
-
-
-def _flag_values() -> dict:
-    """Returns {flag: value} for the flags this module defines."""
-    module = FLAGS.find_module_defining_flag("out_dir")
-    return {f.name: f.value for f in FLAGS.flags_by_module_dict()[module]}
+          f"over {cfg.folds} subject-grouped folds; {t_total:.0f}s total. Wrote {out}/")
+    return result
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.main(Config, run)

@@ -3,9 +3,8 @@ import json
 
 import numpy as np
 import pytest
-from absl import flags
 
-from experiments import quickstart
+from experiments import common, quickstart
 from leukax import bundle as bundle_lib
 from leukax import predict
 from leukax.data.builders import sample_dir
@@ -14,19 +13,16 @@ from leukax.data.builders import sample_dir
 @pytest.fixture(scope="module")
 def quickstart_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart")
-    flags.FLAGS(["quickstart", f"--out_dir={out}", "--image_size=64", "--members=2", "--folds=2", "--epochs=2",
-                 "--units=8", "--hidden=8", "--patience=5"])
-    try:
-        quickstart.main([])
-    finally:
-        flags.FLAGS.unparse_flags()
+    quickstart.run(common.parse_argv(quickstart.Config, [
+        "quickstart", f"--out_dir={out}", "--image_size=64", "--members=2", "--folds=2", "--epochs=2", "--units=8",
+        "--hidden=8", "--patience=5"]))
     return out
 
 
 def test_quickstart_writes_metrics_figures_and_bundle(quickstart_out):
     result = json.loads((quickstart_out / "metrics.json").read_text())
     acc = result["test_mean_std"]["accuracy"]
-    assert len(acc["per_fold"]) == 2 and 0.0 <= acc["mean"] <= 1.0
+    assert len(acc["per_split"]) == 2 and 0.0 <= acc["mean"] <= 1.0
     assert result["pooled_out_of_fold"]["n"] == 60  # every image is tested exactly once
     assert "commit" in result["environment"] and result["command"].startswith("python -m experiments.quickstart")
     for name in ("confusion_matrix", "roc", "reliability", "uncertainty_hist", "accuracy_coverage", "gradcam",

@@ -1,0 +1,229 @@
+"""What every experiment and benchmark shares, so that each of them reads as its paper's recipe.
+
+- Configuration: a `@dataclasses.dataclass` Config whose fields are made with `field(default, help)`; every
+  field becomes one absl flag of the same name (`define_flags`), `parse_argv` fills a Config from a command
+  line without touching the global FLAGS, `main(Config, run)` is the `__main__` entry point, and
+  `command_line` writes the command that reproduces a Config.
+- Provenance: `git_commit` (the commit, "+uncommitted" when the tree has changes) and `environment`
+  (commit, device, backend, versions, cores).
+- Splits by protocol (`make_splits`), backbones with a recorded substitution (`load_backbone`), evaluation of
+  an ensemble's M×N×K probabilities (`evaluate_probs`) and mean ± std over splits (`mean_std`, `summarize`),
+  all with one schema: {"mean", "std", "per_split"}, None where a value is missing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import platform
+import shlex
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from leukax import metrics, uncertainty
+from leukax.data.splits import repeated_holdout, stratified_group_kfold
+from leukax.models import pretrained
+from leukax.models.classifier import count_params
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------ configuration
+def field(default, help: str, choices: tuple | None = None):  # noqa: A002 (absl's word)
+    """A Config field whose flag has this help text (and, with `choices`, only these values)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+def define_flags(config_cls, flag_values: flags.FlagValues = flags.FLAGS, module_name: str | None = None) -> None:
+    """Defines one absl flag per field of the dataclass `config_cls`: bool, int, float, tuple → list,
+    `choices` → enum, anything else (str, None) → string. `module_name` is the module whose `--help` lists them."""
+    for f in dataclasses.fields(config_cls):
+        d, h, choices = f.default, f.metadata.get("help", f.name), f.metadata.get("choices")
+        kw = dict(flag_values=flag_values, module_name=module_name)
+        if choices:
+            flags.DEFINE_enum(f.name, d, list(choices), h, **kw)
+        elif isinstance(d, bool):
+            flags.DEFINE_boolean(f.name, d, h, **kw)
+        elif isinstance(d, int):
+            flags.DEFINE_integer(f.name, d, h, **kw)
+        elif isinstance(d, float):
+            flags.DEFINE_float(f.name, d, h, **kw)
+        elif isinstance(d, tuple):
+            flags.DEFINE_list(f.name, [str(v) for v in d], h, **kw)
+        else:
+            flags.DEFINE_string(f.name, d, h, **kw)
+
+
+def config_from_flags(config_cls, flag_values: flags.FlagValues = flags.FLAGS):
+    """Returns `config_cls` filled from parsed flags; a list flag becomes a tuple of its default's type."""
+    kw = {}
+    for f in dataclasses.fields(config_cls):
+        v = flag_values[f.name].value
+        if isinstance(f.default, tuple):
+            cast = type(f.default[0]) if f.default else str
+            v = tuple(cast(x) for x in v)
+        kw[f.name] = v
+    return config_cls(**kw)
+
+
+def parse_argv(config_cls, argv: list[str]):
+    """Returns `config_cls` from a command line such as ["prog", "--members=2"] (own FlagValues, no globals)."""
+    fv = flags.FlagValues()
+    define_flags(config_cls, fv)
+    fv(argv)
+    return config_from_flags(config_cls, fv)
+
+
+def main(config_cls, run) -> None:
+    """The `if __name__ == "__main__"` of an experiment: flags from `config_cls`, then `run(config)`."""
+    define_flags(config_cls, module_name=sys.argv[0])
+    app.run(lambda argv: run(config_from_flags(config_cls)))
+
+
+def command_line(program: str, cfg) -> str:
+    """Returns the command that reproduces `cfg`: `python -m <module> --flags` or `python <script.py> --flags`."""
+    parts = []
+    for k, v in dataclasses.asdict(cfg).items():
+        if v is None:
+            continue
+        v = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+        parts.append(f"--{k}" if v is True else f"--no{k}" if v is False else shlex.quote(f"--{k}={v}"))
+    return ("python " if program.endswith(".py") else "python -m ") + program + " " + " ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------- provenance
+def git_commit() -> str:
+    """Returns the checked-out commit of this repository, with "+uncommitted" when the tree has changes,
+    or "unknown" outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=REPO)
+    except OSError:
+        return "unknown"
+    if head.returncode != 0 or not head.stdout.strip():
+        return "unknown"
+    return head.stdout.strip() + ("+uncommitted" if dirty.stdout.strip() else "")
+
+
+def environment() -> dict:
+    """Returns the provenance every result records: commit, device, backend, versions, CPU cores."""
+    dev = jax.devices()[0]
+    return dict(commit=git_commit(), device=str(dev), device_kind=getattr(dev, "device_kind", ""),
+                backend=jax.default_backend(), jax=jax.__version__, python=platform.python_version(),
+                cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
+                argv=" ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]))
+
+
+# ------------------------------------------------------------------------------------------------- splits
+PROTOCOLS = ("grouped_kfold", "paper_80_20")
+
+
+def make_splits(protocol: str, labels, groups, class_names, *, folds: int, repeats: int, val_fraction: float,
+                seed: int, leaky: bool = False) -> list:
+    """Returns the Splits of `protocol`, every one with a grouped validation part (`val_fraction` of all):
+    grouped_kfold = stratified k-fold grouped by subject/duplicate, repeated over `repeats` seeds;
+    paper_80_20 = 80 % train / 20 % test, grouped, or per image with `leaky` (as the paper did)."""
+    if val_fraction <= 0:
+        raise ValueError("experiments: --val_fraction must be > 0 (early stopping, BO and referral use it)")
+    if protocol == "grouped_kfold":
+        splits = []
+        for r in range(repeats):
+            for s in stratified_group_kfold(labels, groups, folds, seed + r, val_fraction, class_names):
+                s.repeat = r
+                splits.append(s)
+        return splits
+    if protocol == "paper_80_20":
+        name = "paper 80/20 (validation carved from the 80 %) " + ("ungrouped-leaky" if leaky else "grouped")
+        return repeated_holdout(labels, None if leaky else groups, 0.2, val_fraction, repeats, seed, class_names,
+                                protocol=name)
+    raise ValueError(f"experiments: --protocol must be one of {PROTOCOLS}, got {protocol!r}")
+
+
+def check_and_save(split, groups, leaky: bool, splits_dir) -> str:
+    """Checks that no group (no image when `leaky`) has items in two parts, writes <splits_dir>/<id>.json;
+    returns the split's id "r<repeat>_f<fold>"."""
+    sid = f"r{split.repeat}_f{split.fold}"
+    split.check_disjoint(np.arange(len(groups)) if leaky else groups)
+    split.save(pathlib.Path(splits_dir) / f"{sid}.json")
+    return sid
+
+
+# ---------------------------------------------------------------------------------------------- backbones
+def load_backbone(name: str, weights: str, weights_dir, substitute: str = "", seed: int = 0):
+    """Returns (module, variables, spec, record): `name` with ImageNet or random weights, or `substitute`
+    when its ImageNet weights are missing; `record` says what was used."""
+    w = None if weights in ("none", "random", "") else weights
+    try:
+        module, variables, spec = pretrained(name, weights=w, weights_dir=weights_dir, seed=seed)
+        used, note = name, None
+    except FileNotFoundError as e:
+        if not substitute:
+            raise FileNotFoundError(f"experiments: no ImageNet weights for {name!r} ({e}); pass --weights=none "
+                                    "or choose a backbone with offline weights") from e
+        module, variables, spec = pretrained(substitute, weights=w, weights_dir=weights_dir, seed=seed)
+        used, note = substitute, f"{name} ImageNet weights not found; {substitute} used in its place"
+    record = dict(requested=name, used=used, substitution=note, weights=weights if w else "random init",
+                  normalization=spec.normalization, params=count_params(variables))
+    return module, variables, spec, record
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+def metric_keys(num_classes: int) -> list[str]:
+    """The (dotted) keys of metrics.classification_report summarised over splits."""
+    if num_classes == 2:
+        return ["accuracy", "binary.precision", "binary.recall", "binary.f1", "binary.specificity",
+                "binary.roc_auc", "nll", "brier", "ece"]
+    return ["accuracy", "macro_precision", "macro_recall", "macro_f1", "macro_specificity", "macro_roc_auc",
+            "nll", "brier", "ece"]
+
+
+REFERRAL_KEYS = ("coverage", "accuracy_retained", "accuracy_referred", "accuracy_all")
+
+
+def evaluate_probs(labels_val, probs_val_mnk, labels_test, probs_test_mnk, class_names,
+                   referral_target: str = "accuracy", referral_value: float = 0.95):
+    """Returns (classification report, uncertainty summary, referral report) of an ensemble on the test part;
+    the referral threshold on predictive entropy is fitted on the validation part (target "accuracy": the
+    largest cut whose retained accuracy reaches `referral_value`; "coverage": keep at least that fraction)."""
+    ens_va = uncertainty.deep_ensemble(jnp.asarray(probs_val_mnk))
+    ens_te = uncertainty.deep_ensemble(jnp.asarray(probs_test_mnk))
+    report = metrics.classification_report(labels_test, np.asarray(ens_te["mean"]), class_names)
+    correct_te = np.asarray(ens_te["pred"]) == labels_test
+    unc = {k: float(np.mean(ens_te[k])) for k in ("predictive_entropy", "mutual_information", "variance_pred",
+                                                   "total_variance", "disagreement")}
+    unc["aurc"] = float(uncertainty.aurc(ens_te["predictive_entropy"], jnp.asarray(correct_te)))
+    thr = uncertainty.fit_referral_threshold(np.asarray(ens_va["predictive_entropy"]),
+                                             np.asarray(ens_va["pred"]) == labels_val, referral_target,
+                                             referral_value)
+    referral = uncertainty.referral_report(np.asarray(ens_te["predictive_entropy"]), correct_te, thr)
+    return report, unc, referral
+
+
+def _get(report: dict, key: str):
+    for part in key.split("."):
+        report = report[part]
+    return report
+
+
+def mean_std(reports: list[dict], keys) -> dict:
+    """Returns {key: {"mean", "std", "per_split"}} over reports (dotted keys). A missing value (None) is
+    None in per_split and left out of mean and std; mean and std are None when every value is missing."""
+    out = {}
+    for key in keys:
+        vals = np.asarray([np.nan if _get(r, key) is None else _get(r, key) for r in reports], float)
+        ok = not np.all(np.isnan(vals))
+        out[key] = {"mean": float(np.nanmean(vals)) if ok else None, "std": float(np.nanstd(vals)) if ok else None,
+                    "per_split": [None if np.isnan(v) else float(v) for v in vals]}
+    return out
+
+
+def summarize(reports: list[dict], uncs: list[dict], referrals: list[dict], keys) -> dict:
+    """Returns the per-model summary every experiment writes: test_mean_std, uncertainty_mean_std,
+    referral_mean_std and referral_per_split."""
+    return dict(test_mean_std=mean_std(reports, keys), uncertainty_mean_std=mean_std(uncs, list(uncs[0])),
+                referral_mean_std=mean_std(referrals, REFERRAL_KEYS), referral_per_split=referrals)

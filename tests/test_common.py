@@ -1,0 +1,87 @@
+"""experiments/common.py: config ↔ flags, provenance, one mean ± std schema, and no experiment importing another."""
+import ast
+import dataclasses
+import pathlib
+import re
+
+import numpy as np
+import pytest
+from absl import flags
+
+from experiments import common
+from experiments.common import field
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass
+class _Config:
+    name: str = field("a", "A string.")
+    sizes: tuple = field((3, 5), "Integers.")
+    rate: float = field(0.5, "A float.")
+    fast: bool = field(False, "A switch.")
+    path: str | None = field(None, "Optional.")
+    axis: str = field("vmap", "One of three.", choices=("vmap", "map", "sequential"))
+
+
+def test_flags_from_dataclass_round_trip():
+    cfg = common.parse_argv(_Config, ["prog", "--sizes=1,2,4", "--fast", "--axis=map", "--path=/x"])
+    assert cfg == _Config(sizes=(1, 2, 4), fast=True, axis="map", path="/x")
+    assert common.parse_argv(_Config, ["prog"]) == _Config()
+    argv = common.command_line("benchmarks/x.py", cfg).split()
+    assert argv[:2] == ["python", "benchmarks/x.py"]
+    assert common.parse_argv(_Config, ["prog", *argv[2:]]) == cfg
+    with pytest.raises(flags.IllegalFlagValueError):
+        common.parse_argv(_Config, ["prog", "--axis=pmap"])
+    fv = flags.FlagValues()
+    common.define_flags(_Config, fv)
+    assert fv["rate"].help == "A float." and fv["sizes"].help == "Integers."
+
+
+def test_mean_std_one_schema_none_for_missing():
+    reports = [{"a": 1.0, "b": {"c": None}}, {"a": 3.0, "b": {"c": None}}, {"a": None, "b": {"c": None}}]
+    out = common.mean_std(reports, ["a", "b.c"])
+    assert out["a"] == {"mean": 2.0, "std": 1.0, "per_split": [1.0, 3.0, None]}
+    assert out["b.c"] == {"mean": None, "std": None, "per_split": [None, None, None]}
+
+
+def test_git_commit_has_dirty_marker():
+    commit = common.git_commit()
+    assert commit == "unknown" or re.fullmatch(r"[0-9a-f]{40}(\+uncommitted)?", commit)
+    env = common.environment()
+    assert env["commit"] == commit and {"device", "backend", "jax", "python", "cpu_count"} <= set(env)
+
+
+def test_splits_by_protocol():
+    labels = np.repeat([0, 1], 20)
+    groups = np.arange(40) // 2
+    kfold = common.make_splits("grouped_kfold", labels, groups, ["a", "b"], folds=4, repeats=2, val_fraction=0.2,
+                               seed=0)
+    assert [(s.repeat, s.fold) for s in kfold] == [(r, f) for r in range(2) for f in range(4)]
+    tested = np.concatenate([s.test for s in kfold if s.repeat == 0])
+    assert sorted(tested) == list(range(40))
+    for s in kfold:
+        s.check_disjoint(groups)
+    holdout = common.make_splits("paper_80_20", labels, groups, ["a", "b"], folds=0, repeats=1, val_fraction=0.2,
+                                 seed=0, leaky=True)
+    assert len(holdout) == 1 and "ungrouped-leaky" in holdout[0].protocol
+    with pytest.raises(ValueError, match="protocol"):
+        common.make_splits("random", labels, groups, ["a", "b"], folds=2, repeats=1, val_fraction=0.2, seed=0)
+
+
+def _imports(path: pathlib.Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+def test_no_experiment_imports_another():
+    experiments = {p.stem for p in (REPO / "experiments").glob("*.py")} - {"__init__", "common"}
+    assert {"hybrid_gru", "feature_fusion", "quickstart"} <= experiments
+    for name in experiments:
+        others = {f"experiments.{o}" for o in experiments}
+        assert not _imports(REPO / "experiments" / f"{name}.py") & others, name
