@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from leukax.weights import torch_state
+from leukax.weights.errors import WeightsError
 
 
 class _Storage:
@@ -119,7 +120,7 @@ def test_malicious_pth_refused(tmp_path, kind):
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("archive/data.pkl", MALICIOUS[kind].replace(b"{marker}", str(marker).encode()))
         z.writestr("archive/version", "3\n")
-    with pytest.raises(pickle.UnpicklingError, match=r"evil\.pth: refusing to load global"):
+    with pytest.raises(WeightsError, match=r"evil\.pth: refused: refusing to load global"):
         torch_state.read_state_dict(path)
     assert not marker.exists()
 
@@ -142,7 +143,7 @@ def test_malicious_global_inside_a_valid_state_dict(tmp_path, monkeypatch):
     with zipfile.ZipFile(path, "w") as z:
         for n, data in files.items():
             z.writestr(n, data)
-    with pytest.raises(pickle.UnpicklingError, match="system"):
+    with pytest.raises(WeightsError, match="mixed.pth: refused: .*system"):
         torch_state.read_state_dict(path)
     assert not marker.exists()
 

