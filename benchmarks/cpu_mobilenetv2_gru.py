@@ -3,36 +3,38 @@
 Measures images/s of one SGD training step (forward, backward, update; BN in train mode; dropout)
 and of inference (BN running stats), at 224 px, batch 16, 2 classes, GRU units 256.
 
-  python benchmarks/cpu_mobilenetv2_gru.py --steps 5 --warmup 2 \
-      --out results/benchmarks/cpu_mobilenetv2_gru.json
+  python benchmarks/cpu_mobilenetv2_gru.py --steps=5 --warmup=2 --out=results/benchmarks/cpu_mobilenetv2_gru.json
+
+`--xla_flags` is appended to XLA_FLAGS before the first JAX computation (XLA reads it when the backend starts).
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import pathlib
 import platform
-import subprocess
 import time
 
+from experiments import common
+from experiments.common import field
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=5, help="timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps (compile) first")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--size", type=int, default=224)
-    p.add_argument("--units", type=int, default=256, help="GRU units")
-    p.add_argument("--hidden", type=int, default=128, help="dense layer after the GRU")
-    p.add_argument("--frameworks", default="jax,torch")
-    p.add_argument("--modes", default="train,infer")
-    p.add_argument("--depthwise-impl", default="auto", help="leukax DepthwiseConv2D impl")
-    p.add_argument("--pointwise-impl", default="auto", help="leukax PointwiseConv2D impl")
-    p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS before jax import")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
-    p.add_argument("--out", default="")
-    return p.parse_args()
+
+@dataclasses.dataclass
+class Config:
+    steps: int = field(5, "Timed steps per measurement.")
+    warmup: int = field(2, "Untimed steps (compile) first.")
+    batch: int = field(16, "Batch size.")
+    size: int = field(224, "Image size in pixels.")
+    units: int = field(256, "GRU units.")
+    hidden: int = field(128, "Dense layer after the GRU.")
+    frameworks: tuple = field(("jax", "torch"), "Frameworks to time.")
+    modes: tuple = field(("train", "infer"), "What to time: train step and/or inference.")
+    depthwise_impl: str = field("auto", "leukax DepthwiseConv2D impl.")
+    pointwise_impl: str = field("auto", "leukax PointwiseConv2D impl.")
+    xla_flags: str = field("", "Appended to XLA_FLAGS before the first JAX computation.")
+    threads: int = field(0, "torch threads (0: torch default).")
+    out: str = field("", "Write the JSON result here ('' = print only).")
 
 
 def timed(step, steps, warmup):
@@ -190,23 +192,16 @@ def summarize(times, warm, batch):
     return {"img_per_s": batch / med, "median_step_s": med, "step_s": times, "warmup_s": warm}
 
 
-def git_commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=pathlib.Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def main():
-    args = parse_args()
-    modes = args.modes.split(",")
+def run(args: Config) -> dict:
+    """Times each framework of `args.frameworks`; writes `args.out` when given; returns the result."""
+    modes = args.modes
     result = {"benchmark": "cpu_mobilenetv2_gru", "batch": args.batch, "size": args.size,
               "gru_units": args.units, "steps": args.steps, "warmup": args.warmup,
               "cpu_count": os.cpu_count(), "platform": platform.platform(),
-              "git_commit": git_commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "git_commit": common.git_commit(),
+              "command": common.command_line("benchmarks/cpu_mobilenetv2_gru.py", args), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "results": []}
-    for fw in args.frameworks.split(","):
+    for fw in args.frameworks:
         r = bench_jax(args, modes) if fw == "jax" else bench_torch(args, modes)
         result["results"].append(r)
         print(json.dumps({k: (v if not isinstance(v, dict) else
@@ -217,7 +212,8 @@ def main():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2))
         print(f"wrote {path}")
+    return result
 
 
 if __name__ == "__main__":
-    main()
+    common.main(Config, run)

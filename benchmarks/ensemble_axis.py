@@ -4,19 +4,16 @@ One "step" = one optimizer step of every member (M members, batch B each), measu
 `make_train(...).fit` over whole epochs (so per-epoch overhead is included), after a warm-up epoch that
 compiles. Modes: finetune (backbone + GRU head, BN in train mode) and head (GRU head on cached features).
 
-  python benchmarks/ensemble_axis.py --backbone tiny --size 64 --members 3 5
-  python benchmarks/ensemble_axis.py --backbone mobilenet_v2 --size 96 --alpha 0.35
+  python benchmarks/ensemble_axis.py --backbone=tiny --size=64 --members=3,5
+  python benchmarks/ensemble_axis.py --backbone=mobilenet_v2 --size=96 --alpha=0.35
 
 Writes results/benchmarks/ensemble_axis.{json,md} (command, commit, device, numbers).
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import pathlib
-import platform
-import subprocess
-import sys
 import time
 
 import flax.linen as nn
@@ -24,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import common
+from experiments.common import field
 from leukax.models.classifier import Classifier
 from leukax.models.heads import GRUHead
 from leukax.models.layers import DepthwiseConv2D
@@ -31,6 +30,22 @@ from leukax.train import ensemble
 from leukax.train.features import compute_features
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass
+class Config:
+    backbone: str = field("tiny", "tiny (the test backbone, wider) | a registered backbone name.")
+    alpha: float = field(0.35, "MobileNetV2 width multiplier.")
+    size: int = field(64, "Image size in pixels.")
+    members: tuple = field((3, 5), "Ensemble sizes M to time.")
+    modes: tuple = field(("finetune", "head"), "Trainer modes to time.")
+    axes: tuple = field(tuple(ensemble.AXES), "Ensemble-axis strategies to time.")
+    batch: int = field(16, "Batch size per member.")
+    n: int = field(64, "Training images (epoch = n // batch steps).")
+    epochs: int = field(2, "Timed epochs after the warm-up epoch.")
+    units: int = field(64, "GRU units of the head.")
+    note: str = field("", "Machine conditions to record, e.g. 'no other job running'.")
+    out: str = field(str(REPO / "results" / "benchmarks" / "ensemble_axis"), "Output path without suffix.")
 
 
 class TinyNet(nn.Module):
@@ -63,27 +78,13 @@ def steps_per_second(cfg, model, data, epochs: int) -> tuple[float, float]:
     warm = time.perf_counter() - t0
     t0 = time.perf_counter()
     state = tr.fit(state, until_epoch=1 + epochs)
-    jax.block_until_ready(state["train"]["params"])
+    jax.block_until_ready(state.members.params)
     steps = epochs * (data[0].shape[0] // cfg.batch_size)
     return steps / (time.perf_counter() - t0), warm
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--backbone", default="tiny")
-    p.add_argument("--alpha", type=float, default=0.35)
-    p.add_argument("--size", type=int, default=64)
-    p.add_argument("--members", type=int, nargs="+", default=[3, 5])
-    p.add_argument("--modes", nargs="+", default=["finetune", "head"])
-    p.add_argument("--axes", nargs="+", default=list(ensemble.AXES))
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--n", type=int, default=64, help="training images (epoch = n // batch steps)")
-    p.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up epoch")
-    p.add_argument("--units", type=int, default=64, help="GRU units of the head")
-    p.add_argument("--note", default="", help="machine conditions to record, e.g. 'no other job running'")
-    p.add_argument("--out", default=str(REPO / "results" / "benchmarks" / "ensemble_axis"))
-    args = p.parse_args(argv)
-
+def run(args: Config) -> dict:
+    """Times every (mode, M, axis); writes <out>.json (runs of other backbones/sizes kept) and <out>.md."""
     net, norm = backbone(args.backbone, args.alpha)
     rng = np.random.default_rng(0)
     x = rng.integers(0, 256, (args.n, args.size, args.size, 3), dtype=np.uint8)  # timing only: content irrelevant
@@ -104,13 +105,10 @@ def main(argv=None):
                              "member_steps_per_s": round(sps * m, 3), "warmup_s": round(warm, 2)})
                 print(json.dumps(rows[-1]), flush=True)
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=REPO, capture_output=True, text=True).stdout)
-    meta = {"command": "python " + " ".join([pathlib.Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
-            "commit": commit + ("+dirty" if dirty else ""), "backend": jax.default_backend(),
-            "device": str(jax.devices()[0].device_kind), "cpu": platform.processor() or platform.machine(),
-            "cpu_count": __import__("os").cpu_count(), "jax": jax.__version__, "backbone": args.backbone,
+    env = common.environment()
+    meta = {"command": common.command_line("benchmarks/ensemble_axis.py", args), "commit": env["commit"],
+            "backend": env["backend"], "device": env["device_kind"], "cpu": env["cpu"],
+            "cpu_count": env["cpu_count"], "jax": env["jax"], "backbone": args.backbone,
             "size": args.size, "batch": args.batch, "n": args.n, "timed_epochs": args.epochs,
             "head": f"GRUHead(units={args.units}, hidden=64)",
             "note": args.note}
@@ -143,6 +141,8 @@ def main(argv=None):
         lines += ["", "Fastest: " + ", ".join(f"{k}: {v}" for k, v in run["fastest"].items()), ""]
     out.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
+    return new
+
 
 if __name__ == "__main__":
-    main()
+    common.main(Config, run)

@@ -1,6 +1,6 @@
 """Images/s delivered by the grain pipeline (decode + resize + batch, with and without augmentation).
 
-  python benchmarks/pipeline_throughput.py [--dataset pbc|aml] [--image_size 224] [--batch_size 16]
+  python benchmarks/pipeline_throughput.py [--dataset=pbc|aml] [--image_size=224] [--batch_size=16] [--epochs=3]
 
 Builds the TFDS dataset from the real images in shared/data (pbc: 320 JPEG 360x363; aml: 50 RGBA TIFF
 400x400) into a temporary data dir, then times whole epochs, alternating the configurations epoch by epoch;
@@ -8,25 +8,35 @@ the first batch of every configuration is a warm-up (jit compile, thread start) 
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import pathlib
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 
 import jax
-import numpy as np
 
+from experiments import common
+from experiments.common import field
 from leukax import preprocess
 from leukax.data import pipeline
 from leukax.data.builders import get_builder
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATASETS = {"pbc": ("pbc-subset", None), "aml": ("aml-lmu-sample", r"^([A-Z]+)_")}
+
+
+@dataclasses.dataclass
+class Config:
+    dataset: str = field("pbc", "pbc: 320 JPEG 360x363 | aml: 50 RGBA TIFF 400x400 (shared/data).",
+                         choices=tuple(sorted(DATASETS)))
+    image_size: int = field(224, "Resize to this many pixels.")
+    batch_size: int = field(16, "Batch size.")
+    epochs: int = field(2, "Epochs per configuration (the first batch of each is not timed).")
+    num_threads: int = field(2, "grain reader threads.")
+    out_dir: str = field(str(REPO / "results" / "benchmarks"), "Where pipeline_throughput.{json,md} go.")
 
 
 def _shared_dir() -> pathlib.Path:
@@ -63,16 +73,8 @@ def time_all(source, args, augments: dict) -> dict:
             for k, (n, sec) in totals.items()}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", choices=sorted(DATASETS), default="pbc")
-    p.add_argument("--image_size", type=int, default=224)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--num_threads", type=int, default=2)
-    p.add_argument("--out_dir", default=str(REPO / "results" / "benchmarks"))
-    args = p.parse_args(argv)
-
+def run(args: Config) -> dict:
+    """Times the pipeline on `args.dataset`; writes <out_dir>/pipeline_throughput.{json,md}."""
     folder, regex = DATASETS[args.dataset]
     root = _shared_dir() / "data" / folder
     with tempfile.TemporaryDirectory() as data_dir:
@@ -85,14 +87,12 @@ def main(argv=None):
             "paper1 (affine warp)": pipeline.member_augment(preprocess.augment_paper1),
             "paper2 (rot90 + flips)": pipeline.member_augment(preprocess.augment_paper2),
         })
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    dev = jax.devices()[0]
+    env = common.environment()
+    commit = env["commit"]
     record = {
-        "command": " ".join([pathlib.Path(sys.executable).name, "benchmarks/pipeline_throughput.py"] +
-                            (argv if argv is not None else sys.argv[1:])),
+        "command": common.command_line("benchmarks/pipeline_throughput.py", args),
         "git_commit": commit,
-        "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}; {os.cpu_count()} CPU cores; "
-                  f"{platform.processor() or platform.machine()}",
+        "device": f"{env['backend']}:{env['device_kind']}; {env['cpu_count']} CPU cores; {env['cpu']}",
         "dataset": f"shared/data/{folder} ({len(source)} images, image_folder builder, array_record)",
         "image_size": args.image_size, "batch_size": args.batch_size, "epochs": args.epochs,
         "num_threads": args.num_threads, "prepare_seconds": round(prepare_s, 2),
@@ -115,4 +115,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.main(Config, run)

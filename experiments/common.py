@@ -82,7 +82,13 @@ def parse_argv(config_cls, argv: list[str]):
 def main(config_cls, run) -> None:
     """The `if __name__ == "__main__"` of an experiment: flags from `config_cls`, then `run(config)`."""
     define_flags(config_cls, module_name=sys.argv[0])
-    app.run(lambda argv: run(config_from_flags(config_cls)))
+
+    def _main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments {argv[1:]} (every setting is a --flag)")
+        run(config_from_flags(config_cls))  # returns None: app.run would print and exit 1 on a returned value
+
+    app.run(_main)
 
 
 def command_line(program: str, cfg) -> str:

@@ -79,9 +79,35 @@ def _imports(path: pathlib.Path) -> set[str]:
     return names
 
 
+def _has_main(path: pathlib.Path) -> bool:
+    return any(isinstance(node, ast.If) and "__name__" in ast.unparse(node.test)
+               for node in ast.parse(path.read_text()).body)
+
+
 def test_no_experiment_imports_another():
-    experiments = {p.stem for p in (REPO / "experiments").glob("*.py")} - {"__init__", "common"}
-    assert {"hybrid_gru", "feature_fusion", "quickstart"} <= experiments
-    for name in experiments:
-        others = {f"experiments.{o}" for o in experiments}
-        assert not _imports(REPO / "experiments" / f"{name}.py") & others, name
+    """An experiment is a module of experiments/ with a __main__ entry; no module there imports one (helper
+    modules of a single experiment, like common.py, may be imported)."""
+    modules = {p.stem: p for p in (REPO / "experiments").glob("*.py")}
+    entries = {f"experiments.{n}" for n, p in modules.items() if _has_main(p)}
+    assert {"experiments.hybrid_gru", "experiments.feature_fusion", "experiments.quickstart"} <= entries
+    for name, path in modules.items():
+        assert not _imports(path) & entries, name
+
+
+def test_every_dependency_is_imported():
+    """Each run-time dependency of pyproject.toml is imported by leukax, experiments or benchmarks."""
+    import importlib.metadata
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    dists = {re.split(r"[<>=!~\[ ;]", d, maxsplit=1)[0].lower().replace("_", "-") for d in deps}
+    provides: dict[str, set] = {}
+    for module, names in importlib.metadata.packages_distributions().items():
+        for name in names:
+            provides.setdefault(name.lower().replace("_", "-"), set()).add(module)
+    imported = set()
+    for folder in ("leukax", "experiments", "benchmarks"):
+        for path in (REPO / folder).rglob("*.py"):
+            imported |= {name.split(".")[0] for name in _imports(path)}
+    unused = sorted(d for d in dists if not provides.get(d, set()) & imported)
+    assert not unused, f"pyproject.toml dependencies never imported: {unused}"
