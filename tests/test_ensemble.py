@@ -160,6 +160,26 @@ def test_optimizer_hyperparams_in_state(name):
     assert np.all(np.asarray(upd["w"]) < 0)
 
 
+def test_early_stopping_update_by_hand():
+    """Three members, patience 2: m0 improves, m1 has its 2nd bad epoch (stops), m2 was already stopped."""
+    cfg = ensemble.TrainConfig(num_members=3, mode="head", num_epochs=5)
+    state = ensemble.init(ensemble.Spec(cfg, DenseHead(num_classes=2, features=4)), np.zeros((1, 2, 2, 3)))
+    state = state.replace(best_score=jnp.array([0.5, 0.9, 0.1]), best_epoch=jnp.array([0, 1, 0]),
+                          bad_epochs=jnp.array([1, 1, 3]), epoch=jnp.asarray(3, jnp.int32),
+                          members=state.members.replace(active=jnp.array([True, True, False])))
+    trained = state.members.replace(params=jax.tree.map(lambda v: v + 1.0, state.members.params))
+    new = ensemble.early_stopping_update(state, trained, jnp.array([0.6, 0.8, 5.0]), patience=2)
+    np.testing.assert_array_equal(new.best_score, np.float32([0.6, 0.9, 0.1]))
+    np.testing.assert_array_equal(new.best_epoch, [3, 1, 0])
+    np.testing.assert_array_equal(new.bad_epochs, [0, 2, 3])
+    np.testing.assert_array_equal(new.members.active, [True, False, False])
+    assert int(new.epoch) == 4
+    for b, old, t in zip(jax.tree.leaves(new.best_params), jax.tree.leaves(state.best_params),
+                         jax.tree.leaves(trained.params)):
+        np.testing.assert_array_equal(b[0], t[0])  # improved: best ← this epoch's params
+        np.testing.assert_array_equal(b[1:], old[1:])  # not improved / stopped: best kept
+
+
 def test_sgd_momentum_zero_is_plain_sgd():
     """momentum 0 and momentum None (Keras's SGD default) both give w ← w − lr·∇f(w) at every step."""
     tx = optim.get_optimizer("sgd")
