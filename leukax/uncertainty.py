@@ -3,10 +3,13 @@
 Deep ensemble (Lakshminarayanan et al. 2017, as used by Akter et al. 2024): M members trained from different
 seeds give class probabilities p_m(y|x). The ensemble's prediction is the predictive mean
     p*(y|x) = (1/M) Σ_m p_m(y|x)
-and its spread the per-class predictive variance
-    σ²(y|x) = (1/M) Σ_m (p_m(y|x) − p*(y|x))²      (population variance, divisor M, not M − 1).
-This is the formula the task brief states for Akter et al.; the paper's own equation text could not be
-retrieved here, so the divisor M is our documented choice. Information-theoretic measures use natural logs
+and its spread the per-class predictive variance of the Gaussian-mixture view of the ensemble (Akter et al.
+2024, Sec. 3.7, after Lakshminarayanan et al. 2017), with both of its terms:
+    σ²_c(x) = (1/M) Σ_m σ²_m(x)  +  [ (1/M) Σ_m p_m(x)² − p*(x)² ]
+              └ aleatoric: members' own variance ┘  └ epistemic: variance of the members' means (divisor M) ┘
+For a classifier a member's prediction of class y is a Bernoulli with mean p_m(y|x), so its own variance is
+σ²_m(y|x) = p_m(y|x)(1 − p_m(y|x)); the total is then p*(1 − p*) (the mixture's Bernoulli variance). Both
+parts are returned separately (`aleatoric_variance`, `epistemic_variance`). Information-theoretic measures use natural logs
 (nats): predictive entropy H[p*], expected entropy E_m H[p_m] (aleatoric), and mutual information
 MI = H[p*] − E_m H[p_m] (BALD, epistemic), which is ≥ 0 and 0 when all members agree.
 
@@ -32,9 +35,22 @@ def ensemble_mean(probs_mnk):
 
 
 @jax.jit
-def ensemble_variance(probs_mnk):
-    """Returns the per-class predictive variance (1/M) Σ_m (p_m − p*)², N×K."""
+def aleatoric_variance(probs_mnk):
+    """Returns (1/M) Σ_m p_m (1 − p_m) per class, N×K: the mean of the members' Bernoulli variances."""
+    return jnp.mean(probs_mnk * (1.0 - probs_mnk), 0)
+
+
+@jax.jit
+def epistemic_variance(probs_mnk):
+    """Returns (1/M) Σ_m p_m² − p*² = (1/M) Σ_m (p_m − p*)² per class, N×K: the variance of the members' means."""
     return jnp.mean((probs_mnk - jnp.mean(probs_mnk, 0)) ** 2, 0)
+
+
+@jax.jit
+def ensemble_variance(probs_mnk):
+    """Returns the deep-ensemble predictive variance of Akter et al. (both terms), N×K:
+    (1/M) Σ_m p_m(1 − p_m) + [(1/M) Σ_m p_m² − p*²]."""
+    return aleatoric_variance(probs_mnk) + epistemic_variance(probs_mnk)
 
 
 @jax.jit
@@ -66,15 +82,16 @@ def disagreement(probs_mnk):
 def deep_ensemble(probs_mnk):
     """Returns dict of the ensemble prediction and every per-example uncertainty.
 
-    mean N×K, variance N×K, pred N, confidence N (max of mean), variance_pred N (variance of the predicted
-    class), total_variance N (Σ_k variance), predictive_entropy N, expected_entropy N, mutual_information N,
+    mean N×K, variance N×K (both terms), variance_aleatoric N×K, variance_epistemic N×K, pred N, confidence N
+    (max of mean), variance_pred N (variance of the predicted class), total_variance N (Σ_k variance), predictive_entropy N, expected_entropy N, mutual_information N,
     disagreement N.
     """
     mean_nk = ensemble_mean(probs_mnk)
-    var_nk = ensemble_variance(probs_mnk)
+    alea_nk, epi_nk = aleatoric_variance(probs_mnk), epistemic_variance(probs_mnk)
+    var_nk = alea_nk + epi_nk
     pred_n = jnp.argmax(mean_nk, -1)
     return dict(
-        mean=mean_nk, variance=var_nk, pred=pred_n, confidence=jnp.max(mean_nk, -1),
+        mean=mean_nk, variance=var_nk, variance_aleatoric=alea_nk, variance_epistemic=epi_nk, pred=pred_n, confidence=jnp.max(mean_nk, -1),
         variance_pred=jnp.take_along_axis(var_nk, pred_n[:, None], -1)[:, 0], total_variance=var_nk.sum(-1),
         predictive_entropy=predictive_entropy(mean_nk), expected_entropy=expected_entropy(probs_mnk),
         mutual_information=mutual_information(probs_mnk), disagreement=disagreement(probs_mnk))

@@ -13,7 +13,9 @@ def test_identical_members_have_zero_epistemic_uncertainty():
     probs_mnk = jnp.stack([p_nk] * 4)
     out = unc.deep_ensemble(probs_mnk)
     np.testing.assert_allclose(out["mean"], p_nk, atol=1e-7)
-    np.testing.assert_allclose(out["variance"], 0.0, atol=1e-12)
+    np.testing.assert_allclose(out["variance_epistemic"], 0.0, atol=1e-12)
+    # only the aleatoric (Bernoulli) term is left: p(1 − p) per class
+    np.testing.assert_allclose(out["variance"], p_nk * (1 - p_nk), atol=1e-6)
     np.testing.assert_allclose(out["mutual_information"], 0.0, atol=1e-6)
     np.testing.assert_allclose(out["disagreement"], 0.0)
     # entropy of the uniform row is ln 3, and expected entropy equals predictive entropy
@@ -28,17 +30,26 @@ def test_disjoint_one_hot_members():
     assert float(out["predictive_entropy"][0]) == pytest.approx(np.log(3), abs=1e-6)
     assert float(out["expected_entropy"][0]) == pytest.approx(0.0, abs=1e-7)
     assert float(out["mutual_information"][0]) == pytest.approx(np.log(3), abs=1e-6)
-    # variance per class: values {1,0,0} around 1/3 -> (1/3)(4/9 + 1/9 + 1/9) = 2/9
+    # one-hot members have no aleatoric variance; the epistemic term per class: values {1,0,0} around 1/3
+    # -> (1/3)(4/9 + 1/9 + 1/9) = 2/9, so the total is 2/9 too
+    np.testing.assert_allclose(out["variance_aleatoric"][0], [0.0] * 3, atol=1e-7)
     np.testing.assert_allclose(out["variance"][0], [2 / 9] * 3, atol=1e-6)
     # argmax of the tied mean is class 0; members 1 and 2 disagree
     assert float(out["disagreement"][0]) == pytest.approx(2 / 3)
 
 
-def test_variance_formula_divisor_m():
-    rng = np.random.default_rng(0)
-    probs = rng.dirichlet(np.ones(3), size=(5, 7)).astype(np.float32)
-    np.testing.assert_allclose(unc.ensemble_variance(jnp.asarray(probs)), probs.var(0, ddof=0), atol=1e-6)
-    assert (np.asarray(unc.mutual_information(jnp.asarray(probs))) >= 0).all()
+def test_variance_is_akter_two_term_formula_by_hand():
+    # Two members, one example, two classes: p_1 = (0.9, 0.1), p_2 = (0.5, 0.5).
+    # Aleatoric: (1/2)[0.9·0.1 + 0.5·0.5] = (0.09 + 0.25)/2 = 0.17 for both classes.
+    # Epistemic: (1/2)(0.9² + 0.5²) − 0.7² = (0.81 + 0.25)/2 − 0.49 = 0.04 (class 1: (0.01+0.25)/2 − 0.09 = 0.04).
+    probs_mnk = jnp.array([[[0.9, 0.1]], [[0.5, 0.5]]])
+    out = unc.deep_ensemble(probs_mnk)
+    np.testing.assert_allclose(out["variance_aleatoric"][0], [0.17, 0.17], atol=1e-6)
+    np.testing.assert_allclose(out["variance_epistemic"][0], [0.04, 0.04], atol=1e-6)
+    np.testing.assert_allclose(unc.ensemble_variance(probs_mnk)[0], [0.21, 0.21], atol=1e-6)
+    # the total equals the mixture's own Bernoulli variance p*(1 − p*) = 0.7·0.3
+    np.testing.assert_allclose(out["variance"][0], [0.21, 0.21], atol=1e-6)
+    assert float(out["variance_pred"][0]) == pytest.approx(0.21, abs=1e-6)
 
 
 def test_aurc_perfect_ranking_is_optimum():

@@ -6,7 +6,7 @@
   Dense(num_classes). Its 1024-d relu output is the feature the second stage fuses.
 - `LinearHead`: global-average-pool → Dense(num_classes) (the no-GRU baseline).
 
-Every head: ``__call__(feature_map_bhwc, train=False, dropout_rate=None)`` returns
+Every head: ``__call__(feature_map_bhwc, train=False, dropout_rate=None, input_dropout_rate=None, ...)`` returns
 ``(logits_bk, {"pre_logits": B×D})``; softmax is applied by callers. ``dropout_rate`` overrides the
 head's own rate and may be a traced scalar, so a hyper-parameter search can change it without recompiling.
 Dropout draws from the rng stream ``"dropout"`` (needed whenever ``train=True``).
@@ -46,19 +46,96 @@ def _rate(default: float, override: Any) -> Any:
     return default if override is None else override
 
 
+def _pool(feature_map):
+    """Global average pool of B×H×W×C (or a B×T×C sequence, or already pooled B×C) to B×C float32."""
+    x = feature_map.astype(jnp.float32)
+    return x if x.ndim == 2 else jnp.mean(x, axis=tuple(range(1, x.ndim - 1)))
+
+
+class _Weights(nn.Module):
+    """Holds a kernel (and bias) under this module's name without applying them (same names as nn.Dense)."""
+    features: int
+    use_bias: bool
+    kernel_init: Any = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, in_features: int):
+        kernel = self.param("kernel", self.kernel_init, (in_features, self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,)) if self.use_bias else None
+        return kernel, bias
+
+
+class GRU(nn.Module):
+    """GRU over a sequence, returning the final state B×U. Same equations and parameter names as
+    `flax.linen.GRUCell` (ir, iz, in with bias; hr, hz without; hn with bias):
+
+        r_t = σ(x_t W_ir + b_ir + h_{t-1} W_hr)        z_t = σ(x_t W_iz + b_iz + h_{t-1} W_hz)
+        n_t = tanh(x_t W_in + b_in + r_t ⊙ (h_{t-1} W_hn + b_hn))     h_t = (1 − z_t) ⊙ n_t + z_t ⊙ h_{t-1}
+
+    The input projections x_t [W_ir W_iz W_in] of all T steps are ONE B·T×C @ C×3U matmul before the
+    recurrence (the scan carries only the U×3U recurrent matmul): on 7×7×1280 MobileNetV2 maps that projection is
+    most of the head's FLOPs. ``recurrent_dropout`` (traced rate allowed) drops h_{t-1} units with one mask per
+    sequence (variational dropout, Gal & Ghahramani 2016) in the recurrent matmuls when ``rng`` is given.
+    """
+    units: int
+
+    @nn.compact
+    def __call__(self, seq_btc, recurrent_dropout=0.0, rng=None):
+        b, t, c = seq_btc.shape
+        u = self.units
+        w_i = [_Weights(u, True, name=n)(c) for n in ("ir", "iz", "in")]
+        w_h = [_Weights(u, n == "hn", nn.initializers.orthogonal(), name=n)(u) for n in ("hr", "hz", "hn")]
+        k_i = jnp.concatenate([k for k, _ in w_i], 1)                      # C×3U
+        b_i = jnp.concatenate([bb for _, bb in w_i], 0)                     # 3U
+        k_h = jnp.concatenate([k for k, _ in w_h], 1)                       # U×3U
+        b_hn = w_h[2][1]
+        xproj_tb3u = jnp.einsum("btc,cg->tbg", seq_btc, k_i.astype(seq_btc.dtype)) + b_i
+        mask_bu = None
+        if rng is not None:
+            mask_bu = dropout(jnp.ones((b, u), seq_btc.dtype), recurrent_dropout, rng, True)
+
+        def step(h_bu, xp_b3u):
+            hh_bu = h_bu if mask_bu is None else h_bu * mask_bu
+            hp_b3u = hh_bu @ k_h
+            xr, xz, xn = jnp.split(xp_b3u, 3, -1)
+            hr, hz, hn = jnp.split(hp_b3u, 3, -1)
+            r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
+            n = jnp.tanh(xn + r * (hn + b_hn))
+            h_new = (1.0 - z) * n + z * h_bu
+            return h_new, None
+
+        h_bu, _ = jax.lax.scan(step, jnp.zeros((b, u), xproj_tb3u.dtype), xproj_tb3u)
+        return h_bu
+
+
 class GRUHead(nn.Module):
-    """GRU over the H·W feature-map positions, then two dense layers. Returns (logits B×K, {"pre_logits": B×hidden})."""
+    """GRU over the H·W feature-map positions, then two dense layers. Returns (logits B×K, {"pre_logits": B×hidden}).
+
+    Regularisation for small data (all traced rates allowed, all off at inference): ``input_dropout`` drops
+    feature channels (one mask per image, shared by all positions: spatial dropout), ``recurrent_dropout`` the
+    GRU's recurrent state, ``dropout`` (the paper's rate) the hidden dense layer.
+    """
     num_classes: int
     units: int = 512
     dropout: float = 0.4
     hidden: int = 128
+    input_dropout: float = 0.0
+    recurrent_dropout: float = 0.0
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, feature_map_bhwc, train: bool = False, dropout_rate=None):
+    def __call__(self, feature_map_bhwc, train: bool = False, dropout_rate=None, input_dropout_rate=None,
+                 recurrent_dropout_rate=None):
+        if feature_map_bhwc.ndim == 3:  # already a sequence B×T×C
+            feature_map_bhwc = feature_map_bhwc[:, :, None, :]
         b, h, w, c = feature_map_bhwc.shape
         seq_btc = feature_map_bhwc.reshape(b, h * w, c).astype(self.dtype or jnp.float32)
-        state_bu, _ = nn.RNN(nn.GRUCell(self.units, dtype=self.dtype, name="gru"), return_carry=True)(seq_btc)
+        if train:
+            keep_b1c = dropout(jnp.ones((b, 1, c), seq_btc.dtype), _rate(self.input_dropout, input_dropout_rate),
+                               self.make_rng("dropout"), True)
+            seq_btc = seq_btc * keep_b1c
+        rec_rate = _rate(self.recurrent_dropout, recurrent_dropout_rate)
+        state_bu = GRU(self.units, name="gru")(seq_btc, rec_rate, self.make_rng("dropout") if train else None)
         hid_bd = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="dense")(state_bu))
         rate = _rate(self.dropout, dropout_rate)
         x = dropout(hid_bd, rate, self.make_rng("dropout") if train else None, train)
@@ -74,8 +151,12 @@ class DenseHead(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, feature_map_bhwc, train: bool = False, dropout_rate=None):
-        pooled_bc = jnp.mean(feature_map_bhwc.astype(jnp.float32), axis=(1, 2))
+    def __call__(self, feature_map_bhwc, train: bool = False, dropout_rate=None, input_dropout_rate=None,
+                 recurrent_dropout_rate=None):
+        del recurrent_dropout_rate
+        pooled_bc = _pool(feature_map_bhwc)
+        if train and input_dropout_rate is not None:
+            pooled_bc = dropout(pooled_bc, input_dropout_rate, self.make_rng("dropout"), True)
         hid_bd = nn.relu(nn.Dense(self.features, dtype=self.dtype, name="dense")(pooled_bc))
         rate = _rate(self.dropout, dropout_rate)
         x = dropout(hid_bd, rate, self.make_rng("dropout") if train else None, train)
@@ -89,9 +170,10 @@ class LinearHead(nn.Module):
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, feature_map_bhwc, train: bool = False, dropout_rate=None):
-        del train, dropout_rate
-        pooled_bc = jnp.mean(feature_map_bhwc.astype(jnp.float32), axis=(1, 2))
+    def __call__(self, feature_map_bhwc, train: bool = False, dropout_rate=None, input_dropout_rate=None,
+                 recurrent_dropout_rate=None):
+        del train, dropout_rate, input_dropout_rate, recurrent_dropout_rate
+        pooled_bc = _pool(feature_map_bhwc)
         logits_bk = nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(pooled_bc)
         return logits_bk.astype(jnp.float32), {"pre_logits": pooled_bc}
 

@@ -1,0 +1,254 @@
+"""Head-mode deep ensembles as ONE compiled program (purejaxrl style): `make_train(recipe, head)` returns a pure
+``train(key_t, hparams_t, data) -> EnsembleResult`` whose whole early-stopped run of all M members (and of T
+hyper-parameter trials at once) is a single `jax.jit`:
+
+    jit(vmap_trials(train_ensemble))      train_ensemble = while_loop over epochs { vmap_members(epoch) }
+    epoch = scan over batches { gather view·index → loss → grad → optax update } → validation (TTA) → early stop
+
+Inputs live on the device: cached frozen features of V views per image (`leukax.train.views`), labels, and a
+validation part. Every member m has its own init, dropout keys, data order and *view* per image and epoch
+(augmentation that reaches head mode); validation and prediction average the softmax over views (TTA).
+
+Recipe for a few hundred images (each part measured in results/heads/): AdamW (decoupled weight decay),
+label smoothing α: targets (1 − α)·onehot + α/K, linear warm-up then cosine decay of the learning rate,
+input / recurrent / hidden dropout, and early stopping on the validation NLL that keeps each member's best
+weights. The paper's optimizers (Akter et al. 2024, Table 2: SGD or RMSprop with momentum) are
+`optimizer="sgd" | "rmsprop"` with a constant schedule and no smoothing.
+
+Hyper-parameters that do not change shapes are *traced* (``hparams`` arrays with a leading trial axis T):
+learning_rate, weight_decay, momentum, dropout, input_dropout, recurrent_dropout. Changing them never
+recompiles, and T trials of a Bayesian-optimisation batch train together. Shapes (units, batch size,
+epochs, M) are static: one compilation per distinct value.
+
+Device mesh: with ``mesh`` (a `jax.sharding.Mesh` with axis "members") the member axis of every state leaf
+is sharded over devices (`with_sharding_constraint`); data is replicated. The same code runs on 1 device.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+HPARAMS = ("learning_rate", "weight_decay", "momentum", "dropout", "input_dropout", "recurrent_dropout")
+OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Static settings of a compiled head-mode run (hashable: one compilation per distinct Recipe + shapes)."""
+    num_members: int = 5
+    num_epochs: int = 60
+    batch_size: int = 32
+    patience: int = 12
+    optimizer: str = "adamw"
+    schedule: str = "warmup_cosine"     # warmup_cosine | constant
+    warmup_epochs: int = 3
+    label_smoothing: float = 0.1
+    monitor: str = "val_nll"            # val_nll (lower is better) | val_acc
+    eval_chunk: int = 256               # examples·views per forward pass at validation/prediction
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"leukax/train/compiled.py: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.schedule not in ("warmup_cosine", "constant"):
+            raise ValueError(f"leukax/train/compiled.py: schedule must be warmup_cosine|constant, got {self.schedule!r}")
+        if self.monitor not in ("val_nll", "val_acc"):
+            raise ValueError(f"leukax/train/compiled.py: monitor must be val_nll|val_acc, got {self.monitor!r}")
+
+
+def default_hparams(**overrides) -> dict[str, float]:
+    """Returns the recipe's traced hyper-parameters (chosen on validation data, results/heads/README.md)."""
+    hp = dict(learning_rate=1e-3, weight_decay=1e-2, momentum=0.9, dropout=0.3, input_dropout=0.2,
+              recurrent_dropout=0.0)
+    unknown = set(overrides) - set(HPARAMS)
+    if unknown:
+        raise ValueError(f"leukax/train/compiled.py: unknown hyper-parameters {sorted(unknown)}; known {HPARAMS}")
+    hp.update({k: float(v) for k, v in overrides.items()})
+    return hp
+
+
+def stack_trials(hparams: list[dict[str, float]]) -> dict[str, jax.Array]:
+    """Returns {name: float32 T} from T hyper-parameter dicts (the trial axis of `train`)."""
+    return {k: jnp.asarray([float(h[k]) for h in hparams], jnp.float32) for k in HPARAMS}
+
+
+@flax.struct.dataclass
+class MemberState:
+    """One member's training state (every leaf gets leading member, then trial, axes under vmap)."""
+    params: Any
+    opt_state: Any
+    best_params: Any
+    best_score: jax.Array      # higher is better (−NLL or accuracy)
+    best_epoch: jax.Array
+    bad_epochs: jax.Array
+    active: jax.Array
+    key: jax.Array
+    history: dict              # {"train_loss", "train_acc", "val_nll", "val_acc"}: E float32 (nan: not run)
+
+
+@flax.struct.dataclass
+class EnsembleResult:
+    """What `train` returns (leading axes T×M on every leaf): each member's best params, best epoch, history."""
+    params: Any
+    best_epoch: jax.Array
+    epochs_run: jax.Array
+    history: dict
+
+
+def _optimizer(recipe: Recipe, hp: dict, steps_per_epoch: int) -> optax.GradientTransformation:
+    """Builds the optax transformation with traced hyper-parameters (inside the traced program)."""
+    total = recipe.num_epochs * steps_per_epoch
+    if recipe.schedule == "warmup_cosine":
+        shape = optax.warmup_cosine_decay_schedule(0.0, 1.0, recipe.warmup_epochs * steps_per_epoch,
+                                                   max(total, recipe.warmup_epochs * steps_per_epoch + 1))
+        lr = lambda count: hp["learning_rate"] * shape(count)  # noqa: E731  (peak lr traced)
+    else:
+        lr = lambda count: hp["learning_rate"]  # noqa: E731
+    if recipe.optimizer == "adamw":
+        return optax.adamw(lr, weight_decay=hp["weight_decay"])
+    decay = optax.add_decayed_weights(hp["weight_decay"])  # coupled L2 for the papers' optimizers
+    if recipe.optimizer == "adam":  # Keras defaults
+        return optax.chain(decay, optax.adam(lr, b1=0.9, b2=0.999, eps=1e-7))
+    if recipe.optimizer == "sgd":   # Keras SGD: v = m·v − lr·g; momentum 0 is plain SGD
+        return optax.chain(decay, optax.sgd(lr, momentum=hp["momentum"]))
+    return optax.chain(decay, optax.rmsprop(lr, decay=0.9, eps=1e-7, eps_in_sqrt=False, momentum=hp["momentum"]))
+
+
+def _rates(hp: dict) -> dict:
+    return dict(dropout_rate=hp["dropout"], input_dropout_rate=hp["input_dropout"],
+                recurrent_dropout_rate=hp["recurrent_dropout"])
+
+
+def view_mean_probs(head, params, x_vntc, chunk: int):
+    """Returns N×K: softmax averaged over the V views (TTA), computed in chunks of ≤ `chunk` sequences."""
+    v, n = x_vntc.shape[:2]
+    total = v * n
+    size = min(chunk, total)
+    num = -(-total // size)
+    flat = x_vntc.reshape((total,) + x_vntc.shape[2:])
+    flat = jnp.concatenate([flat, jnp.zeros((num * size - total,) + flat.shape[1:], flat.dtype)])
+    logits = jax.lax.map(lambda xb: head.apply({"params": params}, xb)[0], flat.reshape((num, size) + flat.shape[1:]))
+    return jnp.mean(jax.nn.softmax(logits.reshape(num * size, -1)[:total].reshape(v, n, -1), -1), 0)
+
+
+def make_train(recipe: Recipe, head, num_classes: int, mesh=None) -> Callable:
+    """Returns the pure, jit-compiled ``train(key_t, hparams_t, data) -> EnsembleResult`` (leaves T×M×...).
+
+    data: {"train_x": V×N×T×C float, "train_y": N int, "val_x": V'×N'×T×C, "val_y": N'} (device arrays).
+    key_t: T PRNG keys (one per trial); hparams_t: `stack_trials(...)` (every value a length-T vector).
+    """
+    r = recipe
+    smooth = r.label_smoothing
+
+    def loss_fn(params, x, y, key, hp):
+        logits, _ = head.apply({"params": params}, x, train=True, rngs={"dropout": key}, **_rates(hp))
+        target = optax.smooth_labels(jax.nn.one_hot(y, num_classes), smooth) if smooth else jax.nn.one_hot(y, num_classes)
+        return optax.softmax_cross_entropy(logits, target).mean(), jnp.mean(jnp.argmax(logits, -1) == y)
+
+    def init_member(key, hp, data, steps):
+        k_init, k_run = jax.random.split(key)
+        params = head.init({"params": k_init, "dropout": k_init}, data["train_x"][0, :1])["params"]
+        nan_e = jnp.full((r.num_epochs,), jnp.nan, jnp.float32)
+        return MemberState(
+            params=params, opt_state=_optimizer(r, hp, steps).init(params), best_params=params,
+            best_score=jnp.float32(-jnp.inf), best_epoch=jnp.int32(-1), bad_epochs=jnp.int32(0),
+            active=jnp.bool_(True), key=k_run,
+            history={k: nan_e for k in ("train_loss", "train_acc", "val_nll", "val_acc")})
+
+    def epoch_member(s: MemberState, epoch, hp, data, steps):
+        tx = _optimizer(r, hp, steps)
+        v, n = data["train_x"].shape[:2]
+        key, k_perm, k_view, k_steps = jax.random.split(s.key, 4)
+        idx_sb = jax.random.permutation(k_perm, n)[: steps * r.batch_size].reshape(steps, r.batch_size)
+        view_sb = jax.random.randint(k_view, (steps, r.batch_size), 0, v)
+
+        def step(carry, inp):
+            params, opt_state = carry
+            idx_b, view_b, k = inp
+            x, y = data["train_x"][view_b, idx_b], data["train_y"][idx_b]
+            (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y, k, hp)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), (loss, acc)
+
+        (params, opt_state), (loss_s, acc_s) = jax.lax.scan(
+            step, (s.params, s.opt_state), (idx_sb, view_sb, jax.random.split(k_steps, steps)))
+        probs_nk = view_mean_probs(head, params, data["val_x"], r.eval_chunk)
+        y_val = data["val_y"]
+        p_true = jnp.take_along_axis(probs_nk, y_val[:, None], -1)[:, 0]
+        val_nll = -jnp.mean(jnp.log(jnp.clip(p_true, jnp.finfo(jnp.float32).eps, 1.0)))
+        val_acc = jnp.mean(jnp.argmax(probs_nk, -1) == y_val)
+        score = -val_nll if r.monitor == "val_nll" else val_acc
+        improved = s.active & (score > s.best_score)
+        bad = jnp.where(improved, 0, s.bad_epochs + s.active.astype(jnp.int32))
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(s.active, a, b), new, old)  # noqa: E731
+        record = lambda h, val: h.at[epoch].set(jnp.where(s.active, val, jnp.nan))  # noqa: E731
+        return MemberState(
+            params=keep(params, s.params), opt_state=keep(opt_state, s.opt_state),
+            best_params=jax.tree.map(lambda a, b: jnp.where(improved, a, b), params, s.best_params),
+            best_score=jnp.where(improved, score, s.best_score), best_epoch=jnp.where(improved, epoch, s.best_epoch),
+            bad_epochs=bad, active=s.active & (bad < r.patience), key=key,
+            history=dict(train_loss=record(s.history["train_loss"], loss_s.mean()),
+                         train_acc=record(s.history["train_acc"], acc_s.mean()),
+                         val_nll=record(s.history["val_nll"], val_nll), val_acc=record(s.history["val_acc"], val_acc)))
+
+    def constrain(state):
+        if mesh is None:
+            return state
+        return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(
+            a, NamedSharding(mesh, P("members", *([None] * (a.ndim - 1))))), state)
+
+    def train_ensemble(key, hp, data):
+        n = data["train_y"].shape[0]
+        if n < r.batch_size:
+            raise ValueError(f"leukax/train/compiled.py: {n} training examples < batch size {r.batch_size}")
+        steps = n // r.batch_size  # the remainder of each epoch's permutation is left out (fixed shapes)
+        keys_m = jax.random.split(key, r.num_members)
+        state = constrain(jax.vmap(init_member, (0, None, None, None))(keys_m, hp, data, steps))
+
+        def cond(c):
+            epoch, st = c
+            return (epoch < r.num_epochs) & jnp.any(st.active)
+
+        def body(c):
+            epoch, st = c
+            st = jax.vmap(epoch_member, (0, None, None, None, None))(st, epoch, hp, data, steps)
+            return epoch + 1, constrain(st)
+
+        epochs_run, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
+        return EnsembleResult(params=state.best_params, best_epoch=state.best_epoch,
+                              epochs_run=jnp.broadcast_to(epochs_run, (r.num_members,)), history=state.history)
+
+    return jax.jit(jax.vmap(train_ensemble, (0, 0, None)))
+
+
+def make_predict(head, chunk: int = 256) -> Callable:
+    """Returns jit ``predict(params_m, x_vntc) -> probs_mnk``: every member's TTA-mean softmax."""
+    return jax.jit(jax.vmap(lambda p, x: view_mean_probs(head, p, x, chunk), (0, None)))
+
+
+def trial(result: EnsembleResult, t: int) -> EnsembleResult:
+    """Returns trial t of a T×M result (leaves M×...)."""
+    return jax.tree.map(lambda a: a[t], result)
+
+
+def fit(recipe: Recipe, head, num_classes: int, train_x, train_y, val_x, val_y, hparams: dict | list[dict],
+        seed: int = 0, mesh=None) -> EnsembleResult:
+    """Trains one (dict) or T (list) hyper-parameter settings; returns the T×M (or M) `EnsembleResult`.
+
+    train_x: V×N×T×C (or N×T×C, one view); val_x likewise. Member keys derive from `seed` (trial t uses
+    fold_in(seed, t)), so trials differ only by their hyper-parameters.
+    """
+    single = isinstance(hparams, dict)
+    hps = [hparams] if single else list(hparams)
+    as_views = lambda x: jnp.asarray(x, jnp.float32)[None] if np.ndim(x) == 3 else jnp.asarray(x, jnp.float32)  # noqa: E731
+    data = dict(train_x=as_views(train_x), train_y=jnp.asarray(train_y, jnp.int32),
+                val_x=as_views(val_x), val_y=jnp.asarray(val_y, jnp.int32))
+    keys_t = jax.vmap(lambda t: jax.random.fold_in(jax.random.PRNGKey(seed), t))(jnp.arange(len(hps)))
+    out = make_train(recipe, head, num_classes, mesh)(keys_t, stack_trials(hps), data)
+    return trial(out, 0) if single else out
