@@ -27,8 +27,8 @@ from absl import app, flags
 
 from leukax import metrics, uncertainty
 from leukax.data.splits import repeated_holdout, stratified_group_kfold
-from leukax.models import pretrained
 from leukax.models.classifier import count_params
+from leukax.pretrained import pretrained
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -34,9 +34,9 @@ from leukax import metrics, plots, uncertainty
 from leukax.data import load_arrays
 from leukax.data.splits import repeated_holdout
 from leukax.gradcam import gradcam_classifier
-from leukax.models import pretrained
 from leukax.models.classifier import Classifier
 from leukax.models.heads import make_head
+from leukax.pretrained import pretrained
 from leukax.train.ensemble import TrainConfig, make_train, member_variables, normalize
 from leukax.train.features import cached_features
 

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from leukax.models.mobilenet_v2 import MobileNetV2
+from leukax.pretrained import load_embedded_mobilenet_v2
 from leukax.weights import embedded, keras_h5
 
 MNV2_H5 = "mobilenet_v2_1.0_224_no_top.coral_qat_dequant.h5"
@@ -113,7 +114,7 @@ def test_embedded_f16_matches_full_precision(mnv2_shared, mnv2_apply):
     path, x = mnv2_shared
     assert embedded.MOBILENET_V2_NPZ.stat().st_size < 5e6
     assert (embedded.EMBEDDED_DIR / "NOTICE").is_file()
-    v16 = embedded.load_embedded_mobilenet_v2()
+    v16 = load_embedded_mobilenet_v2()
     assert all(v.dtype == np.float32 for v in jax.tree.leaves(v16))
     v32 = keras_h5.load_into(jax.tree.map(np.zeros_like, v16), path)
     f16 = np.asarray(mnv2_apply(v16, x)[1]["pre_logits"])[0]

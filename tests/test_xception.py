@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from leukax.models import xception
+from leukax.pretrained import load_xception_keras_weights
 
 from keras_copy import keras_weights_dict, randomize_keras
 
@@ -17,7 +18,7 @@ def pair():
     module = xception.SPECS["xception"].make()
     x = np.random.default_rng(4).uniform(-1, 1, (2, SIZE, SIZE, 3)).astype(np.float32)
     v = jax.jit(module.init)(jax.random.key(0), x[:1])
-    v = xception.load_keras_weights(v, keras_weights_dict(km))
+    v = load_xception_keras_weights(v, keras_weights_dict(km))
     return km, module, v, x
 
 

@@ -190,5 +190,5 @@ for _v, (_w, _d, _size) in LITE_VARIANTS.items():
         name=f"efficientnet_{_v}", make=functools.partial(efficientnet, _v), input_size=_size,
         normalization="lite", keras_app=None,
         notes=f"width {_w}, depth {_d}; no SE, ReLU6, stem 32/head 1280 fixed; torch weights via "
-              "leukax.weights.torch_state.efficientnet_lite_variables")
+              "leukax.pretrained.efficientnet_lite_variables")
 del _v, _w, _d, _size

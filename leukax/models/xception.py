@@ -3,13 +3,14 @@
 Submodule names are the Keras layer names (`block1_conv1`, `block2_sepconv1`, `block2_sepconv1_bn`, ...).
 Keras leaves the four residual 1×1 convs and their BatchNorms unnamed; here they carry the names a
 fresh Keras 3 process gives them: `conv2d`, `conv2d_1`, `conv2d_2`, `conv2d_3` and `batch_normalization`
-... `batch_normalization_3` (Keras 2 files call them `conv2d_1`..`conv2d_4`; `load_keras_weights` maps
+... `batch_normalization_3` (Keras 2 files call them `conv2d_1`..`conv2d_4`; `rename_auto_layers` maps
 auto-named layers by their order).
 
 One Flax `SeparableConv2D` per Keras `SeparableConv2D` layer, params:
   Keras `depthwise_kernel` kh×kw×C×1 -> params[layer]["kernel"] kh×kw×1×C (as `DepthwiseConv2D`);
   Keras `pointwise_kernel` 1×1×C×O -> params[layer]["pointwise_kernel"] 1×1×C×O (same layout).
-`leukax.weights.keras_h5.load_into` maps the first; `load_keras_weights` here adds the second.
+`leukax.weights.keras_h5.load_into` maps the first; `leukax.pretrained.load_xception_keras_weights` adds
+the second.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from typing import Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from leukax.models.layers import PointwiseConv2D, depthwise_conv_lax, depthwise_conv_shift, resolve_depthwise_impl
@@ -114,49 +114,9 @@ def rename_auto_layers(h5: Mapping) -> dict:
     return out
 
 
-def load_keras_weights(variables: Mapping, path_or_dict, prefix: tuple[str, ...] = ()) -> dict:
-    """Returns `variables` with Keras Xception weights (legacy .h5 path or {layer: {weight: array}}) put in.
-
-    Uses `keras_h5.load_into` (strict) for everything but the separable convs' `pointwise_kernel`s, which
-    are set here (shape checked).
-    """
-    from leukax.weights import keras_h5
-
-    h5 = path_or_dict if isinstance(path_or_dict, Mapping) else keras_h5.read_h5(path_or_dict)
-    h5 = rename_auto_layers(h5)
-    pointwise = {layer: w["pointwise_kernel"] for layer, w in h5.items() if "pointwise_kernel" in w}
-    h5 = {layer: {k: v for k, v in w.items() if k != "pointwise_kernel"} for layer, w in h5.items()}
-    params = dict(variables["params"])
-    sub = params
-    for p in prefix:
-        sub[p] = dict(sub[p])
-        sub = sub[p]
-    wanted = {layer for layer, leaves in sub.items() if "pointwise_kernel" in leaves}
-    if wanted != set(pointwise):
-        raise ValueError(f"leukax/models/xception.py: separable layers differ: missing in file "
-                         f"{sorted(wanted - set(pointwise))}, unexpected {sorted(set(pointwise) - wanted)}")
-    targets = {}
-    for layer in wanted:
-        sub[layer] = {k: v for k, v in sub[layer].items() if k != "pointwise_kernel"}
-        targets[layer] = variables["params"]
-        for p in prefix:
-            targets[layer] = targets[layer][p]
-        targets[layer] = targets[layer][layer]["pointwise_kernel"]
-    out = keras_h5.load_into({**variables, "params": params}, h5, prefix=prefix)
-    dst = out["params"]
-    for p in prefix:
-        dst = dst[p]
-    for layer, value in pointwise.items():
-        if tuple(value.shape) != tuple(targets[layer].shape):
-            raise ValueError(f"leukax/models/xception.py: {layer}/pointwise_kernel: file {value.shape} vs "
-                             f"flax {targets[layer].shape}")
-        dst[layer] = {**dst[layer], "pointwise_kernel": np.asarray(value, dtype=targets[layer].dtype)}
-    return out
-
-
 SPECS: dict[str, BackboneSpec] = {
     "xception": BackboneSpec(
         name="xception", make=Xception, input_size=299, normalization="tf", keras_app="Xception",
         notes="min input 71 px; include_top=False ends at block14_sepconv2_act (2048 ch); "
-              "load Keras weights with leukax.models.xception.load_keras_weights (pointwise kernels)"),
+              "load Keras weights with leukax.pretrained.load_xception_keras_weights (pointwise kernels)"),
 }

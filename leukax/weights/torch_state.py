@@ -6,8 +6,7 @@ storage type names resolve; any other global (`os.system`, `builtins.eval`, `sub
 before it can be called. `.npz` files are read with `allow_pickle=False`: a member holding a pickled object
 array is refused. Every refusal (pickle, truncated or corrupt archive, missing keys) raises
 `leukax.weights.errors.WeightsError` with the file name and the reason, and nothing is returned.
-`efficientnet_lite_variables` maps lukemelas-style EfficientNet-Lite keys onto
-`leukax.models.efficientnet.EfficientNet(lite=True)`.
+Mapping the arrays onto a network (EfficientNet-Lite) is `leukax.pretrained.efficientnet_lite_variables`.
 """
 from __future__ import annotations
 
@@ -182,63 +181,3 @@ def _read_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
                 raise WeightsError(path, f"refused: member {k!r} is a pickled object array (code could run "
                                          "when it is loaded); a state dict holds only numeric arrays") from None
     return out
-
-
-def _conv_oihw(w: np.ndarray) -> np.ndarray:
-    """Torch conv (O,I,kh,kw) → Flax HWIO; depthwise (C,1,kh,kw) → kh×kw×1×C."""
-    return np.ascontiguousarray(np.transpose(w, (2, 3, 1, 0)))
-
-
-def efficientnet_lite_variables(state_dict: dict[str, np.ndarray], variant: str,
-                                include_top: bool = False) -> dict:
-    """Returns {"params", "batch_stats"} for `efficientnet(variant)` ("lite0".."lite4") from lukemelas keys.
-
-    include_top: also map `_fc` to the `predictions` Dense (build the module with num_classes=1000).
-    Raises ValueError naming unused or missing keys.
-    """
-    from leukax.models import efficientnet as en  # local: keeps this module importable without flax
-
-    if variant not in en.LITE_VARIANTS:
-        raise WeightsError(None, f"efficientnet_lite_variables: {variant!r} is not one of {list(en.LITE_VARIANTS)}")
-    _, depth, _ = en.LITE_VARIANTS[variant]
-    names = en.block_names(depth, lite=True)
-    params: dict[str, dict] = {}
-    stats: dict[str, dict] = {}
-    used: set[str] = set()
-
-    def take(key):
-        if key not in state_dict:
-            raise WeightsError(None, f"efficientnet_lite_variables({variant}): state dict lacks {key!r}")
-        used.add(key)
-        return np.asarray(state_dict[key], np.float32)
-
-    def conv(src, dst):
-        params[dst] = {"kernel": _conv_oihw(take(f"{src}.weight"))}
-
-    def bn(src, dst):
-        params[dst] = {"scale": take(f"{src}.weight"), "bias": take(f"{src}.bias")}
-        stats[dst] = {"mean": take(f"{src}.running_mean"), "var": take(f"{src}.running_var")}
-        used.add(f"{src}.num_batches_tracked")
-
-    conv("_conv_stem", "stem_conv")
-    bn("_bn0", "stem_bn")
-    for i, name in enumerate(names):
-        src = f"_blocks.{i}."
-        if f"{src}_expand_conv.weight" in state_dict:
-            conv(f"{src}_expand_conv", f"{name}expand_conv")
-            bn(f"{src}_bn0", f"{name}expand_bn")
-        conv(f"{src}_depthwise_conv", f"{name}dwconv")
-        bn(f"{src}_bn1", f"{name}bn")
-        conv(f"{src}_project_conv", f"{name}project_conv")
-        bn(f"{src}_bn2", f"{name}project_bn")
-    conv("_conv_head", "top_conv")
-    bn("_bn1", "top_bn")
-    if include_top:
-        params["predictions"] = {"kernel": np.ascontiguousarray(take("_fc.weight").T), "bias": take("_fc.bias")}
-    else:
-        used |= {"_fc.weight", "_fc.bias"}
-    unused = [k for k in state_dict if k not in used]
-    if unused:
-        raise WeightsError(None, f"efficientnet_lite_variables({variant}): {len(unused)} keys not mapped (wrong "
-                         f"variant?): {', '.join(unused[:10])}")
-    return {"params": params, "batch_stats": stats}

@@ -2,6 +2,7 @@
 
 The shared `mobilenet_v2_1.0_224_no_top.coral_qat_dequant.h5` (google-coral QAT int8 model,
 dequantized, BatchNorm folded) stored as float16 `.npz` with keys `<keras layer>/<keras weight>`.
+Loaded into a network by `leukax.pretrained.load_embedded_mobilenet_v2`.
 """
 from __future__ import annotations
 
@@ -23,17 +24,3 @@ def read_npz(path: str | pathlib.Path = MOBILENET_V2_NPZ) -> dict[str, dict[str,
                 raise ValueError(f"{path}: key {key!r} is not '<layer>/<weight>'")
             out.setdefault(layer, {})[weight] = z[key].astype(np.float32)
     return out
-
-
-def load_embedded_mobilenet_v2(variables=None, prefix: tuple[str, ...] = ()) -> dict:
-    """Returns float32 MobileNetV2 (alpha 1.0) variables {"params", "batch_stats"} with the embedded
-    ImageNet weights, or `variables` (e.g. a Classifier's, with prefix=("backbone",)) filled with them."""
-    import jax
-
-    from leukax.models.mobilenet_v2 import MobileNetV2
-    from leukax.weights import keras_h5
-
-    if variables is None:
-        variables = jax.eval_shape(MobileNetV2().init, jax.random.key(0),
-                                   jax.ShapeDtypeStruct((1, 224, 224, 3), np.float32))
-    return keras_h5.load_into(variables, read_npz(), prefix=prefix)
