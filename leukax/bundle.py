@@ -51,16 +51,34 @@ def save(directory, config: BundleConfig, variables_m: dict) -> pathlib.Path:
 
 
 def load(directory) -> tuple[BundleConfig, dict]:
-    """Returns (config, member-stacked variables) from a bundle directory; errors name what is missing."""
+    """Returns (config, member-stacked variables) from a bundle directory.
+
+    Raises FileNotFoundError (no bundle.json / variables) or ValueError (unreadable or incompatible), each
+    one line naming the file and what to do; never a chained library traceback.
+    """
     directory = pathlib.Path(directory).resolve()
     cfg_path = directory / "bundle.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path}: not a leukax model bundle (no bundle.json); train one with "
                                 f"`python -m experiments.quickstart` or pass the directory it wrote")
-    raw = json.loads(cfg_path.read_text())
-    if raw.get("version") != BUNDLE_VERSION:
-        raise ValueError(f"{cfg_path}: bundle version {raw.get('version')} is not {BUNDLE_VERSION}")
-    config = BundleConfig(**raw)
-    with ocp.StandardCheckpointer() as ckptr:
-        variables_m = ckptr.restore(directory / "variables")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{cfg_path}: unreadable bundle.json ({e})") from None
+    if not isinstance(raw, dict) or raw.get("version") != BUNDLE_VERSION:
+        version = raw.get("version") if isinstance(raw, dict) else None
+        raise ValueError(f"{cfg_path}: bundle version {version} is not {BUNDLE_VERSION}")
+    try:
+        config = BundleConfig(**raw)
+    except TypeError as e:
+        raise ValueError(f"{cfg_path}: not a bundle config ({e})") from None
+    var_path = directory / "variables"
+    if not var_path.is_dir():
+        raise FileNotFoundError(f"{var_path}: missing (the bundle holds no trained variables)")
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            variables_m = ckptr.restore(var_path)
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore errors of a damaged checkpoint
+        raise ValueError(f"{var_path}: cannot restore the ensemble's variables, damaged or incomplete "
+                         f"({type(e).__name__}: {str(e)[:300]})") from None
     return config, variables_m
