@@ -20,7 +20,7 @@ import jax
 
 from experiments import common
 from experiments.common import field
-from leukax import preprocess
+from leukax import augment
 from leukax.data import pipeline
 from leukax.data.builders import get_builder
 
@@ -84,8 +84,8 @@ def run(args: Config) -> dict:
         source = builder.as_data_source("train")
         results = time_all(source, args, {
             "none": None,
-            "paper1 (affine warp)": pipeline.member_augment(preprocess.augment_paper1),
-            "paper2 (rot90 + flips)": pipeline.member_augment(preprocess.augment_paper2),
+            "paper1 (affine warp)": pipeline.member_augment(augment.augment_paper1),
+            "paper2 (rot90 + flips)": pipeline.member_augment(augment.augment_paper2),
         })
     env = common.environment()
     commit = env["commit"]

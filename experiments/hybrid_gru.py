@@ -39,7 +39,7 @@ from leukax import fusion, metrics, plots, uncertainty
 from leukax.data import load_arrays
 from leukax.models.classifier import Classifier
 from leukax.models.heads import PAPER_GRU_HEADS, make_head
-from leukax.preprocess import augment_paper1
+from leukax.augment import augment_paper1
 from leukax.train import bayes
 from leukax.train.ensemble import TrainConfig, make_train
 from leukax.train.features import cached_features

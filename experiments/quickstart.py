@@ -37,7 +37,8 @@ from leukax.gradcam import gradcam_classifier
 from leukax.models.classifier import Classifier
 from leukax.models.heads import make_head
 from leukax.pretrained import pretrained
-from leukax.train.ensemble import TrainConfig, make_train, member_variables, normalize
+from leukax.preprocess import normalize
+from leukax.train.ensemble import TrainConfig, make_train, member_variables
 from leukax.train.features import cached_features
 
 CLASS_LABELS = {"hem": "healthy (hem)", "all": "ALL (blast)"}

@@ -198,6 +198,6 @@ def test_bad_folders_are_clear_errors(manual, tmp_path):
         get_builder("all_idb1", data_dir=tmp_path / "d", manual_dir=tmp_path / "m3")
 
 
-def test_duplicate_groups_union():
-    g = builders.duplicate_groups(["a", "b", "a", "", "c"], ["h1", "h2", "h3", "h2", "h3"])
+def test_leakage_groups_union():
+    g = builders.leakage_groups(["a", "b", "a", "", "c"], ["h1", "h2", "h3", "h2", "h3"])
     assert g.tolist() == [0, 1, 0, 1, 0]  # 0~2 by subject, 3~1 by pixels, 4~2 by pixels

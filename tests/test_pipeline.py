@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from leukax import preprocess
+from leukax import augment
 from leukax.data import arrays, imageio, pipeline
 from leukax.data.builders import get_builder
 
@@ -83,7 +83,7 @@ def test_array_source_and_member_augmentation(small_dataset):
 
 
 def test_paper2_augmentation_permutes_pixels(small_dataset):
-    aug = pipeline.member_augment(preprocess.augment_paper2)
+    aug = pipeline.member_augment(augment.augment_paper2)
     out = list(pipeline.batches(small_dataset, 16, 6, seed=1, member=0, augment=aug))
     for b in out:
         imgs = np.asarray(b["image"])

@@ -7,18 +7,19 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
+from leukax import augment as aug
 from leukax import preprocess as pp
 
 RNG = np.random.default_rng(0)
 IMG_U8 = RNG.integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
 IMG_F = IMG_U8.astype(np.float32)
-OFF = pp.Paper1Aug(rotation_range=0, width_shift_range=0, height_shift_range=0, shear_range=0,
+OFF = aug.Paper1Aug(rotation_range=0, width_shift_range=0, height_shift_range=0, shear_range=0,
                    zoom_range=0, horizontal_flip=False, vertical_flip=False)
 
 
 def warp1(img_hwc, fill_mode="nearest", cval=0.0, **params):
-    m = pp.affine_matrix(img_hwc.shape[0], img_hwc.shape[1], **params)
-    return np.asarray(pp.affine_warp(jnp.asarray(img_hwc)[None], m[None], fill_mode, cval)[0])
+    m = aug.affine_matrix(img_hwc.shape[0], img_hwc.shape[1], **params)
+    return np.asarray(aug.affine_warp(jnp.asarray(img_hwc)[None], m[None], fill_mode, cval)[0])
 
 
 # ------------------------------------------------------------------------------------- basics
@@ -32,6 +33,9 @@ def test_normalize_kinds():
     np.testing.assert_allclose(pp.normalize(x, "torch")[0, 0, 0], t, rtol=1e-6)
     assert pp.normalize(x.astype(np.uint8), "raw").dtype == jnp.float32
     assert set(pp.NORMALIZATIONS) == {"tf", "lite", "torch", "raw", "unit"}
+    feats = np.array([[0.5, -3.0, 300.0]], np.float16)  # None: not pixels (cached features), cast only
+    assert pp.normalize(feats, None).dtype == jnp.float32
+    np.testing.assert_array_equal(pp.normalize(feats, None), feats.astype(np.float32))
     with pytest.raises(ValueError, match="preprocess.py.*'imagenet'"):
         pp.normalize(x, "imagenet")
 
@@ -52,8 +56,8 @@ def test_identity_params_are_identity():
     np.testing.assert_array_equal(warp1(IMG_U8[0]), IMG_U8[0])
     # zoom 1 / shift 0 / rot 0 / no flips = identity through the whole augmentation, both dtypes
     key = jax.random.key(1)
-    np.testing.assert_array_equal(pp.augment_paper1(key, IMG_U8, OFF), IMG_U8)
-    np.testing.assert_allclose(pp.augment_paper1(key, IMG_F, OFF), IMG_F, atol=1e-4)
+    np.testing.assert_array_equal(aug.augment_paper1(key, IMG_U8, OFF), IMG_U8)
+    np.testing.assert_allclose(aug.augment_paper1(key, IMG_F, OFF), IMG_F, atol=1e-4)
 
 
 def test_rotation_90_of_3x3_is_rot90():
@@ -77,7 +81,7 @@ def test_flips_and_flip_twice():
     a = IMG_U8[0]
     np.testing.assert_array_equal(warp1(a, flip_h=True), a[:, ::-1])
     np.testing.assert_array_equal(warp1(a, flip_v=True), a[::-1])
-    m = pp.affine_matrix(16, 16, flip_h=True, flip_v=True)
+    m = aug.affine_matrix(16, 16, flip_h=True, flip_v=True)
     np.testing.assert_allclose(m @ m, np.eye(3), atol=1e-6)
 
 
@@ -98,8 +102,8 @@ def test_matches_keras_apply_affine_transform():
 @pytest.mark.parametrize("mode", ["nearest", "reflect", "constant"])
 def test_fill_modes_match_scipy(mode):
     a = IMG_F[2, :, :10]  # non-square
-    m = np.asarray(pp.affine_matrix(16, 10, theta=25.0, shift_x=0.3, shift_y=-0.25, zoom_x=1.3, zoom_y=0.8))
-    ours = np.asarray(pp.affine_warp(a[None], m[None], mode, cval=7.0)[0])
+    m = np.asarray(aug.affine_matrix(16, 10, theta=25.0, shift_x=0.3, shift_y=-0.25, zoom_x=1.3, zoom_y=0.8))
+    ours = np.asarray(aug.affine_warp(a[None], m[None], mode, cval=7.0)[0])
     # scipy works in (row, col): swap x and y of our (x, y) matrix
     p = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1]])
     mr = p @ m @ p
@@ -110,14 +114,14 @@ def test_fill_modes_match_scipy(mode):
 
 def test_augment_paper1_keys_dtype_range():
     k1, k2 = jax.random.key(0), jax.random.key(1)
-    y1 = pp.augment_paper1(k1, IMG_U8)
+    y1 = aug.augment_paper1(k1, IMG_U8)
     assert y1.shape == IMG_U8.shape and y1.dtype == jnp.uint8
-    np.testing.assert_array_equal(y1, pp.augment_paper1(k1, IMG_U8))
-    assert not np.array_equal(y1, pp.augment_paper1(k2, IMG_U8))
-    yf = pp.augment_paper1(k1, IMG_F)
+    np.testing.assert_array_equal(y1, aug.augment_paper1(k1, IMG_U8))
+    assert not np.array_equal(y1, aug.augment_paper1(k2, IMG_U8))
+    yf = aug.augment_paper1(k1, IMG_F)
     assert yf.dtype == jnp.float32 and float(yf.min()) >= 0 and float(yf.max()) <= 255
     # per-image parameters differ within a batch and lie in the Keras ranges
-    prm = pp.random_affine_params(k1, 64, pp.Paper1Aug())
+    prm = aug.random_affine_params(k1, 64, aug.Paper1Aug())
     assert len(np.unique(np.asarray(prm["theta"]))) == 64
     assert np.abs(prm["theta"]).max() <= 45 and np.abs(prm["shear"]).max() <= 20
     assert np.abs(prm["shift_x"]).max() <= 0.2 and np.abs(prm["shift_y"]).max() <= 0.2
@@ -126,12 +130,12 @@ def test_augment_paper1_keys_dtype_range():
     assert 0 < int(prm["flip_h"].sum()) < 64 and 0 < int(prm["flip_v"].sum()) < 64
     # one image repeated gets different warps
     same = np.repeat(IMG_U8[:1], 3, axis=0)
-    outs = np.asarray(pp.augment_paper1(k1, same))
+    outs = np.asarray(aug.augment_paper1(k1, same))
     assert len({o.tobytes() for o in outs}) == 3
 
 
 def test_switches_turn_transforms_off():
-    prm = pp.random_affine_params(jax.random.key(3), 8, dataclasses.replace(OFF, vertical_flip=True))
+    prm = aug.random_affine_params(jax.random.key(3), 8, dataclasses.replace(OFF, vertical_flip=True))
     assert (np.asarray(prm["theta"]) == 0).all() and (np.asarray(prm["zoom_x"]) == 1).all()
     assert not np.asarray(prm["flip_h"]).any() and np.asarray(prm["flip_v"]).any()
 
@@ -147,10 +151,10 @@ def test_only_rotation_on_rotates_a_ramp_about_the_centre():
     ramp_hw = 2.0 * xs + 3.0 * ys + 10.0
     images = np.repeat(ramp_hw[None, ..., None], 3, -1).astype(np.float32)
     images = np.concatenate([images, images + 5.0])  # B = 2, so two different angles
-    prm = pp.random_affine_params(key, 2, cfg)
+    prm = aug.random_affine_params(key, 2, cfg)
     theta_b = np.deg2rad(np.asarray(prm["theta"], np.float64))
     assert (np.abs(theta_b) > np.deg2rad(1)).all() and (np.abs(theta_b) <= np.deg2rad(45)).all()
-    out = np.asarray(pp.augment_paper1(key, images, cfg))
+    out = np.asarray(aug.augment_paper1(key, images, cfg))
     c = (w - 1) / 2.0
     for b in range(2):
         cos, sin = np.cos(theta_b[b]), np.sin(theta_b[b])
@@ -166,14 +170,14 @@ def test_only_rotation_on_rotates_a_ramp_about_the_centre():
 
 def test_jit_and_vmap_over_member_keys():
     keys_m = jax.random.split(jax.random.key(5), 3)
-    aug = jax.jit(jax.vmap(pp.augment_paper1, in_axes=(0, None, None)), static_argnums=2)
-    out_mb = aug(keys_m, IMG_U8, pp.Paper1Aug(smoothing="median"))
+    augment_m = jax.jit(jax.vmap(aug.augment_paper1, in_axes=(0, None, None)), static_argnums=2)
+    out_mb = augment_m(keys_m, IMG_U8, aug.Paper1Aug(smoothing="median"))
     assert out_mb.shape == (3,) + IMG_U8.shape and out_mb.dtype == jnp.uint8
     # member m's output is the plain augmentation with key m, then the 3×3 median
-    np.testing.assert_array_equal(out_mb[1], pp.smooth(pp.augment_paper1(keys_m[1], IMG_U8), "median"))
+    np.testing.assert_array_equal(out_mb[1], pp.smooth(aug.augment_paper1(keys_m[1], IMG_U8), "median"))
     assert not np.array_equal(out_mb[0], out_mb[1])
-    out2 = jax.jit(jax.vmap(pp.augment_paper2, in_axes=(0, None)))(keys_m, IMG_U8)
-    np.testing.assert_array_equal(out2[2], pp.augment_paper2(keys_m[2], IMG_U8))
+    out2 = jax.jit(jax.vmap(aug.augment_paper2, in_axes=(0, None)))(keys_m, IMG_U8)
+    np.testing.assert_array_equal(out2[2], aug.augment_paper2(keys_m[2], IMG_U8))
 
 
 # ------------------------------------------------------------------------------------- smoothing
@@ -250,29 +254,29 @@ def test_augment_paper2_dihedral():
     for k in range(4):
         for fh in (False, True):
             for fv in (False, True):
-                r, c = pp.dihedral_indices(3, jnp.int32(k), fh, fv)
+                r, c = aug.dihedral_indices(3, jnp.int32(k), fh, fv)
                 ref = np.rot90(a[0], k)
                 ref = ref[:, ::-1] if fh else ref
                 ref = ref[::-1] if fv else ref
                 np.testing.assert_array_equal(a[0][r, c], ref)
     key = jax.random.key(7)
-    y = pp.augment_paper2(key, IMG_U8)
+    y = aug.augment_paper2(key, IMG_U8)
     assert y.dtype == jnp.uint8 and y.shape == IMG_U8.shape
-    np.testing.assert_array_equal(y, pp.augment_paper2(key, IMG_U8))
+    np.testing.assert_array_equal(y, aug.augment_paper2(key, IMG_U8))
     # every output is one of the 8 dihedral images of its input (a permutation: same multiset of pixels)
     for b in range(3):
         cands = [np.rot90(IMG_U8[b], k)[:, ::s][::t] for k in range(4) for s in (1, -1) for t in (1, -1)]
         assert any(np.array_equal(np.asarray(y[b]), c) for c in cands)
     # rot90 ×4 and flip twice are identities
-    r, c = pp.dihedral_indices(16, jnp.int32(1), False, False)
+    r, c = aug.dihedral_indices(16, jnp.int32(1), False, False)
     x = IMG_U8[0]
     for _ in range(4):
         x = x[r, c]
     np.testing.assert_array_equal(x, IMG_U8[0])
-    r, c = pp.dihedral_indices(16, jnp.int32(0), True, True)
+    r, c = aug.dihedral_indices(16, jnp.int32(0), True, True)
     np.testing.assert_array_equal(IMG_U8[0][r, c][r, c], IMG_U8[0])
     # different keys give different draws over a batch of 8 copies
     many = np.repeat(IMG_U8[:1], 8, axis=0)
-    assert not np.array_equal(pp.augment_paper2(jax.random.key(8), many), pp.augment_paper2(key, many))
+    assert not np.array_equal(aug.augment_paper2(jax.random.key(8), many), aug.augment_paper2(key, many))
     with pytest.raises(ValueError, match="square"):
-        pp.augment_paper2(key, IMG_U8[:, :, :8])
+        aug.augment_paper2(key, IMG_U8[:, :, :8])

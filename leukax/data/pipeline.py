@@ -97,5 +97,5 @@ def batches(source, image_size: int, batch_size: int, *, epoch: int = 0, seed: i
 
 
 def member_augment(augment_fn: Callable, **config) -> AugmentFn:
-    """Returns jit(augment_fn(key, images, **config)), e.g. member_augment(preprocess.augment_paper1)."""
+    """Returns jit(augment_fn(key, images, **config)), e.g. member_augment(augment.augment_paper1)."""
     return jax.jit(lambda key, images: augment_fn(key, images, **config))

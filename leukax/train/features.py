@@ -14,7 +14,7 @@ import pathlib
 import jax
 import numpy as np
 
-from leukax.train.ensemble import normalize
+from leukax.preprocess import normalize
 
 log = logging.getLogger(__name__)
 _MEMORY: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()

@@ -40,10 +40,10 @@ def make_views(images_nhwc: np.ndarray, views: str = "dihedral", num_affine: int
     if num_affine:
         import jax
 
-        from leukax import preprocess
+        from leukax import augment
         key = jax.random.PRNGKey(seed)
         for v in range(num_affine):  # every image draws its own affine parameters
-            out.append(np.asarray(preprocess.augment_paper1(jax.random.fold_in(key, v), images_nhwc)))
+            out.append(np.asarray(augment.augment_paper1(jax.random.fold_in(key, v), images_nhwc)))
     return np.stack(out)
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from leukax.data.builders.base import (DatasetError, LeukaxBuilder, ManualDownloadError, Record, class_counts,
-                                       default_data_dir, default_manual_dir, duplicate_groups, pixel_hash)
+                                       default_data_dir, default_manual_dir, leakage_groups, pixel_hash)
 from leukax.data.builders.datasets import BUILDERS, PBC_CLASSES, read_xyc, sample_dir
 from leukax.data.builders.standin import BUILDERS as _STANDIN
 

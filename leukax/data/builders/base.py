@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from leukax.data import imageio
+from leukax.data.splits import combine_groups
 
 log = logging.getLogger("leukax.data")
 
@@ -72,10 +73,10 @@ def pixel_hash(image_hw3: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def duplicate_groups(subjects: list[str], hashes: list[str]) -> np.ndarray:
-    """Returns int64 N group ids: connected components of equal non-empty subject or equal pixel hash,
-    numbered 0.. in order of first appearance (`leukax.data.splits.combine_groups`)."""
-    from leukax.data.splits import combine_groups
+def leakage_groups(subjects: list[str], hashes: list[str]) -> np.ndarray:
+    """Returns int64 N ids of the groups no split may cut: connected components of equal non-empty subject
+    or equal pixel hash, numbered 0.. in order of first appearance (`leukax.data.splits.combine_groups`;
+    identical items alone: `leukax.data.splits.duplicate_groups`)."""
 
     def keys(values):  # an empty value joins nothing: give it a key of its own
         return [v if v else f"\0{i}" for i, v in enumerate(values)]
@@ -155,7 +156,7 @@ class LeukaxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if errors:
             raise DatasetError(f"{self.name}: {len(errors)} unreadable image file(s) (nothing is skipped; "
                                "remove or fix them):\n  " + "\n  ".join(errors[:20]))
-        groups = duplicate_groups([r.subject for r in records], hashes)
+        groups = leakage_groups([r.subject for r in records], hashes)
         n_dup = len(hashes) - len(set(hashes))
         counts = class_counts([r.label for r in records], self.class_names)
         log.info("%s: read %d images, per class %s; %d pixel-identical duplicate(s); %d groups",
