@@ -44,6 +44,22 @@ def kill_child_when_blocked(kind: str, path, at: int) -> str:
     return "".join(lines)
 
 
+def saved_steps(ckpt) -> list[int]:
+    mngr = ckpt_lib.manager(ckpt)
+    try:
+        return list(mngr.all_steps())
+    finally:
+        mngr.close()
+
+
+def restore_latest(ckpt, like):
+    mngr = ckpt_lib.manager(ckpt)
+    try:
+        return ckpt_lib.restore_latest(mngr, like)
+    finally:
+        mngr.close()
+
+
 def count_steps(monkeypatch) -> list:
     """Counts ensemble step calls of this process from now on."""
     calls, step = [0], mb.STEP[child.CONFIG.ensemble_axis]
@@ -66,7 +82,7 @@ def test_sigkill_inside_an_epoch_resumes_bit_for_bit(tmp_path, straight, monkeyp
     ckpt = tmp_path / "ckpt"
     at = child.STEPS_PER_EPOCH + 3  # epoch 2, before its third step: checkpoint 1 exists, 2 does not
     kill_child_when_blocked("fit", ckpt, at)
-    assert ckpt_lib.manager(ckpt).all_steps() == [1]
+    assert saved_steps(ckpt) == [1]
     calls = count_steps(monkeypatch)
     resumed = child.make_train().fit(checkpoint_dir=ckpt)
     assert calls[0] == 3 * child.STEPS_PER_EPOCH  # epochs 2-4 only: it resumed, it did not start over
@@ -79,11 +95,11 @@ def test_sigkill_while_committing_a_checkpoint_keeps_the_previous(tmp_path, stra
     assert "orbax-checkpoint-tmp" in out
     assert any(".orbax-checkpoint-tmp" in p.name for p in ckpt.iterdir())
     tr = child.make_train()
-    restored, step = ckpt_lib.restore_latest(ckpt_lib.manager(ckpt), tr.init_state())
+    restored, step = restore_latest(ckpt, tr.init_state())
     assert step == 1 and int(restored.epoch) == 1
     resumed = tr.fit(checkpoint_dir=ckpt)
     assert tree_equal(straight, resumed)
-    assert ckpt_lib.manager(ckpt).all_steps() == [3, 4]
+    assert saved_steps(ckpt) == [3, 4]
 
 
 def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, straight, caplog):
@@ -98,15 +114,17 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, straig
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
             cut += 1
     assert cut > 0
+    mngr = ckpt_lib.manager(ckpt)
     with pytest.raises(ValueError):  # step 3 itself is unreadable now
-        ckpt_lib.manager(ckpt).restore(3, args=ckpt_lib.ocp.args.StandardRestore(
+        mngr.restore(3, args=ckpt_lib.ocp.args.StandardRestore(
             jax.tree.map(ckpt_lib.ocp.utils.to_shape_dtype_struct, after3)))
-    restored, step = ckpt_lib.restore_latest(ckpt_lib.manager(ckpt), tr.init_state())
+    mngr.close()
+    restored, step = restore_latest(ckpt, tr.init_state())
     assert step == 2 and int(restored.epoch) == 2
     assert (ckpt / "3.unreadable").is_dir() and "unreadable" in caplog.text
     resumed = tr.fit(checkpoint_dir=ckpt)
     assert tree_equal(straight, resumed)
-    assert ckpt_lib.manager(ckpt).all_steps() == [3, 4]
+    assert saved_steps(ckpt) == [3, 4]
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -118,9 +136,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, bad)
     x[5, 3] = bad  # every member meets example 5 in epoch 3
     with pytest.raises(ensemble.NonFiniteError, match=r"epoch 3: .*member 0 .*member 1 .*checkpoint \(epoch 2\)"):
         child.make_train((x, y)).fit(checkpoint_dir=ckpt)
-    mngr = ckpt_lib.manager(ckpt)
-    assert mngr.all_steps() == [1, 2]  # nothing of epoch 3 was written
-    restored, step = ckpt_lib.restore_latest(mngr, good)
+    assert saved_steps(ckpt) == [1, 2]  # nothing of epoch 3 was written
+    restored, step = restore_latest(ckpt, good)
     assert step == 2 and tree_equal(restored, good)
     assert all(np.isfinite(v).all() for v in jax.tree.leaves(restored.members.params))
 
@@ -129,7 +146,7 @@ def test_diverging_run_stops_at_its_first_epoch_without_a_checkpoint(tmp_path):
     cfg = ensemble.TrainConfig(**{**child.CONFIG.__dict__, "optimizer": "sgd", "learning_rate": 1e30})
     with pytest.raises(ensemble.NonFiniteError, match=r"epoch 1: .*member"):
         child.make_train(config=cfg).fit(checkpoint_dir=tmp_path / "ckpt")
-    assert ckpt_lib.manager(tmp_path / "ckpt").all_steps() == []
+    assert saved_steps(tmp_path / "ckpt") == []
 
 
 def test_bayes_killed_mid_search_resumes_without_repeating_trials(tmp_path):
