@@ -1,26 +1,41 @@
-"""Himel et al. 2024: two-stage feature-fusion stacked ensemble, with the paper's ablation and tables.
+"""Himel et al. 2024: the two-stage feature-fusion stacked ensemble, its Tables 2, 3, 5, 8 and Figures 5-7, 10.
 
-Command:   python -m experiments.feature_fusion                      (writes results/feature_fusion/)
-           python -m experiments.feature_fusion --dataset=all_aml_healthy --manual_dir=<data folder>
-           python -m experiments.feature_fusion --branches=efficientnet_lite2,mobilenet_v2   (offline weights)
-Runtime:   the full default run (60 images, 224 px, 5 folds, offline branches EfficientNet-Lite2 +
-           MobileNetV2) has not been timed yet; the test-size run (random weights, 32 px, M=2, 2 epochs,
-           2 folds) took ~2 min on 2 busy CPU cores. Measured times are written to metrics.json (timing_s).
+Command:   python -m experiments.feature_fusion                     (embedded C-NMC sample → results/feature_fusion/cnmc2019/)
+           python -m experiments.feature_fusion --dataset=all_aml_healthy_standin --manual_dir=../shared/data
+           python -m experiments.feature_fusion --dataset=all_aml_healthy --manual_dir=<ALL-IDB2 + ASH root>
+           python -m experiments.feature_fusion --protocol=paper    (the paper's own leaky 70/10/20 protocol)
+Runtime:   RUNTIME_PLACEHOLDER
 
-What it does:
-1. loads `--dataset` (default cnmc2019, binary; `all_aml_healthy` = the paper's 3-class task where the data
-   is available) and applies the paper's enhancement (+30 brightness, ×1.4 contrast, Laplacian sharpening;
-   `--noenhance` to switch it off) to every image;
-2. stage 1: each branch of `--branches` (the paper: EfficientNetB7 + MobileNetV3Large; no offline ImageNet
-   weights exist for them here, so a branch whose weights cannot be found is replaced by the same position
-   of `--branch_fallbacks`, default efficientnet_lite2,mobilenet_v2, and the substitution is recorded; an
-   empty `--branch_fallbacks=` turns that into an error) gets a DenseHead(1024, relu, dropout 0.3) softmax
-   classifier, trained on frozen features (`--mode=head`) or fine-tuned with rot90/flip augmentation;
-3. stage 2: the branches are frozen, their 1024-d `pre_logits` concatenated, and the MetaClassifier
-   (1000 sigmoid → 100 relu → 10 sigmoid → softmax) trained on them with the head-mode trainer;
-4. leakage-safe splits by `--protocol` (experiments/common.py); reports the ablation (each branch's own
-   softmax, the two branches' sum rule, the fused meta-classifier), parameter counts and measured test time
-   per image.
+The model (Figure 3 of the paper). Stage 1: each branch (EfficientNetB7, MobileNetV3Large) is an ImageNet
+backbone, frozen, with Dense(1024, relu) → Dropout(0.3) → Dense(K) softmax. Table 3 shows that only this head
+was trained (trainable = 1,028,099 of each base model), so training on frozen features (head mode, the only
+mode here) is the paper's own training, not a shortcut. Stage 2: the branches' output Dense is dropped, their
+1024-d features concatenated, and the MetaClassifier (1000 sigmoid → 100 relu → 10 sigmoid → softmax) trained.
+
+Where the branch head reads (`--branch_input`): Table 3's counts (1,028,099 = 1000·1024 + 1024 + 1024·3 + 3;
+totals = Keras model *with* top + that) show the paper put Dense(1024) on the backbone's 1000-way ImageNet
+classifier output (Keras' include_top ends in softmax, so: ImageNet class probabilities) —
+`--branch_input=imagenet_logits`. The default here is `pooled` (global-average-pooled backbone features),
+because (1) the ImageNet classifier of most backbones cannot be obtained offline here (only EfficientNet-Lite
+ships one), and (2) 1000 ImageNet class probabilities are a bottleneck trained for another task. Both are
+reported where both run.
+
+Training (Table 1): batch 32, 100 epochs, Adam (learning rate 1e-3, Keras' default: the paper gives none),
+early stopping with patience 50 on validation loss, categorical cross-entropy — the defaults in every
+protocol. The split is what `--protocol` changes:
+- grouped_kfold (default, honest): stratified k-fold grouped by subject / duplicate, `--repeats` seeds.
+- paper: the paper's own — every image expanded offline into 16 rotated/flipped copies (4 rotations ×
+  {none, h, v, both}: each distinct image twice), then a random per-image 70/10/20 split, so copies of one
+  cell sit in training and test (leaky); this is how the paper's test set has 1248 = 0.2·16·390 images.
+- paper_grouped: the same 70/10/20 with every copy kept with its original cell (no leak).
+
+Reports (metrics.json, README.md, figures/): Table 2 (each backbone alone with the same head; a backbone
+without offline weights is listed "not runnable offline"), Table 8 (the meta-classifier on one branch vs two;
+plus the branches' sum rule), Table 5 (per-class precision / recall / F1), Table 3 (parameters as the paper
+counts them, for every Table 2 backbone, and measured test time per image and per step of 32), confusion
+matrices, macro and per-class ROC and precision-recall curves, training curves and Grad-CAM per branch.
+`--target=source` trains the same pipeline to predict the image's source lab instead of its class, which
+measures the lab confound of composite datasets; `--noenhance` switches the enhancement off.
 """
 from __future__ import annotations
 
@@ -29,251 +44,256 @@ import json
 import pathlib
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from experiments import common
+from experiments import feature_fusion_parts as fp
+from experiments import feature_fusion_report as report
 from experiments.common import field
-from leukax import fusion, metrics, plots
+from leukax import fusion, imagenet_top, metrics
 from leukax.data import load_arrays
-from leukax.models.classifier import Classifier, count_params
+from leukax.data.splits import repeated_holdout
 from leukax.models.heads import DenseHead
-from leukax.preprocess import augment_paper2, enhance_paper2
-from leukax.train.ensemble import TrainConfig, make_train, member_variables, normalize
-from leukax.train.features import cached_features, compute_features
+from leukax.preprocess import enhance_paper2
+from leukax.train.ensemble import TrainConfig, make_train, member_variables
+from leukax.train.features import cached_features
+
+PROTOCOLS = ("grouped_kfold", "paper", "paper_grouped")
+BASELINES = tuple(n for n in fp.TABLE2 if n != "nasnet_large")
 
 
 @dataclasses.dataclass
 class Config:
-    out_dir: str = field("results/feature_fusion", "Where metrics.json, config.json, figures/ and splits/ go.")
-    dataset: str = field("cnmc2019", "cnmc2019 (embedded sample, binary) | all_aml_healthy (the paper's 3 "
-                         "classes) | any builder.")
+    out_dir: str = field("", "Output folder ('' = results/feature_fusion/<dataset>).")
+    dataset: str = field("cnmc2019", "cnmc2019 (embedded) | all_aml_healthy (ALL-IDB2 + ASH, the paper's) | "
+                         "all_aml_healthy_standin | lab_probe | all_idb1 | all_idb2 | pbc | any builder.")
     data_dir: str | None = field(None, "TFDS data dir of prepared datasets.")
-    manual_dir: str | None = field(None, "Folder with the manually downloaded data.")
-    branches: tuple = field(("efficientnet_b7", "mobilenet_v3_large"), "Comma-separated stage-1 backbones.")
+    manual_dir: str | None = field(None, "Folder with the manually downloaded data (one folder per dataset).")
+    classes: tuple = field((), "Keep only these classes, in this order (e.g. AML,healthy: Table 4's ASH row).")
+    target: str = field("class", "class | source (predict the image's source lab: the confound).",
+                        choices=("class", "source"))
+    branches: tuple = field(("efficientnet_b7", "mobilenet_v3_large"), "The two stage-1 backbones.")
     branch_fallbacks: tuple = field(("efficientnet_lite2", "mobilenet_v2"),
-                                    "Per position, used when a branch's ImageNet weights are missing ('' = fail).")
+                                    "Per branch, used when its ImageNet weights are missing ('' = fail).")
+    branch_input: str = field("pooled", "pooled (default) | imagenet_logits (the paper's, Table 3).",
+                              choices=("pooled", "imagenet_logits"))
+    baselines: tuple = field(BASELINES, "Table 2 backbones trained alone with the same head ('' = none).")
     weights: str = field("imagenet", "imagenet | none (random init, for tests).")
     weights_dir: str | None = field(None, "Folder of weight files.")
-    image_size: int = field(224, "Input size in pixels.")
-    enhance: bool = field(True, "Apply enhance_paper2 to every image.")
-    mode: str = field("head", "head (frozen backbone features) | finetune.", choices=("head", "finetune"))
-    members: int = field(1, "Seeds per stage (deep ensemble).")
-    features: int = field(1024, "Width of each branch's dense layer (the fused features).")
+    image_size: int = field(224, "Input size in pixels (all backbones).")
+    enhance: bool = field(True, "Himel et al.'s enhancement: +30 brightness, ×1.4 contrast, Laplacian.")
+    members: int = field(1, "Seeds per head (1 = the paper's single model).")
+    features: int = field(1024, "Width of each branch's Dense (the fused features).")
     dropout: float = field(0.3, "Branch head dropout.")
-    optimizer: str = field("adam", "Stage-1 optimizer.", choices=("sgd", "rmsprop", "adam"))
-    learning_rate: float = field(1e-4, "Stage-1 learning rate.")
-    batch_size: int = field(16, "Batch size.")
-    epochs: int = field(30, "Stage-1 maximum epochs.")
-    patience: int = field(10, "Stage-1 early-stopping patience (epochs).")
-    meta_optimizer: str = field("adam", "Stage-2 optimizer.", choices=("sgd", "rmsprop", "adam"))
-    meta_learning_rate: float = field(1e-3, "Stage-2 learning rate.")
-    meta_epochs: int = field(100, "Stage-2 maximum epochs.")
-    meta_patience: int = field(20, "Stage-2 early-stopping patience (epochs).")
-    protocol: str = field("grouped_kfold", "grouped_kfold | paper_80_20.", choices=common.PROTOCOLS)
+    learning_rate: float = field(1e-3, "Adam learning rate, both stages.")
+    batch_size: int = field(32, "Batch size (Table 1).")
+    epochs: int = field(100, "Maximum epochs, both stages (Table 1).")
+    patience: int = field(50, "Early-stopping patience on validation loss (Table 1).")
+    protocol: str = field("grouped_kfold", "grouped_kfold | paper (leaky 70/10/20 on 16 copies) | paper_grouped.",
+                          choices=PROTOCOLS)
+    expand: int = field(-1, "Offline dihedral copies per image: 0, 8, 16; -1 = 16 for paper*, 0 otherwise.")
     folds: int = field(5, "k of grouped_kfold.")
-    repeats: int = field(1, "Seeds repeated.")
-    val_fraction: float = field(0.2, "Validation part (fraction of all images, grouped) inside every training part.")
-    leaky: bool = field(False, "paper_80_20 per image (ignores subjects).")
-    referral_accuracy: float = field(0.95, "Refer above the largest entropy cut whose validation accuracy reaches "
-                                     "this.")
-    timing_images: int = field(32, "Test images used to measure the time per image.")
+    repeats: int = field(2, "Seeds repeated (grouped_kfold: k-fold repeats; paper*: holdouts).")
+    val_fraction: float = field(0.2, "grouped_kfold: validation part (fraction of all images, grouped).")
+    referral_accuracy: float = field(0.95, "Refer above the largest entropy cut reaching this val accuracy.")
+    gradcam_per_class: int = field(2, "Test images per class in the Grad-CAM figure.")
     seed: int = field(0, "Seed of everything.")
 
 
-def _stage1_config(cfg, seed, mode, normalization) -> TrainConfig:
-    return TrainConfig(num_members=cfg.members, mode=mode, optimizer=cfg.optimizer, learning_rate=cfg.learning_rate,
+def load_data(cfg):
+    """Returns (Dataset, labels, class names): classes subset / source target applied."""
+    ds = load_arrays(cfg.dataset, cfg.image_size, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir)
+    if cfg.classes:
+        missing = [c for c in cfg.classes if c not in ds.class_names]
+        if missing:
+            raise ValueError(f"experiments/feature_fusion.py: --classes {missing} not in {ds.class_names}")
+        old = [ds.class_names.index(c) for c in cfg.classes]
+        ds = ds.subset(np.flatnonzero(np.isin(ds.labels, old)))
+        ds.labels = np.asarray([old.index(int(y)) for y in ds.labels], np.int32)
+        ds.class_names = tuple(cfg.classes)
+    if cfg.target == "source":
+        names = tuple(sorted(set(ds.sources)))
+        if len(names) < 2:
+            raise ValueError(f"experiments/feature_fusion.py: --target=source needs ≥ 2 sources, got {names}")
+        return ds, np.asarray([names.index(s) for s in ds.sources], np.int32), names
+    return ds, np.asarray(ds.labels, np.int32), tuple(ds.class_names)
+
+
+def make_splits(cfg, labels, groups, names):
+    """Returns the Splits of cfg.protocol over the (expanded) items."""
+    if cfg.protocol == "grouped_kfold":
+        return common.make_splits("grouped_kfold", labels, groups, names, folds=cfg.folds, repeats=cfg.repeats,
+                                  val_fraction=cfg.val_fraction, seed=cfg.seed)
+    leaky = cfg.protocol == "paper"
+    name = "paper 70/10/20 " + ("per image, ungrouped-leaky" if leaky else "grouped (copies with their cell)")
+    return repeated_holdout(labels, None if leaky else groups, 0.2, 0.1, cfg.repeats, cfg.seed, names,
+                            protocol=name)
+
+
+def load_models(cfg, images):
+    """Returns {requested name: model dict with "inputs" (N×1×1×D head inputs) or "error"}: the branches
+    (with fallbacks) and the baselines; a baseline that is a branch shares it."""
+    models = {}
+    for i, name in enumerate(list(cfg.branches) + [b for b in cfg.baselines if b and b not in cfg.branches]):
+        t0 = time.perf_counter()
+        fallback = cfg.branch_fallbacks[i] if i < len(cfg.branches) and i < len(cfg.branch_fallbacks) else ""
+        try:
+            if name == "resnet101_v2":  # built from leukax's ResNetV2; no weights registered for it
+                module, variables, spec, rec = fp.resnet101_v2(cfg.weights, cfg.seed)
+            else:
+                module, variables, spec, rec = common.load_backbone(name, cfg.weights, cfg.weights_dir, fallback,
+                                                                    cfg.seed)
+            m = dict(module=module, variables=variables, spec=spec, record=rec)
+            pooled = cached_features(module, variables, images, spec.normalization, output="pre_logits")
+            if cfg.branch_input == "imagenet_logits":
+                w = None if cfg.weights == "none" else cfg.weights
+                m["top"] = imagenet_top.load_imagenet_top(rec["used"], pooled.shape[-1], w, cfg.weights_dir, cfg.seed)
+                pooled = imagenet_top.top_outputs(rec["used"], m["top"], pooled, "softmax")
+            m["inputs"] = pooled[:, None, None, :]
+        except (FileNotFoundError, KeyError) as e:
+            if name in cfg.branches:
+                raise
+            m = dict(error=f"not runnable offline (no ImageNet weights): {str(e).splitlines()[0][:300]}")
+        m["seconds"] = time.perf_counter() - t0
+        models[name] = m
+    return models
+
+
+def _tcfg(cfg, seed, members) -> TrainConfig:
+    return TrainConfig(num_members=members, mode="head", optimizer="adam", learning_rate=cfg.learning_rate,
                        dropout_rate=cfg.dropout, batch_size=cfg.batch_size, num_epochs=cfg.epochs,
-                       patience=cfg.patience, monitor="val_loss", seed=seed, normalization=normalization)
+                       patience=cfg.patience, monitor="val_loss", seed=seed, normalization=None)
 
 
-def train_branch(cfg, branch: dict, split, labels, num_classes, seed):
-    """Stage 1 for one branch. Returns (probs_val_mnk, probs_test_mnk, feats_mnd (1024-d pre_logits of every
-    image, per member), member-0 Classifier variables, history)."""
-    head = DenseHead(num_classes, features=cfg.features, dropout=cfg.dropout)
-    x = branch["inputs"]
-    if cfg.mode == "head":
-        model, extra, norm = head, {}, None
-        tcfg = _stage1_config(cfg, seed, "head", None)
-    else:
-        model, norm = Classifier(branch["module"], head), branch["spec"].normalization
-        extra = dict(augment_fn=augment_paper2, pretrained=branch["variables"])
-        tcfg = _stage1_config(cfg, seed, "finetune", norm)
-    tr = make_train(tcfg, model, (x[split.train], labels[split.train]), (x[split.val], labels[split.val]), **extra)
+def train_head(cfg, x, split, labels, k, seed):
+    """Stage 1 (or Table 2): DenseHead on head inputs. Returns (p_val_mnk, p_test_mnk, feats_mnd of every
+    item, member-0 head params, history)."""
+    head = DenseHead(k, features=cfg.features, dropout=cfg.dropout)
+    tr = make_train(_tcfg(cfg, seed, cfg.members), head, (x[split.train], labels[split.train]),
+                    (x[split.val], labels[split.val]))
     state = tr.fit()
-    feats = np.stack([compute_features(model, member_variables(state, m), x, norm, output="pre_logits")
-                      for m in range(cfg.members)])
-    m0 = member_variables(state, 0)
-    if cfg.mode == "head":  # the frozen backbone + member 0's head as one Classifier (timing, counts)
-        bb = branch["variables"]
-        m0 = {"params": {"backbone": bb["params"], "head": m0["params"]},
-              "batch_stats": {"backbone": bb.get("batch_stats", {})}}
-    return tr.predict(state, x[split.val]), tr.predict(state, x[split.test]), feats, m0, tr.history(state)
+    fwd = [member_variables(state, m) for m in range(cfg.members)]
+    feats = np.stack([np.asarray(head.apply(v, jnp.asarray(x))[1]["pre_logits"]) for v in fwd])
+    return tr.predict(state, x[split.val]), tr.predict(state, x[split.test]), feats, fwd[0]["params"], tr.history(state)
 
 
-def train_meta(cfg, feats_bmnd: list, split, labels, num_classes, seed):
-    """Stage 2: one MetaClassifier per member m on concat(branch features of member m).
-    Returns (probs_val_mnk, probs_test_mnk, member-0 meta variables)."""
-    meta = fusion.MetaClassifier(num_classes)
-    p_va, p_te, v0 = [], [], None
+def train_meta(cfg, feats_list, split, labels, k, seed):
+    """Stage 2 per member on concat(features of that member). Returns (p_val_mnk, p_test_mnk, member-0
+    variables, member-0 history)."""
+    meta = fusion.MetaClassifier(k)
+    p_va, p_te, v0, h0 = [], [], None, None
     for m in range(cfg.members):
-        x = np.asarray(fusion.concat_features(*[f[m] for f in feats_bmnd]))
-        tcfg = TrainConfig(num_members=1, mode="head", optimizer=cfg.meta_optimizer,
-                           learning_rate=cfg.meta_learning_rate, batch_size=cfg.batch_size,
-                           num_epochs=cfg.meta_epochs, patience=cfg.meta_patience, monitor="val_loss",
-                           seed=seed + 104729 * m, normalization=None)
-        tr = make_train(tcfg, meta, (x[split.train], labels[split.train]), (x[split.val], labels[split.val]))
+        x = np.asarray(fusion.concat_features(*[f[m] for f in feats_list]))
+        tr = make_train(dataclasses.replace(_tcfg(cfg, seed + 104729 * m, 1), dropout_rate=None), meta,
+                        (x[split.train], labels[split.train]), (x[split.val], labels[split.val]))
         state = tr.fit()
         p_va.append(tr.predict(state, x[split.val])[0])
         p_te.append(tr.predict(state, x[split.test])[0])
-        v0 = member_variables(state, 0) if v0 is None else v0
-    return np.stack(p_va), np.stack(p_te), v0
-
-
-def _ms_per_image(fn, x, repeats: int = 3) -> float:
-    jax.block_until_ready(fn(x))  # compile + warm-up
-    best = np.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(x))
-        best = min(best, time.perf_counter() - t0)
-    return 1000.0 * best / x.shape[0]
-
-
-def timing_and_params(branches, branch_vars, meta_vars, num_classes, images) -> dict:
-    """Returns {"rows": [{"model", "params", "ms_per_image"}...]}: each branch alone (backbone + head softmax)
-    and the two-stage model (all branches, their heads' features, meta-classifier), timed on `images`."""
-    models = [Classifier(b["module"], DenseHead(num_classes, features=_width(v))) for b, v in zip(branches, branch_vars)]
-    meta = fusion.MetaClassifier(num_classes)
-    x = jnp.asarray(images)
-    rows = []
-    for b, model, v in zip(branches, models, branch_vars):
-        fn = jax.jit(lambda x_, model=model, v=v, norm=b["spec"].normalization:
-                     jax.nn.softmax(model.apply(v, normalize(x_, norm))[0]))
-        rows.append(dict(model=f"branch {b['record']['used']} (own softmax)", params=count_params(v),
-                         ms_per_image=_ms_per_image(fn, x)))
-
-    def two_stage(x_):
-        feats = [model.apply(v, normalize(x_, b["spec"].normalization))[1]["pre_logits"]
-                 for b, model, v in zip(branches, models, branch_vars)]
-        return jax.nn.softmax(meta.apply(meta_vars, fusion.concat_features(*feats))[0])
-
-    total = {k: sum(count_params(v)[k] for v in branch_vars) + count_params(meta_vars)[k]
-             for k in ("total", "trainable", "non_trainable")}
-    rows.append(dict(model="meta-classifier alone", params=count_params(meta_vars), ms_per_image=None))
-    rows.append(dict(model="two-stage fused model (branches + meta-classifier)", params=total,
-                     ms_per_image=_ms_per_image(jax.jit(two_stage), x)))
-    return dict(rows=rows, timed_on=f"{x.shape[0]} images of {x.shape[1]} px, batch = all, best of 3, "
-                                   f"{jax.devices()[0]}")
-
-
-def _width(variables) -> int:
-    return int(variables["params"]["head"]["dense"]["kernel"].shape[-1])
+        if v0 is None:
+            v0, h0 = member_variables(state, 0), tr.history(state)
+    return np.stack(p_va), np.stack(p_te), v0, h0
 
 
 def run(cfg: Config) -> dict:
-    """Runs both stages over every split; writes <out_dir>/metrics.json, config.json, figures/, splits/."""
+    """Runs the study over every split; writes metrics.json, config.json, README.md, figures/, splits/."""
     t_start = time.perf_counter()
-    if cfg.mode not in ("head", "finetune"):
-        raise ValueError(f"experiments/feature_fusion.py: --mode must be head | finetune, got {cfg.mode!r}")
-    out = pathlib.Path(cfg.out_dir)
+    if len(cfg.branches) != 2:
+        raise ValueError("experiments/feature_fusion.py: --branches needs exactly two backbones")
+    out = pathlib.Path(cfg.out_dir or f"results/feature_fusion/{cfg.dataset}")
     for sub in ("figures", "splits"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    ds = load_arrays(cfg.dataset, cfg.image_size, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir)
-    names, labels, k = list(ds.class_names), np.asarray(ds.labels), len(ds.class_names)
-    images = ds.images
+    ds, labels0, names = load_data(cfg)
+    k = len(names)
+    images0 = ds.images
     if cfg.enhance:
-        images = np.concatenate([np.asarray(enhance_paper2(jnp.asarray(images[s:s + 64])))
-                                 for s in range(0, len(images), 64)])
+        images0 = np.concatenate([np.asarray(enhance_paper2(jnp.asarray(images0[s:s + 64])))
+                                  for s in range(0, len(images0), 64)])
+    expand = (16 if cfg.protocol.startswith("paper") else 0) if cfg.expand < 0 else cfg.expand
+    images, origin = fp.dihedral_copies(images0, expand)
+    labels, groups = labels0[origin], np.asarray(ds.groups)[origin]
 
-    branches, t_features = [], {}
-    for i, name in enumerate(cfg.branches):
-        t0 = time.perf_counter()
-        fallback = cfg.branch_fallbacks[i] if i < len(cfg.branch_fallbacks) else ""
-        module, variables, spec, record = common.load_backbone(name, cfg.weights, cfg.weights_dir, fallback, cfg.seed)
-        if cfg.mode == "head":  # pooled features N×1×1×C: DenseHead's global average pool leaves them as they are
-            inputs = cached_features(module, variables, images, spec.normalization, output="pre_logits")[:, None, None]
-        else:
-            inputs = images
-        t_features[name] = time.perf_counter() - t0
-        branches.append(dict(name=name, module=module, variables=variables, spec=spec, record=record, inputs=inputs))
-    bnames = [b["record"]["used"] for b in branches]
-    if len(set(bnames)) != len(bnames):
-        raise ValueError(f"experiments/feature_fusion.py: the branches used {bnames} are not distinct")
-
-    splits = common.make_splits(cfg.protocol, labels, ds.groups, names, folds=cfg.folds, repeats=cfg.repeats,
-                                val_fraction=cfg.val_fraction, seed=cfg.seed, leaky=cfg.leaky)
-    rows = bnames + ["branch_sum_rule", "fused_meta"]
-    per = {r: {"reports": [], "unc": [], "referral": []} for r in rows}
+    models = load_models(cfg, images)
+    branch_names = list(cfg.branches)
+    runnable = [n for n, m in models.items() if "inputs" in m]
+    splits = make_splits(cfg, labels, groups, names)
+    rows = runnable + ["meta[branch 1]", "meta[branch 2]", "proposed", "branch_sum_rule"]
+    per = {r: [] for r in rows}
     pooled = {r: np.zeros((len(labels), k), np.float32) for r in rows}
     mask = np.zeros(len(labels), bool)
-    table, t0 = None, time.perf_counter()
+    first = None
+    t0 = time.perf_counter()
     for split in splits:
-        common.check_and_save(split, ds.groups, cfg.protocol == "paper_80_20" and cfg.leaky, out / "splits")
-        y_va, y_te = labels[split.val], labels[split.test]
+        common.check_and_save(split, groups, cfg.protocol == "paper", out / "splits")
         seed = cfg.seed + 1000 * split.repeat + split.fold
-        probs = {}
-        feats, bvars = [], []
-        for b, bname in zip(branches, bnames):
-            p_va, p_te, f_mnd, v0, _ = train_branch(cfg, b, split, labels, k, seed)
-            probs[bname] = (p_va, p_te)
-            feats.append(f_mnd)
-            bvars.append(v0)
-        probs["branch_sum_rule"] = (np.concatenate([probs[n][0] for n in bnames]),
-                                    np.concatenate([probs[n][1] for n in bnames]))
-        m_va, m_te, meta_vars = train_meta(cfg, feats, split, labels, k, seed)
-        probs["fused_meta"] = (m_va, m_te)
+        probs, feats, heads, hist = {}, {}, {}, {}
+        for n in runnable:
+            p_va, p_te, f, hp, h = train_head(cfg, models[n]["inputs"], split, labels, k, seed)
+            probs[n], feats[n], heads[n], hist[n] = (p_va, p_te), f, hp, h
+        fb = [feats[b] for b in branch_names]
+        for r, fl in (("meta[branch 1]", fb[:1]), ("meta[branch 2]", fb[1:]), ("proposed", fb)):
+            p_va, p_te, v, h = train_meta(cfg, fl, split, labels, k, seed)
+            probs[r] = (p_va, p_te)
+            if r == "proposed":
+                meta_vars, hist["proposed (meta-classifier)"] = v, h
+        probs["branch_sum_rule"] = tuple(np.concatenate([probs[b][i] for b in branch_names]) for i in (0, 1))
         for r in rows:
-            rep, unc, ref = common.evaluate_probs(y_va, probs[r][0], y_te, probs[r][1], names, "accuracy",
-                                                  cfg.referral_accuracy)
-            per[r]["reports"].append(rep)
-            per[r]["unc"].append(unc)
-            per[r]["referral"].append(ref)
+            rep, unc, ref = common.evaluate_probs(labels[split.val], probs[r][0], labels[split.test], probs[r][1],
+                                                  names, "accuracy", cfg.referral_accuracy)
+            rep.update(fp.weighted_prf(rep))
+            per[r].append((rep, unc, ref))
             if split.repeat == 0:
                 pooled[r][split.test] = probs[r][1].mean(0)
         mask[split.test] |= split.repeat == 0
-        if table is None:  # parameter counts and test time, measured once on this split's test images
-            table = timing_and_params(branches, bvars, meta_vars, k, images[split.test][:cfg.timing_images])
+        if first is None:
+            first = dict(split=split, heads=heads, meta=meta_vars, hist=hist)
     t_train = time.perf_counter() - t0
 
-    keys = common.metric_keys(k)
-    ablation = {}
+    keys = list(dict.fromkeys(common.metric_keys(k) + ["macro_roc_auc", "macro_f1", "weighted_precision",
+                                                       "weighted_recall", "weighted_f1"]))
+    results = {}
     for r in rows:
-        ablation[r] = common.summarize(per[r]["reports"], per[r]["unc"], per[r]["referral"], keys)
-        ablation[r]["pooled_first_repeat"] = metrics.classification_report(labels[mask], pooled[r][mask], names)
-    fig = out / "figures"
-    plots.confusion_matrix(labels[mask], pooled["fused_meta"][mask], names, title="Two-stage fused model",
-                           path=fig / "confusion_matrix_fused_meta.png")
-    for bname in bnames:
-        plots.confusion_matrix(labels[mask], pooled[bname][mask], names, title=f"Branch {bname} alone",
-                               path=fig / f"confusion_matrix_{bname}.png")
-    plots.roc_curves(labels[mask], pooled["fused_meta"][mask], names, path=fig / "roc_fused_meta.png")
-    plots.reliability_diagram(labels[mask], pooled["fused_meta"][mask], path=fig / "reliability_fused_meta.png")
-
+        reps = [p[0] for p in per[r]]
+        results[r] = common.summarize(reps, [p[1] for p in per[r]], [p[2] for p in per[r]], keys)
+        results[r]["per_class_mean_std"] = common.mean_std(
+            reps, [f"per_class.{c}.{m}" for c in names for m in ("precision", "recall", "f1")])
+        results[r]["pooled_first_repeat"] = metrics.classification_report(labels[mask], pooled[r][mask], names)
+    for n, m in models.items():
+        if "error" in m:
+            results[n] = dict(error=m["error"])
+    timing = report.timing(cfg, models, branch_names, first, k, images[first["split"].test])
+    report.figures(cfg, out / "figures", models, branch_names, first, labels, pooled, mask, names, images)
     result = dict(
         study="Himel et al. 2024: two-stage feature-fusion stacked ensemble",
-        dataset=dict(name=cfg.dataset, n=len(labels), counts=ds.counts, groups=int(len(np.unique(ds.groups))),
-                     image_size=cfg.image_size, enhancement="enhance_paper2 (+30, ×1.4, Laplacian)" if cfg.enhance
-                     else "none"),
+        dataset=dict(name=cfg.dataset, classes=list(names), target=cfg.target, n_images=int(len(labels0)),
+                     n_items=int(len(labels)), expand=expand, counts=metrics_counts(labels0, names),
+                     sources={str(s): int(c) for s, c in zip(*np.unique(ds.sources, return_counts=True))},
+                     groups=int(len(np.unique(ds.groups))), image_size=cfg.image_size,
+                     enhancement="enhance_paper2 (+30, ×1.4, Laplacian)" if cfg.enhance else "none"),
         protocol=dict(name=splits[0].protocol, splits=len(splits), repeats=cfg.repeats,
-                      summary="mean ± std over all splits; pooled_first_repeat pools repeat 0's test parts"),
-        branches=[b["record"] for b in branches],
-        model=dict(stage1=f"DenseHead({cfg.features}, relu, dropout {cfg.dropout}) softmax per branch",
-                   stage2="MetaClassifier 1000 sigmoid → 100 relu → 10 sigmoid → softmax on concat features",
-                   mode=cfg.mode, members=cfg.members,
-                   augmentation="augment_paper2 (rot90/flips)" if cfg.mode == "finetune" else "none (frozen features)"),
-        ablation=ablation, params_and_test_time=table,
-        paper_reported="not transcribed here: compare with the tables of Himel et al. 2024 (their protocol and data)",
-        timing_s=dict(total=time.perf_counter() - t_start, features=t_features, training=t_train),
+                      training=f"head mode (frozen backbones), Adam lr {cfg.learning_rate}, batch {cfg.batch_size}, "
+                               f"≤{cfg.epochs} epochs, patience {cfg.patience}, members {cfg.members}",
+                      summary="mean ± std over splits; pooled_first_repeat pools repeat 0's test parts"),
+        branch_input=cfg.branch_input, branches=[models[b]["record"] for b in branch_names],
+        baselines={n: (m.get("record") or {"error": m["error"]}) for n, m in models.items()},
+        results=results, table3_paper_semantics=fp.table3(tuple(cfg.branches), k, cfg.branch_input),
+        test_time=timing, paper=dict(table2=fp.PAPER_TABLE2, table5=fp.PAPER_TABLE5, table8=fp.PAPER_TABLE8,
+                                     table3_ms_per_step=fp.PAPER_TABLE3_MS_PER_STEP,
+                                     source="Himel et al. 2024, IEEE Access: 3-class ALL-IDB2 + ASH composite, "
+                                            "leaky 70/10/20 on 16 copies, Tesla P100"),
+        timing_s=dict(total=time.perf_counter() - t_start, training=t_train,
+                      features={n: m["seconds"] for n, m in models.items()}),
         environment=common.environment(), command=common.command_line("experiments.feature_fusion", cfg))
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    acc = ablation["fused_meta"]["test_mean_std"]["accuracy"]
-    print(f"feature_fusion: fused accuracy {acc['mean']:.3f} ± {acc['std']:.3f} over {len(splits)} splits; "
-          + ", ".join(f"{r} {ablation[r]['test_mean_std']['accuracy']['mean']:.3f}" for r in bnames)
-          + f"; wrote {out}/")
+    (out / "README.md").write_text(report.readme(result))
+    acc = {r: results[r]["test_mean_std"]["accuracy"]["mean"] for r in rows}
+    print(f"feature_fusion: {out}: " + ", ".join(f"{r} {a:.3f}" for r, a in acc.items()))
     return result
+
+
+def metrics_counts(labels, names) -> dict:
+    return {n: int(np.sum(labels == i)) for i, n in enumerate(names)}
 
 
 if __name__ == "__main__":

@@ -170,11 +170,12 @@ def meta_classifier_params(in_features: int, num_classes: int) -> int:
 
 
 def table3_rows(backbone_totals: dict, backbone_channels: dict, branches: tuple, num_classes: int,
-                branch_input: str = "imagenet_logits", features: int = 1024) -> list[dict]:
+                branch_input: str = "imagenet_logits", features: int = 1024, base_models=None) -> list[dict]:
     """Returns Himel et al. Table 3's parameter rows as the paper counts them (Keras totals, BatchNorm
     moving statistics included as non-trainable; each backbone frozen, only the head trainable).
 
-    backbone_totals: {name: all variables of the no-top backbone}; backbone_channels: {name: C}.
+    backbone_totals: {name: all variables of the no-top backbone}; backbone_channels: {name: C};
+    base_models: the names given a base-model row (default: every key of backbone_totals).
     Per base model: total = backbone [+ ImageNet top] + branch head, trainable = branch head. Per branch of
     the proposed model (output Dense dropped): trainable = Dense(features) alone. Meta-classifier: all.
     """
@@ -187,7 +188,7 @@ def table3_rows(backbone_totals: dict, backbone_channels: dict, branches: tuple,
         return 1000 if branch_input == "imagenet_logits" else backbone_channels[name]
 
     rows = []
-    for name in backbone_totals:
+    for name in (backbone_totals if base_models is None else base_models):
         head = branch_head_params(head_in(name), num_classes, features)
         frozen = backbone_totals[name] + top(name)
         rows.append(dict(model=name, total=frozen + head, trainable=head, non_trainable=frozen))
