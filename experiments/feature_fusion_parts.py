@@ -37,6 +37,12 @@ PAPER_TABLE5 = {"ALL": {"efficientnet_b7": (95.4, 95.0, 95.2), "mobilenet_v3_lar
                         "proposed": (100.0, 100.0, 100.0)},
                 "healthy": {"efficientnet_b7": (94.3, 95.0, 94.6), "mobilenet_v3_large": (98.3, 97.1, 97.7),
                             "proposed": (99.0, 98.8, 98.9)}}
+PAPER_TABLE3_TOTALS = {"xception": 23_938_579, "nasnet_large": 89_977_917, "inception_v3": 24_879_883,
+                       "resnet50_v2": 26_641_899, "resnet101_v2": 45_703_659, "efficientnet_b6": 44_293_242,
+                       "efficientnet_b7": 67_686_786, "mobilenet_v3_large": 6_535_531,
+                       "proposed [branch 1: efficientnet_b7]": 67_683_711,
+                       "proposed [branch 2: mobilenet_v3_large]": 6_532_456,
+                       "proposed [meta-classifier]": 2_150_143}
 PAPER_TABLE3_MS_PER_STEP = {"xception": 112, "nasnet_large": 262, "inception_v3": 106, "resnet50_v2": 115,
                             "resnet101_v2": 121, "efficientnet_b6": 167, "efficientnet_b7": 209,
                             "mobilenet_v3_large": 94, "proposed": 228}
