@@ -85,9 +85,14 @@ def test_array_source_and_member_augmentation(small_dataset):
 def test_paper2_augmentation_permutes_pixels(small_dataset):
     aug = pipeline.member_augment(augment.augment_paper2)
     out = list(pipeline.batches(small_dataset, 16, 6, seed=1, member=0, augment=aug))
+    seen = set()
     for b in out:
         imgs = np.asarray(b["image"])
         for img, i in zip(imgs, b["index"]):
             src = small_dataset.images[i].astype(np.float32)
-            assert any(np.array_equal(img, np.rot90(f, k)) for k in range(4)
-                       for f in (src, src[:, ::-1], src[::-1], src[::-1, ::-1]))
+            # which of the 8 dihedral transforms this is (as the set of arrays equal to it; random pixels)
+            match = [(k, fl) for fl, f in enumerate((src, src[:, ::-1], src[::-1], src[::-1, ::-1]))
+                     for k in range(4) if np.array_equal(img, np.rot90(f, k))]
+            assert match
+            seen.add(tuple(match))
+    assert len(seen) >= 4  # random transforms, not the identity (or one fixed transform) every time
