@@ -39,8 +39,15 @@ def test_confusion_matrix(preds, tmp_path):
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == NAMES
     assert [t.get_text() for t in ax.get_yticklabels()] == NAMES
-    cells = [t.get_text() for t in ax.texts]
-    assert sum(int(c) for c in cells) == len(labels)  # counts panel sums to N
+    # the count drawn at (column = predicted j, row = true i) is the number of class-i images predicted j
+    preds = probs.argmax(-1)
+    drawn = {tuple(int(round(c)) for c in t.get_position()): int(t.get_text()) for t in ax.texts}
+    expected = {(j, i): int(np.sum((labels == i) & (preds == j))) for i in range(3) for j in range(3)}
+    assert drawn == expected and sum(drawn.values()) == len(labels)
+    assert len({v for (j, i), v in expected.items() if i != j}) > 1  # off-diagonal counts differ: has teeth
+    ax_pct = next(a for a in fig.axes if "% of true class" in a.get_title())
+    pct = {tuple(int(round(c)) for c in t.get_position()): t.get_text() for t in ax_pct.texts}
+    assert pct[(0, 0)] == f"{100 * expected[(0, 0)] / np.sum(labels == 0):.1f}%"
     assert any("% of true class" in ax.get_title() for ax in fig.axes)
 
 
