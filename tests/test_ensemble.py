@@ -168,7 +168,7 @@ def test_early_stopping_update_by_hand():
                           bad_epochs=jnp.array([1, 1, 3]), epoch=jnp.asarray(3, jnp.int32),
                           members=state.members.replace(active=jnp.array([True, True, False])))
     trained = state.members.replace(params=jax.tree.map(lambda v: v + 1.0, state.members.params))
-    new = ensemble.early_stopping_update(state, trained, jnp.array([0.6, 0.8, 5.0]), patience=2)
+    new = ensemble.early_stopping_update(state.replace(members=trained), jnp.array([0.6, 0.8, 5.0]), patience=2)
     np.testing.assert_array_equal(new.best_score, np.float32([0.6, 0.9, 0.1]))
     np.testing.assert_array_equal(new.best_epoch, [3, 1, 0])
     np.testing.assert_array_equal(new.bad_epochs, [0, 2, 3])

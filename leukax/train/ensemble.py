@@ -200,26 +200,34 @@ def predict(spec: Spec, state: EnsembleState, x, use_best: bool = True) -> np.nd
 
 def evaluate(spec: Spec, state: EnsembleState, data, use_best: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Returns (nll_m, acc_m) of every member on data = (x, y): `leukax.metrics.nll` and accuracy."""
-    probs_mnk = jnp.asarray(predict(spec, state, data[0], use_best=use_best))
-    y_n = jnp.asarray(data[1], jnp.int32)
-    nll_m = jax.vmap(metrics.nll, (None, 0))(y_n, probs_mnk)
-    return np.asarray(nll_m), np.asarray(jnp.mean(jnp.argmax(probs_mnk, -1) == y_n, -1))
+    nll_m, acc_m = _nll_acc_m(jnp.asarray(data[1], jnp.int32), predict(spec, state, data[0], use_best=use_best))
+    return np.asarray(nll_m), np.asarray(acc_m)
+
+
+@jax.jit
+def _nll_acc_m(y_n, probs_mnk):
+    return jax.vmap(metrics.nll, (None, 0))(y_n, probs_mnk), jnp.mean(jnp.argmax(probs_mnk, -1) == y_n, -1)
 
 
 def record_history(state: EnsembleState, epoch: int, values: dict[str, np.ndarray]) -> EnsembleState:
     """Returns state with history[k][:, epoch] = values[k] (M each) for the keys given."""
-    hist = dict(state.history)
-    for k, v_m in values.items():
-        hist[k] = hist[k].at[:, epoch].set(jnp.asarray(v_m, jnp.float32))
-    return state.replace(history=hist)
+    return state.replace(history=_set_column(state.history, epoch, values))
 
 
-def early_stopping_update(state: EnsembleState, members: Members, score_m, patience: int | None) -> EnsembleState:
-    """Returns the state after an epoch whose trained `members` scored score_m (higher is better).
+@jax.jit
+def _set_column(history, epoch, values):
+    return {k: v.at[:, epoch].set(jnp.asarray(values[k], jnp.float32)) if k in values else v
+            for k, v in history.items()}
+
+
+@functools.partial(jax.jit, static_argnames="patience")
+def early_stopping_update(state: EnsembleState, score_m, patience: int | None) -> EnsembleState:
+    """Returns the state after an epoch whose trained members (`state.members`) scored score_m (higher is better).
 
     improved_m = active_m ∧ score_m > best_score_m: best params/score/epoch ← this epoch's;
     bad_m = 0 if improved_m else bad_m + active_m; active_m ← active_m ∧ bad_m < patience; epoch += 1.
     """
+    members = state.members
     active = members.active
     score_m = jnp.asarray(score_m, jnp.float32)
     improved = active & (score_m > state.best_score)
@@ -289,14 +297,15 @@ def fit(spec: Spec, train_data, val_data=None, state: EnsembleState | None = Non
                 break
             members, loss_m, acc_m = train_epoch(spec, state.members, state.data_key, epoch, (x, y))
             check_finite(members, loss_m, epoch)
+            state = state.replace(members=members)  # the old members' buffers were donated to the step
             values = {"train_loss": loss_m, "train_acc": acc_m}
             if val_data is not None:
-                nll_m, vacc_m = evaluate(spec, state.replace(members=members), val_data)
+                nll_m, vacc_m = evaluate(spec, state, val_data)
                 values.update(val_loss=np.where(active, nll_m, np.nan), val_acc=np.where(active, vacc_m, np.nan))
                 score_m = vacc_m if cfg.monitor == "val_acc" else -nll_m
             else:  # no validation split: the latest params are the best
                 score_m = np.full(cfg.num_members, float(epoch))
-            state = early_stopping_update(record_history(state, epoch, values), members, score_m, cfg.patience)
+            state = early_stopping_update(record_history(state, epoch, values), score_m, cfg.patience)
             _log_epoch(epoch, end, values, np.asarray(state.members.active), bar)
             if mngr is not None:
                 ckpt_lib.save(mngr, epoch + 1, state)
