@@ -69,6 +69,7 @@ BAD = {  # name -> words its reason must contain
     "empty.png": "empty file",
     "notes.jpg": "not a recognised image format",
     "truncated.png": "truncated",
+    "corrupt.png": "corrupt",
     "huge.png": "too large",
     "broken.tif": "unreadable TIFF",
 }
@@ -86,6 +87,8 @@ def folder(tmp_path_factory):
     (d / "notes.jpg").write_text("this is a text file named .jpg\n")
     data = cells[3].read_bytes()
     (d / "truncated.png").write_bytes(data[: len(data) // 2])
+    idat = data.index(b"IDAT") + 8  # compressed pixels scrambled, length and header intact
+    (d / "corrupt.png").write_bytes(data[:idat] + bytes(b ^ 0x5A for b in data[idat:idat + 64]) + data[idat + 64:])
     (d / "huge.png").write_bytes(png_claiming(20000, 20000))
     (d / "broken.tif").write_bytes(b"II*\x00" + b"\x08\x00\x00\x00" + b"\xff" * 40)
     return d
@@ -121,7 +124,7 @@ def test_mixed_folder_every_file_gets_a_row(tiny_bundle, folder, tmp_path, capsy
     assert "Traceback" not in printed.out + printed.err
     for name in BAD:
         assert any(line.startswith(str(folder / name) + "\tERROR\t") for line in printed.out.splitlines())
-    assert "4 classified, 5 failed" in printed.err
+    assert "4 classified, 6 failed" in printed.err
 
 
 def test_ok_rows_equal_a_direct_forward_pass(tiny_bundle, folder):
