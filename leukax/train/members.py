@@ -18,7 +18,7 @@ import optax
 from flax import struct
 from jax import lax
 
-from leukax import preprocess
+from leukax.preprocess import normalize
 
 # Counts traces of the member functions (incremented at trace time only); tests use it to prove
 # that changing learning rate / momentum / dropout between trials does not recompile.
@@ -53,11 +53,6 @@ def resolve_axis(axis: str, mode: str) -> str:
     if axis not in AXES:
         raise ValueError(f"leukax/train/members.py: ensemble_axis must be auto|{'|'.join(AXES)}, got {axis!r}")
     return axis
-
-
-def normalize(x, name: str | None):
-    """Returns float32 `x`: `leukax.preprocess.normalize(x, name)`, or just cast when name is None (features)."""
-    return x.astype(jnp.float32) if name is None else preprocess.normalize(x, name)
 
 
 def apply_model(model, params, batch_stats, x, train: bool, dropout_rate, rng):
