@@ -62,6 +62,8 @@ def pretrained(name: str, weights: Any = "imagenet", num_classes: int | None = N
             try:
                 path = weights_registry.get_weights(cand.name, weights_dir, offline, allow_unverified=allow_unverified)
             except WeightsError as e:
+                if e.reason.startswith("wrong hash"):  # found but corrupt: refuse, never fall back silently
+                    raise
                 errors.append(str(e))
                 continue
             chosen, fmt = cand, cand.format

@@ -147,3 +147,16 @@ def test_truncated_archives_refused(tmp_path):
     with pytest.raises(WeightsError) as e:
         torch_state.read_state_dict(pth)
     one_clean_error(e, pth, "truncated or corrupt")
+
+
+def test_pretrained_refuses_a_corrupt_file_instead_of_falling_back(tmp_path, monkeypatch):
+    """A wrong-hash MobileNetV2 file in the weights folder stops `pretrained` with the refusal; it must not
+    quietly fall back to another file or to the embedded copy."""
+    from leukax.pretrained import pretrained
+    monkeypatch.setenv("LEUKAX_CACHE_DIR", str(tmp_path / "cache"))
+    spec = registry.WEIGHTS["mobilenet_v2_coral"]
+    bad = tmp_path / spec.filename
+    bad.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 64)
+    with pytest.raises(WeightsError) as e:
+        pretrained("mobilenet_v2", weights="imagenet", weights_dir=tmp_path, offline=True)
+    one_clean_error(e, bad, "wrong hash", spec.hash)
