@@ -262,7 +262,8 @@ def run(cfg: Config) -> dict:
         if "error" in m:
             results[n] = dict(error=m["error"])
     timing = report.timing(cfg, models, branch_names, first, k, images[first["split"].test])
-    report.figures(cfg, out / "figures", models, branch_names, first, labels, pooled, mask, names, images)
+    raw = fp.dihedral_copies(ds.images, expand)[0] if cfg.enhance else None
+    report.figures(cfg, out / "figures", models, branch_names, first, labels, pooled, mask, names, images, raw, results)
     result = dict(
         study="Himel et al. 2024: two-stage feature-fusion stacked ensemble",
         dataset=dict(name=cfg.dataset, classes=list(names), target=cfg.target, n_images=int(len(labels0)),

@@ -50,8 +50,10 @@ def timing(cfg, models, branch_names, first, k, test_images) -> dict:
                                f"after one compiling call, {jax.devices()[0]}")
 
 
-def figures(cfg, fig_dir, models, branch_names, first, labels, pooled, mask, names, images) -> None:
-    """Himel et al. Figs. 5-7 and 10 (and training curves), class names on every figure."""
+def figures(cfg, fig_dir, models, branch_names, first, labels, pooled, mask, names, images, raw=None,
+            results=None) -> None:
+    """Himel et al. Figs. 1, 4-7 and 10 (and training curves), class names on every figure. raw: the images
+    before enhancement (Fig. 1, when enhanced); results: the per-model summaries (Fig. 4)."""
     y = labels[mask]
     b1, b2 = (_label(models, b) for b in branch_names)
     plots.confusion_matrix(y, pooled["proposed"][mask], names, title="Two-stage fused model",
@@ -77,6 +79,14 @@ def figures(cfg, fig_dir, models, branch_names, first, labels, pooled, mask, nam
     plots.gradcam_branches(images[pick], heat, labels[pick], probs, names,
                            title="Grad-CAM of each branch (first split's test images)",
                            path=fig_dir / "gradcam_branches.png")
+    if raw is not None:
+        plots.image_pairs(raw[pick], images[pick], labels[pick], names, path=fig_dir / "enhancement.png")
+    if results is not None:
+        keys = ("accuracy", "weighted_precision", "weighted_recall", "weighted_f1")
+        bars = {_label(models, n) if n in models else n: [(results[n]["test_mean_std"][q]["mean"] or 0.0,
+                                                             results[n]["test_mean_std"][q]["std"] or 0.0) for q in keys]
+                for n in [*[m for m in models if "inputs" in models[m]], "proposed"]}
+        plots.metric_bars(bars, keys, title=f"Each model on {', '.join(names)}", path=fig_dir / "metrics_bars.png")
 
 
 def _ms(v) -> str:
@@ -151,5 +161,7 @@ def readme(result: dict) -> str:
               "- `figures/roc_pr_models.png`: macro ROC and PR of every model (Figs. 5, 6)",
               "- `figures/roc_per_class_proposed.png`, `figures/pr_per_class_proposed.png`: per class",
               "- `figures/training_curves_first_split.png`: both branches' heads and the meta-classifier",
-              "- `figures/gradcam_branches.png`: Grad-CAM of each branch (Fig. 10)", ""]
+              "- `figures/gradcam_branches.png`: Grad-CAM of each branch (Fig. 10)",
+              "- `figures/metrics_bars.png`: accuracy and weighted P / R / F1 of every model (Fig. 4)",
+              "- `figures/enhancement.png`: the Grad-CAM images raw and enhanced (Fig. 1; only with --enhance)", ""]
     return "\n".join(lines)

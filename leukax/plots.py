@@ -315,3 +315,38 @@ def gradcam_branches(images_bhwc, heat_by_branch: dict, labels_n, probs_by_branc
     if title:
         fig.suptitle(title)
     return _save(fig, path)
+
+
+def image_pairs(raw_bhwc, enhanced_bhwc, labels_n, class_names, path=None) -> Figure:
+    """Himel et al. Fig. 1: each image raw (top) and enhanced (bottom), titled with its class."""
+    raw, enh, labels = np.asarray(raw_bhwc), np.asarray(enhanced_bhwc), np.asarray(labels_n)
+    n = len(raw)
+    fig = Figure(figsize=(2.3 * n, 5))
+    for i in range(n):
+        for row, (img, what) in enumerate(((raw, "raw"), (enh, "enhanced"))):
+            ax = fig.add_subplot(2, n, row * n + i + 1)
+            ax.imshow(img[i])
+            ax.set_title(f"{class_names[int(labels[i])]}, {what}", fontsize=9)
+            ax.set_xticks([]), ax.set_yticks([])
+    return _save(fig, path)
+
+
+def metric_bars(values_by_model: dict, metric_names, title: str = "", path=None) -> Figure:
+    """Himel et al. Fig. 4: grouped bars, one group per model, one bar per metric (values in [0, 1], with an
+    optional std as error bar). values_by_model: {model: [(mean, std), ...] in metric_names order}."""
+    models = list(values_by_model)
+    m = len(metric_names)
+    fig = Figure(figsize=(max(6, 1.3 * len(models) * m / 3 + 3), 4.5))
+    ax = fig.add_subplot()
+    width = 0.8 / m
+    for j, name in enumerate(metric_names):
+        mean = [values_by_model[k][j][0] for k in models]
+        std = [values_by_model[k][j][1] for k in models]
+        ax.bar(np.arange(len(models)) + (j - (m - 1) / 2) * width, mean, width, yerr=std, capsize=2,
+               color=_COLORS[j % len(_COLORS)], label=name)
+    ax.set_xticks(range(len(models)), models, rotation=20, ha="right")
+    ax.set(ylim=(0, 1.05), ylabel="score (mean ± std over splits)", title=title or "Models compared")
+    ax.legend(fontsize=8, ncol=m, loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -91,7 +91,8 @@ def test_grouped_run_tables_and_figures(grouped_run):
     for heading in ("Table 2", "Table 8", "Table 5", "Table 3", "Paper's", "python -m experiments.feature_fusion"):
         assert heading in readme
     for name in ("confusion_matrix_proposed", "confusion_matrix_mobilenet_v2", "roc_pr_models", "roc_per_class_proposed",
-                 "pr_per_class_proposed", "training_curves_first_split", "gradcam_branches"):
+                 "pr_per_class_proposed", "training_curves_first_split", "gradcam_branches", "enhancement",
+                 "metrics_bars"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 1000
 
 
