@@ -30,10 +30,19 @@ import sys
 import warnings
 from typing import Callable, Iterable, Iterator
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from leukax import bundle as bundle_lib
+from leukax import uncertainty
 from leukax.data import imageio
+from leukax.models.classifier import Classifier
+from leukax.models.heads import make_head
+from leukax.preprocess import normalize
+from leukax.pretrained import pretrained
+from leukax.train.features import compute_features
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
@@ -76,18 +85,6 @@ def list_images(paths, strict: bool = True) -> list[pathlib.Path]:
 
 def load_model(directory) -> tuple[bundle_lib.BundleConfig, Callable]:
     """Returns (config, probs_fn) where probs_fn(uint8 N×S×S×3) -> probs M×N×K for a bundle directory."""
-    import jax
-    import jax.numpy as jnp
-
-    try:
-        from leukax.pretrained import pretrained
-    except ImportError:  # before the move of `pretrained` out of leukax.models
-        from leukax.models import pretrained
-    from leukax.models.classifier import Classifier
-    from leukax.models.heads import make_head
-    from leukax.preprocess import normalize
-    from leukax.train.features import compute_features
-
     cfg, variables_m = bundle_lib.load(directory)
     head = make_head(cfg.head, len(cfg.class_names), **cfg.head_kwargs)
     if cfg.mode == "head":
@@ -134,9 +131,6 @@ def error_row(cfg, file, reason: str, size: str = "") -> dict:
 def uncertainties(probs_mnk: np.ndarray) -> dict[str, np.ndarray]:
     """Returns the deep-ensemble summaries of M×N×K member probabilities, each over N images: the mean N×K,
     pred, and the uncertainty columns (see `leukax.uncertainty.deep_ensemble`)."""
-    import jax.numpy as jnp
-
-    from leukax import uncertainty
     u = {k: np.asarray(v) for k, v in uncertainty.deep_ensemble(jnp.asarray(probs_mnk)).items()}
     return dict(mean=u["mean"], pred=u["pred"], predictive_entropy=u["predictive_entropy"],
                 mutual_information=u["mutual_information"], variance=u["variance_pred"],
@@ -302,8 +296,6 @@ def cli(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - a missing/corrupt bundle is a user error: one line, no traceback
         print(f"leukax.predict: error: cannot load the model bundle {args.model}: {e}", file=sys.stderr)
         return EXIT_USAGE
-    from tqdm import tqdm
-
     thr = cfg.referral_threshold
     print(f"model: {args.model} ({cfg.backbone} + {cfg.head} head, {cfg.num_members} members); referral: "
           f"{cfg.uncertainty} > {thr if thr is not None else 'none'}", flush=True)

@@ -23,11 +23,8 @@ from fixtures import smooth_image
 from leukax import bundle as bundle_lib
 from leukax import predict
 from leukax.data.builders import sample_dir
-try:
-    from leukax.pretrained import pretrained
-except ImportError:  # before the move of `pretrained` out of leukax.models
-    from leukax.models import pretrained
 from leukax.models.heads import make_head
+from leukax.pretrained import pretrained
 from leukax.train.features import compute_features
 
 SIZE = 32
