@@ -308,9 +308,11 @@ def gradcam_branches(images_bhwc, heat_by_branch: dict, labels_n, probs_by_branc
             ax = fig.add_subplot(rows, n, r * n + i + 1)
             ax.imshow(images[i])
             im = ax.imshow(np.asarray(heat)[i], cmap="jet", alpha=alpha, vmin=0, vmax=1)
-            ax.set_title(f"{name}: {class_names[pred]} ({probs[i, pred]:.2f})", fontsize=8,
+            ax.set_title(f"pred: {class_names[pred]} ({probs[i, pred]:.2f})", fontsize=9,
                          color="black" if pred == int(labels[i]) else "tab:red")
             ax.set_xticks([]), ax.set_yticks([])
+            if i == 0:
+                ax.set_ylabel(name.replace(" → ", "\n→ "), fontsize=9)
     fig.colorbar(im, ax=fig.axes, fraction=0.02, pad=0.01, label="Grad-CAM class evidence (0–1)")
     if title:
         fig.suptitle(title)
