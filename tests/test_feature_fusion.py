@@ -137,3 +137,14 @@ def test_standin_and_lab_probe_builders(shared_dir, tmp_path):
     assert set(src[ds.labels == 1]) == {"aml_lmu"} and set(src[ds.labels != 1]) == {"cnmc2019"}
     probe = load_arrays("lab_probe", 32, data_dir=tmp_path, manual_dir=shared_dir / "data")
     assert probe.counts == {"cnmc_hem": 30, "lmu_lyt": 10}
+
+
+def test_macro_curves_perfect_and_chance():
+    from leukax import plots
+    labels = np.repeat(np.arange(3), 4)
+    grid = np.linspace(0, 1, 11)
+    tpr, prec, auc, ap = plots._macro_curves(labels, np.eye(3)[labels], grid)
+    assert auc == 1.0 and ap == 1.0 and np.all(tpr[1:] == 1.0) and np.all(prec == 1.0)
+    tpr, _, auc, _ = plots._macro_curves(labels, np.full((12, 3), 1 / 3), grid)
+    assert auc == 0.5
+    np.testing.assert_allclose(tpr, grid)  # all scores tied: the diagonal
