@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from leukax.models.layers import DepthwiseConv2D
+from leukax.models.layers import BatchNorm, DepthwiseConv2D, relu6
 from leukax.models.registry import BackboneSpec
 
 # (kernel, repeats, filters_in, filters_out, expand_ratio, strides) per stage, as Keras DEFAULT_BLOCKS_ARGS.
@@ -66,10 +66,6 @@ def block_names(depth: float, lite: bool) -> list[str]:
     return [f"block{i + 1}{chr(j + 97)}_" for i, n in enumerate(stage_repeats(depth, lite)) for j in range(n)]
 
 
-def relu6(x):
-    return jnp.minimum(jax.nn.relu(x), 6.0)
-
-
 class EfficientNet(nn.Module):
     """EfficientNet backbone. `__call__` returns (feature_map B×h×w×C, {"pre_logits": B×C[, "logits"]}).
 
@@ -93,7 +89,7 @@ class EfficientNet(nn.Module):
                        kernel_init=conv_init, dtype=self.dtype, name=name)
 
     def _bn(self, train, name):
-        return nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+        return BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
                             epsilon=self.bn_epsilon, dtype=self.dtype, name=name)
 
     def _block(self, x, train, name, drop_rate, kernel, filters_in, filters_out, expand_ratio, strides):

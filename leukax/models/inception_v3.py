@@ -15,7 +15,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from leukax.models.layers import PointwiseConv2D
+from leukax.models.layers import BatchNorm, PointwiseConv2D
 from leukax.models.registry import BackboneSpec
 
 
@@ -45,7 +45,7 @@ class InceptionV3(nn.Module):
                 conv = nn.Conv(filters, (kh, kw), strides, padding, use_bias=False, dtype=self.dtype,
                                name=keras_name("conv2d", i))
             x = conv(x)
-            x = nn.BatchNorm(use_running_average=not train, use_scale=False, momentum=0.99,
+            x = BatchNorm(use_running_average=not train, use_scale=False, momentum=0.99,
                              epsilon=1e-3, dtype=self.dtype, use_fast_variance=False,
                              name=keras_name("batch_normalization", i))(x)
             return nn.relu(x)

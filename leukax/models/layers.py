@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -19,6 +20,14 @@ import jax.numpy as jnp
 from jax import lax
 
 Padding = str | Sequence[tuple[int, int]]
+
+
+def relu6(x):
+    """min(max(x, 0), 6) with TF's Relu6Grad: d/dx = 1 on 0 < x < 6, else 0 (`jax.nn.relu6`'s custom JVP).
+
+    `jnp.clip`'s autodiff splits ties and costs compares, selects and a divide per element in the backward pass.
+    """
+    return jax.nn.relu6(x)
 
 
 def tf_same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
@@ -46,23 +55,70 @@ def depthwise_conv_lax(x_bhwc, kernel_hw1c, strides=(1, 1), padding: Padding = "
         dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x_bhwc.shape[-1])
 
 
-def depthwise_conv_shift(x_bhwc, kernel_hw1c, strides=(1, 1), padding: Padding = "SAME"):
-    """Depthwise conv as a sum of kh*kw strided slices × per-channel weights. Returns B×Ho×Wo×C."""
+def _taps(kh, kw, sh, sw, ho, wo, b, c):
+    """(i, j, start, limit, strides) of the kh*kw strided windows of a padded B×Hp×Wp×C input."""
+    return [(i, j, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
+            for i in range(kh) for j in range(kw)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depthwise_taps(xpad_bhwc, kernel_hw1c, strides):
+    """y[b,h,w,c] = Σ_ij xpad[b, h·sh+i, w·sw+j, c] · k[i,j,0,c] on an already padded input (VALID)."""
+    return _depthwise_taps_fwd(xpad_bhwc, kernel_hw1c, strides)[0]
+
+
+def _depthwise_taps_fwd(xpad_bhwc, kernel_hw1c, strides):
     kh, kw = kernel_hw1c.shape[:2]
     sh, sw = strides
-    (plo_h, phi_h), (plo_w, phi_w) = _explicit_padding(x_bhwc, (kh, kw), strides, padding)
-    x = jnp.pad(x_bhwc, ((0, 0), (plo_h, phi_h), (plo_w, phi_w), (0, 0)))
-    b, hp, wp, c = x.shape
+    b, hp, wp, c = xpad_bhwc.shape
     ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-    k = kernel_hw1c.astype(x.dtype)
+    k = kernel_hw1c.astype(xpad_bhwc.dtype)
     out = None
-    for i in range(kh):
-        for j in range(kw):
-            tap = lax.slice(x, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c),
-                            (1, sh, sw, 1))
-            term = tap * k[i, j, 0]
-            out = term if out is None else out + term
-    return out
+    for i, j, lo, hi, st in _taps(kh, kw, sh, sw, ho, wo, b, c):
+        term = lax.slice(xpad_bhwc, lo, hi, st) * k[i, j, 0]
+        out = term if out is None else out + term
+    # Residuals are the (padded) input and the kernel only: with plain autodiff XLA keeps all kh*kw
+    # strided slices alive for the kernel gradient, materialising kh*kw copies of the input.
+    return out, (xpad_bhwc, kernel_hw1c)
+
+
+def _depthwise_taps_bwd(strides, res, g_bhwc):
+    """dxpad = Σ_ij pad_ij(g · k_ij) (each tap's window scattered back, interior padding sh−1, sw−1);
+    dk[i,j,0,c] = Σ_bhw xpad[b, h·sh+i, w·sw+j, c] · g[b,h,w,c] (all taps in one variadic reduce over b, h)."""
+    xpad_bhwc, kernel_hw1c = res
+    kh, kw = kernel_hw1c.shape[:2]
+    sh, sw = strides
+    b, hp, wp, c = xpad_bhwc.shape
+    ho, wo = g_bhwc.shape[1:3]
+    k = kernel_hw1c.astype(g_bhwc.dtype)
+    zero = jnp.zeros((), g_bhwc.dtype)
+    dx = None
+    prods = []
+    for i, j, lo, hi, st in _taps(kh, kw, sh, sw, ho, wo, b, c):
+        cfg = ((0, 0, 0), (i, hp - hi[1], sh - 1), (j, wp - hi[2], sw - 1), (0, 0, 0))
+        term = lax.pad(g_bhwc * k[i, j, 0], zero, cfg)
+        dx = term if dx is None else dx + term
+        prods.append((lax.slice(xpad_bhwc, lo, hi, st) * g_bhwc).astype(jnp.float32))
+    # All kh*kw sums in ONE variadic reduce (one pass over x and g, slices fused in): separate sums go to
+    # XLA:CPU's YNNPACK reductions, which cannot fuse the slices and materialise kh*kw copies (~8x slower).
+    zeros = [jnp.zeros((), jnp.float32)] * len(prods)
+    sums_wc = lax.reduce(prods, zeros, lambda a, b_: [u + v for u, v in zip(a, b_)], (0, 1))
+    dk_hw1c = jnp.stack([jnp.sum(s_wc, axis=0) for s_wc in sums_wc]).reshape(kh, kw, 1, c)
+    dk_hw1c = dk_hw1c.astype(kernel_hw1c.dtype)
+    return dx.astype(xpad_bhwc.dtype), dk_hw1c
+
+
+_depthwise_taps.defvjp(_depthwise_taps_fwd, _depthwise_taps_bwd)
+
+
+def depthwise_conv_shift(x_bhwc, kernel_hw1c, strides=(1, 1), padding: Padding = "SAME"):
+    """Depthwise conv as a sum of kh*kw strided slices × per-channel weights. Returns B×Ho×Wo×C.
+
+    Custom VJP (`_depthwise_taps`): the backward pass keeps only the padded input, not the kh*kw slices.
+    """
+    (plo_h, phi_h), (plo_w, phi_w) = _explicit_padding(x_bhwc, kernel_hw1c.shape[:2], strides, padding)
+    x = jnp.pad(x_bhwc, ((0, 0), (plo_h, phi_h), (plo_w, phi_w), (0, 0)))
+    return _depthwise_taps(x, kernel_hw1c, tuple(strides))
 
 
 def resolve_depthwise_impl(impl: str) -> str:
@@ -136,3 +192,86 @@ class PointwiseConv2D(nn.Module):
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(y.dtype)
         return y
+
+
+def _bn_stats(x_nc, fast_variance: bool):
+    """Per-channel mean and biased variance of N×C: two-pass E[(x−μ)²], or one-pass E[x²]−μ² clamped at 0."""
+    mean_c = jnp.mean(x_nc, axis=0)
+    if fast_variance:
+        return mean_c, jnp.maximum(jnp.mean(jnp.square(x_nc), axis=0) - jnp.square(mean_c), 0.0)
+    return mean_c, jnp.mean(jnp.square(x_nc - mean_c), axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train(x_nc, scale_c, bias_c, epsilon: float, fast_variance: bool = False):
+    """Training-mode batch norm of N×C (float32) → (y N×C, batch mean C, biased batch var C), with
+
+        y = (x − μ)·γ/√(σ² + ε) + β.
+
+    Custom VJP (x̂ = (x − μ)/√(σ² + ε), sums over N): dβ = Σg, dγ = Σ g·x̂ and
+        dx = γ/√(σ²+ε)·(g − Σg/N − x̂·Σ(g·x̂)/N) + ḡ_μ/N + 2 ḡ_σ²·(x − μ)/N
+    (ḡ_μ, ḡ_σ² the cotangents of the returned statistics), i.e. one a·g + b + c·x pass per element and
+    two per-channel reductions, instead of autodiff's chain through the mean and variance.
+    """
+    return _bn_fwd(x_nc, scale_c, bias_c, epsilon, fast_variance)[0]
+
+
+def _bn_fwd(x_nc, scale_c, bias_c, epsilon, fast_variance):
+    mean_c, var_c = _bn_stats(x_nc, fast_variance)
+    inv_c = lax.rsqrt(var_c + epsilon)
+    y_nc = (x_nc - mean_c) * (inv_c * scale_c) + bias_c
+    return (y_nc, mean_c, var_c), (x_nc, mean_c, inv_c, scale_c)
+
+
+def _bn_bwd(epsilon, fast_variance, res, cts):
+    del epsilon, fast_variance
+    x_nc, mean_c, inv_c, scale_c = res
+    g_nc, g_mean_c, g_var_c = cts
+    n = x_nc.shape[0]
+    xc_nc = x_nc - mean_c
+    sum_g_c = jnp.sum(g_nc, axis=0)
+    sum_gx_c = jnp.sum(g_nc * xc_nc, axis=0) * inv_c          # Σ g·x̂
+    a_c = scale_c * inv_c
+    b_c = (g_mean_c - a_c * sum_g_c) / n
+    c_c = (2.0 * g_var_c - a_c * inv_c * sum_gx_c) / n
+    dx_nc = a_c * g_nc + b_c + c_c * xc_nc
+    return dx_nc, sum_gx_c, sum_g_c
+
+
+batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
+
+
+class BatchNorm(nn.Module):
+    """Drop-in for `flax.linen.BatchNorm` over the last axis (same variables: params scale/bias, batch_stats
+    mean/var; same running-average update x̄ ← m·x̄ + (1−m)·batch, not at init), whose training-mode
+    normalisation is `batch_norm_train` (fused backward). Statistics and normalisation in float32; output
+    in ``dtype`` (default: float32, as Flax's promotion of a float input with float32 params).
+    """
+    use_running_average: bool = False
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: jnp.dtype | None = None
+    use_bias: bool = True
+    use_scale: bool = True
+    use_fast_variance: bool = True
+
+    @nn.compact
+    def __call__(self, x_bhwc, use_running_average: bool | None = None):
+        use_ra = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        c = x_bhwc.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), (c,))
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), (c,))
+        scale_c = self.param("scale", nn.initializers.ones, (c,), jnp.float32) if self.use_scale \
+            else jnp.ones((c,), jnp.float32)
+        bias_c = self.param("bias", nn.initializers.zeros, (c,), jnp.float32) if self.use_bias \
+            else jnp.zeros((c,), jnp.float32)
+        out_dtype = self.dtype or jnp.result_type(x_bhwc.dtype, jnp.float32)
+        x_nc = x_bhwc.reshape(-1, c).astype(jnp.float32)
+        if use_ra:
+            y_nc = (x_nc - ra_mean.value) * (lax.rsqrt(ra_var.value + self.epsilon) * scale_c) + bias_c
+        else:
+            y_nc, mean_c, var_c = batch_norm_train(x_nc, scale_c, bias_c, self.epsilon, self.use_fast_variance)
+            if not self.is_initializing():
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean_c
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var_c
+        return y_nc.reshape(x_bhwc.shape).astype(out_dtype)

@@ -12,7 +12,7 @@ import functools
 import flax.linen as nn
 import jax.numpy as jnp
 
-from leukax.models.layers import DepthwiseConv2D, PointwiseConv2D
+from leukax.models.layers import BatchNorm, DepthwiseConv2D, PointwiseConv2D, relu6
 from leukax.models.registry import BackboneSpec
 
 # (expansion, filters, stride) for block_0 ... block_16, as in keras.applications.
@@ -36,10 +36,6 @@ def correct_pad(size_hw: tuple[int, int], kernel: int = 3) -> list[tuple[int, in
     return [(kernel // 2 - (1 - s % 2), kernel // 2) for s in size_hw]
 
 
-def relu6(x):
-    return jnp.clip(x, 0.0, 6.0)
-
-
 class MobileNetV2(nn.Module):
     """MobileNetV2 without top. Returns (feature_map B×h×w×1280, {"pre_logits": B×1280})."""
     alpha: float = 1.0
@@ -49,7 +45,7 @@ class MobileNetV2(nn.Module):
 
     @nn.compact
     def __call__(self, x_bhwc, train: bool = False):
-        bn = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.999,
+        bn = functools.partial(BatchNorm, use_running_average=not train, momentum=0.999,
                                epsilon=1e-3, dtype=self.dtype, use_fast_variance=False)
         pw = functools.partial(PointwiseConv2D, use_bias=False, impl=self.pointwise_impl,
                                dtype=self.dtype)

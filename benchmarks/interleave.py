@@ -1,0 +1,88 @@
+"""Shared by the framework-comparison benchmarks: pinning, interleaved timing, machine record, tables.
+
+Both frameworks run in ONE process and their steps alternate (jax, torch, jax, torch, ...), so a change
+in the machine's load hits both; each figure is the median over repeats, with min and max, and the
+ratio is the median of the per-round ratios. On a shared machine `cores=1` (process pinned to one core,
+torch on one thread) is the steady comparison: with 2 threads each, PyTorch's OpenMP barriers stall
+whenever another job takes a core, so its speed swings with the load far more than XLA's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+
+def pin(cores: int) -> list[int]:
+    """Pins this process to its first `cores` allowed CPUs (0: leave as is). Returns the CPUs in use.
+
+    Call before importing jax/torch so that their thread pools start on these CPUs only."""
+    allowed = sorted(os.sched_getaffinity(0))
+    if cores:
+        os.sched_setaffinity(0, allowed[:cores])
+    return sorted(os.sched_getaffinity(0))
+
+
+def cpu_model() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict:
+    """CPU model, CPU counts, 1/5/15-min load average now, platform."""
+    return {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "cpus_used": sorted(os.sched_getaffinity(0)),
+            "loadavg": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform()}
+
+
+def interleaved(steps: dict, repeats: int, warmup: int) -> dict:
+    """steps: name -> zero-argument callable that runs one step and waits for it.
+
+    Runs each `warmup` times (compile), then `repeats` rounds calling each once per round.
+    Returns name -> {"step_s": [...], "warmup_s": seconds}."""
+    out = {}
+    for name, fn in steps.items():
+        t0 = time.perf_counter()
+        for _ in range(warmup):
+            fn()
+        out[name] = {"step_s": [], "warmup_s": time.perf_counter() - t0}
+    for _ in range(repeats):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            out[name]["step_s"].append(time.perf_counter() - t0)
+    return out
+
+
+def summarize(times: dict, batch: int, ref: str | None = None, other: str | None = None) -> dict:
+    """Adds img/s (median, min, max) per entry and, with ref/other, `ratio` = median over rounds of
+    other's step time / ref's step time (ref's speed relative to other's: >1 means ref is faster)."""
+    res = {}
+    for name, t in times.items():
+        s = t["step_s"]
+        res[name] = {"img_per_s": batch / statistics.median(s), "img_per_s_min": batch / max(s),
+                     "img_per_s_max": batch / min(s), "median_step_s": statistics.median(s), **t}
+    if ref and other and ref in times and other in times:
+        res["ratio"] = statistics.median(o / r for r, o in zip(times[ref]["step_s"], times[other]["step_s"]))
+    return res
+
+
+def write(result: dict, json_path: str, markdown: str) -> None:
+    """Writes result as JSON at json_path and `markdown` beside it (same stem, .md)."""
+    path = pathlib.Path(json_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    path.with_suffix(".md").write_text(markdown)
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+
+
+def fmt(s: dict) -> str:
+    """'median (min–max)' img/s."""
+    return f"{s['img_per_s']:.2f} ({s['img_per_s_min']:.2f}–{s['img_per_s_max']:.2f})"
