@@ -51,6 +51,8 @@ class Recipe:
     warmup_epochs: int = 3
     label_smoothing: float = 0.1
     monitor: str = "val_nll"            # val_nll (lower is better) | val_acc
+    member_axis: str = "vmap"           # vmap | map (lax.map: members one after another inside the program)
+    val_views: int = 2                  # views averaged at validation each epoch (0 = all; test TTA uses all)
     eval_chunk: int = 256               # examples·views per forward pass at validation/prediction
 
     def __post_init__(self):
@@ -58,6 +60,8 @@ class Recipe:
             raise ValueError(f"leukax/train/compiled.py: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.schedule not in ("warmup_cosine", "constant"):
             raise ValueError(f"leukax/train/compiled.py: schedule must be warmup_cosine|constant, got {self.schedule!r}")
+        if self.member_axis not in ("vmap", "map"):
+            raise ValueError(f"leukax/train/compiled.py: member_axis must be vmap|map, got {self.member_axis!r}")
         if self.monitor not in ("val_nll", "val_acc"):
             raise ValueError(f"leukax/train/compiled.py: monitor must be val_nll|val_acc, got {self.monitor!r}")
 
@@ -178,7 +182,8 @@ def make_train(recipe: Recipe, head, num_classes: int, mesh=None) -> Callable:
 
         (params, opt_state), (loss_s, acc_s) = jax.lax.scan(
             step, (s.params, s.opt_state), (idx_sb, view_sb, jax.random.split(k_steps, steps)))
-        probs_nk = view_mean_probs(head, params, data["val_x"], r.eval_chunk)
+        val_x = data["val_x"] if r.val_views == 0 else data["val_x"][: r.val_views]
+        probs_nk = view_mean_probs(head, params, val_x, r.eval_chunk)
         y_val = data["val_y"]
         p_true = jnp.take_along_axis(probs_nk, y_val[:, None], -1)[:, 0]
         val_nll = -jnp.mean(jnp.log(jnp.clip(p_true, jnp.finfo(jnp.float32).eps, 1.0)))
@@ -217,7 +222,10 @@ def make_train(recipe: Recipe, head, num_classes: int, mesh=None) -> Callable:
 
         def body(c):
             epoch, st = c
-            st = jax.vmap(epoch_member, (0, None, None, None, None))(st, epoch, hp, data, steps)
+            if r.member_axis == "vmap":
+                st = jax.vmap(epoch_member, (0, None, None, None, None))(st, epoch, hp, data, steps)
+            else:
+                st = jax.lax.map(lambda sm: epoch_member(sm, epoch, hp, data, steps), st)
             return epoch + 1, constrain(st)
 
         epochs_run, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
