@@ -185,7 +185,9 @@ class PointwiseConv2D(nn.Module):
             x_bhwc = x_bhwc.astype(self.dtype)
         k = kernel.astype(x_bhwc.dtype)
         if resolve_pointwise_impl(self.impl) == "dot":
-            y = lax.dot_general(x_bhwc, k[0, 0], (((3,), (0,)), ((), ())))
+            # A 2-D (B·H·W)×Cin @ Cin×Cout matmul: autodiff then emits 2-D dots for dx and dk (= x2dᵀ g2d)
+            # that XLA:CPU hands to its matmul library, where the 4-D form's dk needed transposes and a slow dot.
+            y = (x_bhwc.reshape(-1, cin) @ k[0, 0]).reshape(*x_bhwc.shape[:-1], self.features)
         else:
             y = lax.conv_general_dilated(x_bhwc, k, (1, 1), "VALID",
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -247,7 +249,7 @@ class BatchNorm(nn.Module):
     normalisation is `batch_norm_train` (fused backward). Statistics and normalisation in float32; output
     in ``dtype`` (default: float32, as Flax's promotion of a float input with float32 params).
     """
-    use_running_average: bool = False
+    use_running_average: bool | None = None
     momentum: float = 0.99
     epsilon: float = 1e-5
     dtype: jnp.dtype | None = None
