@@ -3,26 +3,31 @@
 Measures images/s of one SGD training step (forward, backward, update; BN in train mode; dropout)
 and of inference (BN running stats), at 224 px, batch 16, 2 classes, GRU units 256.
 
-  python benchmarks/cpu_mobilenetv2_gru.py --steps=5 --warmup=2 --out=results/benchmarks/cpu_mobilenetv2_gru.json
+  python benchmarks/cpu_mobilenetv2_gru.py --cores=1 --out=results/benchmarks/cpu_mobilenetv2_gru.json
+  python benchmarks/cpu_mobilenetv2_gru.py --cores=2 --out=results/benchmarks/cpu_mobilenetv2_gru_2cores.json
 
+Both frameworks are built first, then their steps alternate in one process (`interleave.py`): img/s as
+median (min–max) over `--steps` rounds, ratio = median of the per-round ratios. `--cores=1` pins the process
+to one CPU with torch on one thread (steady on a shared machine); `--cores=2` is the 2-thread comparison.
 `--xla_flags` is appended to XLA_FLAGS before the first JAX computation (XLA reads it when the backend starts).
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import pathlib
-import platform
+import sys
 import time
 
-from experiments import common
-from experiments.common import field
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import interleave  # noqa: E402  (benchmarks/ is not a package)
+
+from experiments import common  # noqa: E402
+from experiments.common import field  # noqa: E402
 
 
 @dataclasses.dataclass
 class Config:
-    steps: int = field(5, "Timed steps per measurement.")
+    steps: int = field(5, "Timed rounds (each framework once per round).")
     warmup: int = field(2, "Untimed steps (compile) first.")
     batch: int = field(16, "Batch size.")
     size: int = field(224, "Image size in pixels.")
@@ -33,22 +38,9 @@ class Config:
     depthwise_impl: str = field("auto", "leukax DepthwiseConv2D impl.")
     pointwise_impl: str = field("auto", "leukax PointwiseConv2D impl.")
     xla_flags: str = field("", "Appended to XLA_FLAGS before the first JAX computation.")
-    threads: int = field(0, "torch threads (0: torch default).")
+    threads: int = field(0, "torch threads (0: = cores, or torch's default when cores is 0).")
+    cores: int = field(1, "Pin the process to this many CPUs (0: no pinning).")
     out: str = field("", "Write the JSON result here ('' = print only).")
-
-
-def timed(step, steps, warmup):
-    """Runs step() warmup+steps times; returns (seconds per timed step list, warmup seconds)."""
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    t_warm = time.perf_counter() - t0
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return times, t_warm
 
 
 def bench_jax(args, modes):
@@ -99,11 +91,7 @@ def bench_jax(args, modes):
     out = {"framework": "jax", "jax": jax.__version__, "device": str(jax.devices()[0]),
            "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "depthwise_impl": args.depthwise_impl, "pointwise_impl": args.pointwise_impl}
-    for mode, fn in (("train", train), ("infer", infer)):
-        if mode in modes:
-            times, warm = timed(fn, args.steps, args.warmup)
-            out[mode] = summarize(times, warm, args.batch)
-    return out
+    return out, {"train": train, "infer": infer}
 
 
 def torch_model(units, hidden):
@@ -156,8 +144,8 @@ def bench_torch(args, modes):
     import numpy as np
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    if args.threads or args.cores:
+        torch.set_num_threads(args.threads or args.cores)
     torch.manual_seed(0)
     model = torch_model(args.units, args.hidden)
     rng = np.random.default_rng(0)
@@ -180,38 +168,54 @@ def bench_torch(args, modes):
 
     out = {"framework": "torch", "torch": torch.__version__, "threads": torch.get_num_threads(),
            "device": "cpu"}
-    for mode, fn in (("train", train), ("infer", infer)):
-        if mode in modes:
-            times, warm = timed(fn, args.steps, args.warmup)
-            out[mode] = summarize(times, warm, args.batch)
-    return out
+    return out, {"train": train, "infer": infer}
 
 
-def summarize(times, warm, batch):
-    med = sorted(times)[len(times) // 2]
-    return {"img_per_s": batch / med, "median_step_s": med, "step_s": times, "warmup_s": warm}
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    env = {r["framework"]: r for r in result["results"]}
+    lines = ["# MobileNetV2 + GRU on CPU: leukax/JAX against PyTorch (same process, interleaved)", "",
+             f"- **Command:** `{result['command']}`",
+             f"- **Commit:** `{result['git_commit']}`; every step time is in the JSON beside this file.",
+             f"- **Device:** {m['cpu_model']}, {m['cpu_count']} CPUs on the machine, this run on CPUs {m['cpus_used']}; "
+             f"load average {result['load_before']} before, {m['loadavg']} after (1/5/15 min; shared machine). "
+             f"jax {env.get('jax', {}).get('jax')}, torch {env.get('torch', {}).get('torch')} "
+             f"({env.get('torch', {}).get('threads')} threads).",
+             f"- **Workload:** MobileNetV2 (alpha 1.0) + GRU head ({result['gru_units']} units, dense 128, 2 classes), "
+             f"{result['size']} px, batch {result['batch']}, random weights; training = one SGD-momentum step "
+             "(BN in train mode, dropout), inference = BN running statistics. The PyTorch network is the same "
+             "architecture written in the script.",
+             f"- **Method:** {result['warmup']} warm-up steps, then {result['steps']} rounds alternating the "
+             "frameworks; img/s median (min–max); ratio = median of per-round torch/JAX step-time ratios (> 1: JAX faster).",
+             "", "| mode | leukax/JAX img/s | PyTorch img/s | JAX / PyTorch |", "|---|---|---|---|"]
+    for mode, r in result["modes"].items():
+        t = interleave.fmt(r["torch"]) if "torch" in r else "—"
+        ratio = f"**{r['ratio']:.2f}×**" if "ratio" in r else "—"
+        lines.append(f"| {mode} | {interleave.fmt(r['jax'])} | {t} | {ratio} |")
+    return "\n".join(lines) + "\n"
 
 
 def run(args: Config) -> dict:
-    """Times each framework of `args.frameworks`; writes `args.out` when given; returns the result."""
-    modes = args.modes
+    """Times both frameworks interleaved; writes `args.out` (+ .md) when given; returns the result."""
+    load_before = [round(x, 2) for x in os.getloadavg()]
+    interleave.pin(args.cores)
+    built = {fw: (bench_jax if fw == "jax" else bench_torch)(args, args.modes) for fw in args.frameworks}
     result = {"benchmark": "cpu_mobilenetv2_gru", "batch": args.batch, "size": args.size,
               "gru_units": args.units, "steps": args.steps, "warmup": args.warmup,
-              "cpu_count": os.cpu_count(), "platform": platform.platform(),
               "git_commit": common.git_commit(),
-              "command": common.command_line("benchmarks/cpu_mobilenetv2_gru.py", args), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "results": []}
-    for fw in args.frameworks:
-        r = bench_jax(args, modes) if fw == "jax" else bench_torch(args, modes)
-        result["results"].append(r)
-        print(json.dumps({k: (v if not isinstance(v, dict) else
-                              {kk: vv for kk, vv in v.items() if kk != "step_s"})
-                          for k, v in r.items()}), flush=True)
+              "command": common.command_line("benchmarks/cpu_mobilenetv2_gru.py", args),
+              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "load_before": load_before,
+              "results": [info for info, _ in built.values()], "modes": {}}
+    for mode in args.modes:
+        times = interleave.interleaved({fw: fns[mode] for fw, (_, fns) in built.items()}, args.steps, args.warmup)
+        result["modes"][mode] = interleave.summarize(times, args.batch, "jax", "torch")
+        print(mode, {k: (round(v["img_per_s"], 2) if isinstance(v, dict) else round(v, 3))
+                     for k, v in result["modes"][mode].items()}, flush=True)
+    result["machine"] = interleave.machine()
+    md = markdown(result)
+    print(md)
     if args.out:
-        path = pathlib.Path(args.out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2))
-        print(f"wrote {path}")
+        interleave.write(result, args.out, md)
     return result
 
 

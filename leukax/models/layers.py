@@ -61,33 +61,41 @@ def _taps(kh, kw, sh, sw, ho, wo, b, c):
             for i in range(kh) for j in range(kw)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _depthwise_taps(xpad_bhwc, kernel_hw1c, strides):
-    """y[b,h,w,c] = Σ_ij xpad[b, h·sh+i, w·sw+j, c] · k[i,j,0,c] on an already padded input (VALID)."""
-    return _depthwise_taps_fwd(xpad_bhwc, kernel_hw1c, strides)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_taps(x_bhwc, kernel_hw1c, strides, pads):
+    """y[b,h,w,c] = Σ_ij xpad[b, h·sh+i, w·sw+j, c] · k[i,j,0,c], xpad = x zero-padded by pads ((lo, hi), (lo, hi))."""
+    return _depthwise_taps_fwd(x_bhwc, kernel_hw1c, strides, pads)[0]
 
 
-def _depthwise_taps_fwd(xpad_bhwc, kernel_hw1c, strides):
+def _pad_hw(x_bhwc, pads):
+    return jnp.pad(x_bhwc, ((0, 0), *pads, (0, 0)))
+
+
+def _depthwise_taps_fwd(x_bhwc, kernel_hw1c, strides, pads):
     kh, kw = kernel_hw1c.shape[:2]
     sh, sw = strides
+    xpad_bhwc = _pad_hw(x_bhwc, pads)
     b, hp, wp, c = xpad_bhwc.shape
     ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
-    k = kernel_hw1c.astype(xpad_bhwc.dtype)
+    k = kernel_hw1c.astype(x_bhwc.dtype)
     out = None
     for i, j, lo, hi, st in _taps(kh, kw, sh, sw, ho, wo, b, c):
         term = lax.slice(xpad_bhwc, lo, hi, st) * k[i, j, 0]
         out = term if out is None else out + term
-    # Residuals are the (padded) input and the kernel only: with plain autodiff XLA keeps all kh*kw
-    # strided slices alive for the kernel gradient, materialising kh*kw copies of the input.
-    return out, (xpad_bhwc, kernel_hw1c)
+    # Residuals are the unpadded input and the kernel only: with plain autodiff XLA keeps all kh*kw strided
+    # slices alive for the kernel gradient (kh*kw copies of the input) and materialises the padded input.
+    return out, (x_bhwc, kernel_hw1c)
 
 
-def _depthwise_taps_bwd(strides, res, g_bhwc):
-    """dxpad = Σ_ij pad_ij(g · k_ij) (each tap's window scattered back, interior padding sh−1, sw−1);
-    dk[i,j,0,c] = Σ_bhw xpad[b, h·sh+i, w·sw+j, c] · g[b,h,w,c] (all taps in one variadic reduce over b, h)."""
-    xpad_bhwc, kernel_hw1c = res
+def _depthwise_taps_bwd(strides, pads, res, g_bhwc):
+    """dx = Σ_ij pad_ij(g · k_ij) (each tap's window scattered back with interior padding sh−1, sw−1 and cropped
+    to the unpadded input by negative edge padding); dk[i,j,0,c] = Σ_bhw xpad[b, h·sh+i, w·sw+j, c] · g[b,h,w,c]
+    (all taps in one variadic reduce over b, h)."""
+    x_bhwc, kernel_hw1c = res
     kh, kw = kernel_hw1c.shape[:2]
     sh, sw = strides
+    (plo_h, phi_h), (plo_w, phi_w) = pads
+    xpad_bhwc = _pad_hw(x_bhwc, pads)
     b, hp, wp, c = xpad_bhwc.shape
     ho, wo = g_bhwc.shape[1:3]
     k = kernel_hw1c.astype(g_bhwc.dtype)
@@ -95,7 +103,7 @@ def _depthwise_taps_bwd(strides, res, g_bhwc):
     dx = None
     prods = []
     for i, j, lo, hi, st in _taps(kh, kw, sh, sw, ho, wo, b, c):
-        cfg = ((0, 0, 0), (i, hp - hi[1], sh - 1), (j, wp - hi[2], sw - 1), (0, 0, 0))
+        cfg = ((0, 0, 0), (i - plo_h, hp - hi[1] - phi_h, sh - 1), (j - plo_w, wp - hi[2] - phi_w, sw - 1), (0, 0, 0))
         term = lax.pad(g_bhwc * k[i, j, 0], zero, cfg)
         dx = term if dx is None else dx + term
         prods.append((lax.slice(xpad_bhwc, lo, hi, st) * g_bhwc).astype(jnp.float32))
@@ -105,7 +113,7 @@ def _depthwise_taps_bwd(strides, res, g_bhwc):
     sums_wc = lax.reduce(prods, zeros, lambda a, b_: [u + v for u, v in zip(a, b_)], (0, 1))
     dk_hw1c = jnp.stack([jnp.sum(s_wc, axis=0) for s_wc in sums_wc]).reshape(kh, kw, 1, c)
     dk_hw1c = dk_hw1c.astype(kernel_hw1c.dtype)
-    return dx.astype(xpad_bhwc.dtype), dk_hw1c
+    return dx.astype(x_bhwc.dtype), dk_hw1c
 
 
 _depthwise_taps.defvjp(_depthwise_taps_fwd, _depthwise_taps_bwd)
@@ -114,11 +122,11 @@ _depthwise_taps.defvjp(_depthwise_taps_fwd, _depthwise_taps_bwd)
 def depthwise_conv_shift(x_bhwc, kernel_hw1c, strides=(1, 1), padding: Padding = "SAME"):
     """Depthwise conv as a sum of kh*kw strided slices × per-channel weights. Returns B×Ho×Wo×C.
 
-    Custom VJP (`_depthwise_taps`): the backward pass keeps only the padded input, not the kh*kw slices.
+    Custom VJP (`_depthwise_taps`): the backward pass keeps only the input, neither its padded copy nor
+    the kh*kw slices.
     """
-    (plo_h, phi_h), (plo_w, phi_w) = _explicit_padding(x_bhwc, kernel_hw1c.shape[:2], strides, padding)
-    x = jnp.pad(x_bhwc, ((0, 0), (plo_h, phi_h), (plo_w, phi_w), (0, 0)))
-    return _depthwise_taps(x, kernel_hw1c, tuple(strides))
+    pads = _explicit_padding(x_bhwc, kernel_hw1c.shape[:2], strides, padding)
+    return _depthwise_taps(x_bhwc, kernel_hw1c, tuple(strides), tuple(tuple(p) for p in pads))
 
 
 def resolve_depthwise_impl(impl: str) -> str:

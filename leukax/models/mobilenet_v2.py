@@ -62,9 +62,9 @@ class MobileNetV2(nn.Module):
             if block_id:
                 x = pw(expansion * in_ch, name=f"{prefix}expand")(x)
                 x = relu6(bn(name=f"{prefix}expand_BN")(x))
-            if stride == 2:
-                x = jnp.pad(x, [(0, 0), *correct_pad(x.shape[1:3]), (0, 0)])  # {prefix}pad
-            x = DepthwiseConv2D((3, 3), (stride, stride), "SAME" if stride == 1 else "VALID",
+            # Keras' {prefix}pad (correct_pad) before the VALID stride-2 depthwise, as the conv's own padding.
+            pad = "SAME" if stride == 1 else correct_pad(x.shape[1:3])
+            x = DepthwiseConv2D((3, 3), (stride, stride), pad,
                                 impl=self.depthwise_impl, dtype=self.dtype,
                                 name=f"{prefix}depthwise")(x)
             x = relu6(bn(name=f"{prefix}depthwise_BN")(x))
