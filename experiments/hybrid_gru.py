@@ -1,27 +1,35 @@
-"""Akter et al. 2024: hybrid CNN-GRU deep ensembles fused with the sum rule.
+"""Akter et al. 2024: hybrid CNN-GRU deep ensembles fused with the sum rule — with baselines, calibration and
+augmentation that reaches head mode.
 
 Command:   python -m experiments.hybrid_gru                          (writes results/hybrid_gru/)
-           python -m experiments.hybrid_gru --dataset=all_idb2 --manual_dir=<ALL-IDB folder> --hparams=bo
+           python -m experiments.hybrid_gru --dataset=all_idb2 --manual_dir=<ALL-IDB folder>
+           python -m experiments.hybrid_gru --dataset=pbc --manual_dir=../shared/data/pbc-subset --out_dir=results/heads/pbc
+           python -m experiments.hybrid_gru --hparams=paper                   (Table 2 per backbone, whole)
+           python -m experiments.hybrid_gru --hparams=bo --bo_trials=30       (batched BO on validation only)
            python -m experiments.hybrid_gru --protocol=paper_80_20 --leaky     (the paper's own split)
-Runtime:   `--members=3` on the embedded sample (60 images, 224 px, 3 backbones, 5 folds, paper hparams) took
-           752 s on 2 CPU cores (results/hybrid_gru/README.md); the default M=5 takes about 5/3 of the
-           training part. `--hparams=bo` adds about `--bo_trials` trainings per hybrid and split. Every run
-           writes its measured times to metrics.json (timing_s).
+Runtime:   measured runs and their times are in results/hybrid_gru/README.md and results/heads/README.md
+           (metrics.json timing_s of every run). On 2 CPU cores, 320 PBC cells, 3 backbones, 5 folds, M = 5,
+           all four heads: see results/heads/README.md; feature extraction of 8 views per image is most of a
+           first run and is cached (--feature_cache).
 
-What it does:
-1. loads `--dataset` (cnmc2019 = the embedded sample; all_idb1, all_idb2, all_idb or any builder name);
-2. for each backbone of `--backbones` builds the ImageNet network (EfficientNetB3 has no offline weights:
-   `--b3_substitute=efficientnet_lite2` takes its place when they cannot be found, and the substitution is
-   recorded) and, in `--mode=head`, computes its frozen feature maps once;
-3. splits by `--protocol`: grouped_kfold (stratified k-fold grouped by subject/duplicate, repeated over
-   `--repeats` seeds) or paper_80_20 (80 % train / 20 % test, grouped, or `--leaky` per image as the paper
-   did); a grouped validation part (`--val_fraction` of all images) is carved from every training part;
-4. per split and backbone, a GRU-head deep ensemble of `--members` seeds; hyper-parameters from the paper
-   (`--hparams=paper`, leukax.models.heads.PAPER_GRU_HEADS) or from Bayesian optimisation on that split's
-   validation part only (`--hparams=bo`, logs in <out_dir>/bo/, resumed when present);
-5. fuses the hybrids' ensemble-mean probabilities with the sum rule; reports per-hybrid and fused test
-   metrics (mean ± std over splits), deep-ensemble uncertainty and referral at a validation-chosen entropy
-   threshold, with the paper's reported accuracies beside ours, labelled as the paper's.
+What it does (head mode, the default; `--mode=finetune` trains backbone + GRU end to end instead):
+1. loads `--dataset` (cnmc2019 = the embedded sample; all_idb1, all_idb2, all_idb, pbc or any builder name);
+2. per backbone of `--backbones` (EfficientNetB3 has no offline weights: `--b3_substitute` takes its place and
+   the substitution is recorded) computes the frozen feature maps of `--views` (8 dihedral views per image:
+   rotations/flips, exact for single cells) once;
+3. splits by `--protocol` (grouped k-fold repeated `--repeats` times, or the paper's 80/20, grouped or
+   `--leaky`), a grouped validation part inside every training part; views are only ever sliced per split;
+4. per split and backbone: standardisation + PCA to `--feature_dim` fitted on the training part only; then
+   on the same features and split the linear probe (logistic regression), a linear head, a dense head and the
+   GRU head (`--heads`), each head a deep ensemble of `--members` trained by the compiled trainer
+   (leukax.train.compiled: AdamW, label smoothing, warm-up + cosine, dropouts, early stopping on validation
+   NLL keeping each member's best weights, a different view per member and epoch), predictions averaged over
+   the views (TTA); temperature scaling fitted on validation data;
+5. fuses the backbones' `--head` ensembles with the sum rule (and every other head kind likewise); reports
+   per head and fused test metrics as mean ± std over splits, before/after temperature scaling, deep-ensemble
+   uncertainty (Akter's two-term variance) and referral, with the paper's reported numbers beside ours.
+`--hparams=paper` applies the whole of Table 2 per backbone (units, optimizer, learning rate, momentum,
+dropout; constant learning rate, no label smoothing, no weight decay) to the GRU head.
 """
 from __future__ import annotations
 
@@ -36,13 +44,13 @@ import numpy as np
 from experiments import common
 from experiments.common import field
 from leukax import fusion, metrics, plots, uncertainty
+from leukax.augment import augment_paper1
 from leukax.data import load_arrays
 from leukax.models.classifier import Classifier
-from leukax.models.heads import PAPER_GRU_HEADS, make_head
-from leukax.augment import augment_paper1
-from leukax.train import bayes
+from leukax.models.heads import make_head
+from leukax.train import bayes, compiled, recipe
 from leukax.train.ensemble import TrainConfig, make_train
-from leukax.train.features import cached_features
+from leukax.train.views import view_features
 
 # Akter et al. 2024, as reported in the paper (their protocol: a random per-image split, i.e. `--leaky`).
 PAPER_REPORTED = {
@@ -54,8 +62,8 @@ PAPER_REPORTED = {
 @dataclasses.dataclass
 class Config:
     out_dir: str = field("results/hybrid_gru", "Where metrics.json, config.json, figures/, splits/ and bo/ go.")
-    dataset: str = field("cnmc2019", "cnmc2019 (embedded sample) | all_idb1 | all_idb2 | all_idb | any leukax "
-                         "builder name.")
+    dataset: str = field("cnmc2019", "cnmc2019 (embedded sample) | all_idb1 | all_idb2 | all_idb | pbc | any "
+                         "leukax builder name.")
     data_dir: str | None = field(None, "TFDS data dir of prepared datasets.")
     manual_dir: str | None = field(None, "Folder with the manually downloaded data.")
     backbones: tuple = field(("mobilenet_v2", "inception_v3", "efficientnet_b3"),
@@ -64,22 +72,32 @@ class Config:
                                "Used instead of efficientnet_b3 when its ImageNet weights are missing ('' = fail).")
     weights: str = field("imagenet", "imagenet | none (random init, for tests).")
     weights_dir: str | None = field(None, "Folder of weight files.")
-    image_size: int = field(224, "Input size in pixels (all backbones).")
+    image_size: int = field(0, "Input size in pixels (0 = each backbone's own: 224 / 299 / 260).")
     mode: str = field("head", "head (frozen features) | finetune.", choices=("head", "finetune"))
-    members: int = field(5, "Deep-ensemble members M per hybrid.")
-    hparams: str = field("paper", "paper | bo.", choices=("paper", "bo"))
-    bo_trials: int = field(10, "Bayesian-optimisation trials per hybrid and split.")
-    bo_init_points: int = field(3, "Random BO trials first.")
-    bo_metric: str = field("val_acc", "BO objective on the validation part.", choices=("val_acc", "val_nll"))
-    units: int = field(256, "GRU units for a backbone the paper did not use.")
-    dropout: float = field(0.2, "Dropout for such a backbone.")
+    heads: tuple = field(("probe", "linear", "dense", "gru"), "Heads trained on the same features and splits: "
+                         "probe (logistic regression), linear, dense, gru.")
+    head: str = field("gru", "The head whose ensembles the main result fuses.", choices=("gru", "dense", "linear", "probe"))
+    members: int = field(5, "Deep-ensemble members M per head.")
+    hparams: str = field("recipe", "recipe (leukax's defaults below) | paper (Table 2 per backbone) | bo.",
+                         choices=("recipe", "paper", "bo"))
+    views: str = field("dihedral", "Cached views per image: dihedral (8) | none.", choices=("dihedral", "none"))
+    num_affine: int = field(0, "Extra views drawn from the paper's affine augmentation.")
+    feature_dim: int = field(256, "PCA-whitened feature channels (0 = standardised channels, no PCA).")
+    units: int = field(128, "GRU units (recipe).")
     hidden: int = field(128, "Width of the dense layer after the GRU.")
-    optimizer: str = field("rmsprop", "Optimizer (hparams=paper).", choices=("sgd", "rmsprop", "adam"))
-    learning_rate: float = field(1e-4, "Learning rate (hparams=paper).")
-    momentum: float = field(0.0, "Momentum (hparams=paper).")
-    batch_size: int = field(16, "Batch size.")
-    epochs: int = field(60, "Maximum epochs.")
-    patience: int = field(15, "Early-stopping patience (epochs).")
+    optimizer: str = field("adamw", "Optimizer (recipe).", choices=compiled.OPTIMIZERS)
+    learning_rate: float = field(1e-3, "Peak learning rate (recipe).")
+    momentum: float = field(0.9, "Momentum of sgd / rmsprop (recipe); 0 means none.")
+    weight_decay: float = field(1e-2, "Weight decay (decoupled for adamw).")
+    dropout: float = field(0.3, "Dropout before the last layer.")
+    input_dropout: float = field(0.2, "Dropout of feature channels.")
+    label_smoothing: float = field(0.1, "Label smoothing (recipe).")
+    batch_size: int = field(32, "Batch size.")
+    epochs: int = field(40, "Maximum epochs.")
+    patience: int = field(10, "Early-stopping patience (epochs).")
+    bo_trials: int = field(30, "Bayesian-optimisation trials per hybrid and split.")
+    bo_batch: int = field(6, "BO trials suggested and trained together.")
+    bo_metric: str = field("val_nll", "BO objective on the validation part.", choices=("val_acc", "val_nll"))
     protocol: str = field("grouped_kfold", "grouped_kfold | paper_80_20.", choices=common.PROTOCOLS)
     folds: int = field(5, "k of grouped_kfold.")
     repeats: int = field(1, "Seeds repeated.")
@@ -92,135 +110,173 @@ class Config:
 
 
 # ----------------------------------------------------------------------------------------------- training
-def split_hparams(cfg, role: str, split, x, labels, num_classes, bo_dir) -> dict:
-    """Returns {"units", "dropout", "optimizer", "learning_rate", "momentum", "source"} for one hybrid on one
-    split: the paper's table, or the best BO trial scored on this split's validation part only."""
+def split_hparams(cfg, role: str, tr, va, split, labels, num_classes, bo_dir):
+    """Returns (compiled.Recipe, traced hyper-parameters, GRU units, source) for one hybrid on one split: leukax's
+    recipe, the paper's Table 2 row, or the best batched-BO trial scored on this split's validation part only."""
+    base = compiled.Recipe(num_members=cfg.members, num_epochs=cfg.epochs, batch_size=cfg.batch_size,
+                           patience=cfg.patience, optimizer=cfg.optimizer, label_smoothing=cfg.label_smoothing)
+    if cfg.hparams == "recipe":
+        hp = compiled.default_hparams(learning_rate=cfg.learning_rate, momentum=cfg.momentum,
+                                      weight_decay=cfg.weight_decay, dropout=cfg.dropout,
+                                      input_dropout=cfg.input_dropout)
+        return base, hp, cfg.units, "recipe flags"
     if cfg.hparams == "paper":
-        paper = PAPER_GRU_HEADS.get(role)
-        return dict(units=int(paper["units"] if paper else cfg.units),
-                    dropout=float(paper["dropout"] if paper else cfg.dropout), optimizer=cfg.optimizer,
-                    learning_rate=cfg.learning_rate, momentum=cfg.momentum,
-                    source=f"PAPER_GRU_HEADS[{role!r}]" if paper else "flags (not in the paper's table)")
-    if cfg.hparams != "bo":
-        raise ValueError(f"experiments/hybrid_gru.py: --hparams must be paper | bo, got {cfg.hparams!r}")
-    base = _train_config(cfg, dict(units=0, dropout=0.0, optimizer="sgd", learning_rate=1e-3, momentum=0.0),
-                         cfg.seed + 7919 * split.repeat + split.fold, "head")
-    if cfg.mode != "head":
-        raise ValueError("experiments/hybrid_gru.py: --hparams=bo searches heads on frozen features (--mode=head)")
-    objective = bayes.paper1_objective(
-        (x[split.train], labels[split.train]), (x[split.val], labels[split.val]), base,
-        lambda units: make_head("gru", num_classes, units=units, dropout=0.0, hidden=cfg.hidden), cfg.bo_metric)
+        row = recipe.PAPER_TABLE2.get(role)
+        if row is None:
+            raise ValueError(f"experiments/hybrid_gru.py: Table 2 has no row for {role!r}; use --hparams=recipe")
+        rcp = dataclasses.replace(base, optimizer=row["optimizer"], schedule="constant", label_smoothing=0.0)
+        hp = compiled.default_hparams(learning_rate=row["learning_rate"], momentum=row["momentum"],
+                                      dropout=row["dropout"], weight_decay=0.0, input_dropout=0.0)
+        return rcp, hp, row["units"], f"Akter et al. 2024 Table 2 [{role}]"
+    y_tr, y_va = labels[split.train], labels[split.val]
+
+    def objective_batch(params_list):
+        out = [None] * len(params_list)
+        groups: dict = {}
+        for i, p in enumerate(params_list):
+            groups.setdefault((int(p["units"]), p["optimizer"]), []).append(i)
+        for (units, opt), idx in groups.items():
+            rcp = dataclasses.replace(base, optimizer=opt)
+            head = recipe.make_model("gru", num_classes, units, cfg.hidden)
+            hps = [bayes.recipe_hparams(params_list[i]) for i in idx]
+            res = compiled.fit(rcp, head, num_classes, tr, y_tr, va, y_va, hps, seed=cfg.seed)
+            probs_tmnk = np.asarray(jnp.stack([compiled.make_predict(head)(compiled.trial(res, t).params,
+                                                                           jnp.asarray(va)) for t in range(len(idx))]))
+            for t, i in enumerate(idx):
+                mean_nk = probs_tmnk[t].mean(0)
+                acc = float(np.mean(mean_nk.argmax(-1) == y_va))
+                nll = float(metrics.nll(jnp.asarray(y_va, jnp.int32), jnp.asarray(mean_nk)))
+                out[i] = (acc if cfg.bo_metric == "val_acc" else -nll, {"val_acc": acc, "val_nll": nll})
+        return out
+
     log_path = pathlib.Path(bo_dir) / f"{role}_r{split.repeat}_f{split.fold}.json"
-    best = bayes.run(objective, bayes.PAPER1_SPACE, cfg.bo_trials, log_path,
-                     init_points=min(cfg.bo_init_points, cfg.bo_trials), seed=cfg.seed)["best"]
+    best = bayes.run_batched(objective_batch, bayes.RECIPE_SPACE, cfg.bo_trials, log_path, batch=cfg.bo_batch,
+                             init_points=min(cfg.bo_batch, cfg.bo_trials), seed=cfg.seed)["best"]
     p = best["params"]
-    return dict(units=int(p["units"]), dropout=float(p["dropout"]), optimizer=p["optimizer"],
-                learning_rate=float(10.0 ** p["log10_lr"]), momentum=float(p["momentum"]),
-                source=f"BO trial {best['trial']} of {log_path.name} ({cfg.bo_metric}={best['target']:.4f})")
+    return (dataclasses.replace(base, optimizer=p["optimizer"]), bayes.recipe_hparams(p), int(p["units"]),
+            f"BO trial {best['trial']} of {log_path.name} ({cfg.bo_metric} target={best['target']:.4f})")
 
 
-def _train_config(cfg, hp, seed, mode, normalization=None) -> TrainConfig:
-    return TrainConfig(num_members=cfg.members, mode=mode, optimizer=hp["optimizer"],
-                       learning_rate=hp["learning_rate"], momentum=hp["momentum"] or None,
-                       dropout_rate=hp["dropout"], batch_size=cfg.batch_size, num_epochs=cfg.epochs,
-                       patience=cfg.patience, monitor="val_loss", seed=seed, normalization=normalization)
-
-
-def train_hybrid(cfg, hybrid: dict, hp: dict, split, labels, num_classes, seed):
-    """Trains one GRU-head deep ensemble; returns (probs_val_mnk, probs_test_mnk, history)."""
-    head = make_head("gru", num_classes, units=hp["units"], dropout=hp["dropout"], hidden=cfg.hidden)
+def train_finetune(cfg, hybrid: dict, split, labels, num_classes, seed):
+    """--mode=finetune: backbone + GRU head trained end to end with the paper's augmentation; returns
+    (probs_val_mnk, probs_test_mnk, info)."""
+    head = make_head("gru", num_classes, units=cfg.units, dropout=cfg.dropout, hidden=cfg.hidden)
     x = hybrid["inputs"]
-    if cfg.mode == "head":
-        model, extra = head, {}
-        tcfg = _train_config(cfg, hp, seed, "head")
-    else:
-        model = Classifier(hybrid["module"], head)
-        extra = dict(augment_fn=augment_paper1, pretrained=hybrid["variables"])
-        tcfg = _train_config(cfg, hp, seed, "finetune", hybrid["spec"].normalization)
-    tr = make_train(tcfg, model, (x[split.train], labels[split.train]), (x[split.val], labels[split.val]), **extra)
+    tcfg = TrainConfig(num_members=cfg.members, mode="finetune", optimizer="adam" if cfg.optimizer == "adamw"
+                       else cfg.optimizer, learning_rate=cfg.learning_rate, momentum=cfg.momentum,
+                       dropout_rate=cfg.dropout, batch_size=cfg.batch_size, num_epochs=cfg.epochs,
+                       patience=cfg.patience, monitor="val_loss", seed=seed,
+                       normalization=hybrid["spec"].normalization)
+    tr = make_train(tcfg, Classifier(hybrid["module"], head), (x[split.train], labels[split.train]),
+                    (x[split.val], labels[split.val]), augment_fn=augment_paper1, pretrained=hybrid["variables"])
     state = tr.fit()
-    return tr.predict(state, x[split.val]), tr.predict(state, x[split.test]), tr.history(state)
+    return (tr.predict(state, x[split.val]), tr.predict(state, x[split.test]),
+            {"members": cfg.members, "history": tr.history(state)})
+
+
+def train_heads(cfg, hybrid: dict, split, labels, num_classes, seed, bo_dir) -> dict:
+    """Head mode: every head kind of `cfg.heads` on the same transformed features of this split; returns
+    {kind: (probs_val_mnk, probs_test_mnk, info)} (info["hparams"] says where the GRU's came from)."""
+    views = hybrid["inputs"]  # V×N×T×C
+    tf = recipe.fit_transform(views[:, split.train], cfg.feature_dim, seed=seed)
+    tr, va, te = (tf.apply(views[:, idx]) for idx in (split.train, split.val, split.test))
+    rcp, hp, units, source = split_hparams(cfg, hybrid["name"], tr, va, split, labels, num_classes, bo_dir)
+    out = {}
+    for kind in cfg.heads:
+        k_rcp, k_hp = (rcp, hp) if kind == "gru" else (dataclasses.replace(rcp, optimizer="adamw", schedule="warmup_cosine"),
+                                                        compiled.default_hparams())
+        p_va, p_te, info = recipe.train_and_predict(kind, k_rcp, k_hp, num_classes, tr, labels[split.train], va, te,
+                                                    labels[split.val], units=units, hidden=cfg.hidden, seed=seed)
+        info["hparams"] = dict(source=source if kind == "gru" else "recipe defaults", units=units if kind == "gru"
+                               else None, optimizer=k_rcp.optimizer, **{k: float(v) for k, v in k_hp.items()})
+        out[kind] = (p_va, p_te, info)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- run
 def run(cfg: Config) -> dict:
     """Runs the study; writes <out_dir>/metrics.json, config.json, figures/, splits/ and returns the metrics."""
     t_start = time.perf_counter()
-    if cfg.mode not in ("head", "finetune"):
-        raise ValueError(f"experiments/hybrid_gru.py: --mode must be head | finetune, got {cfg.mode!r}")
     out = pathlib.Path(cfg.out_dir)
+    kinds = ("gru",) if cfg.mode == "finetune" else tuple(cfg.heads)
+    if cfg.head not in kinds:
+        raise ValueError(f"experiments/hybrid_gru.py: --head={cfg.head} is not among --heads={','.join(kinds)}")
     for sub in ("figures", "splits"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    ds = load_arrays(cfg.dataset, cfg.image_size, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir)
-    names, labels, k = list(ds.class_names), np.asarray(ds.labels), len(ds.class_names)
 
-    hybrids, t_features = [], {}
+    hybrids, t_features, ds = [], {}, None
     for name in cfg.backbones:
         t0 = time.perf_counter()
         module, variables, spec, record = common.load_backbone(
             name, cfg.weights, cfg.weights_dir, cfg.b3_substitute if name == "efficientnet_b3" else "", cfg.seed)
-        inputs = ds.images if cfg.mode == "finetune" else cached_features(
-            module, variables, ds.images, spec.normalization, cache_dir=cfg.feature_cache, cache_tag=record["used"])
+        size = cfg.image_size or spec.input_size
+        ds = load_arrays(cfg.dataset, size, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir)
+        inputs = ds.images if cfg.mode == "finetune" else view_features(
+            module, variables, ds.images, spec.normalization, cfg.views, cfg.num_affine, cfg.seed,
+            cache_dir=cfg.feature_cache, cache_tag=f"{cfg.dataset}_{record['used']}_{size}")
+        record.update(image_size=size, views=cfg.views, num_affine=cfg.num_affine,
+                      feature_shape=list(np.shape(inputs)[1:]) if cfg.mode == "finetune" else list(np.shape(inputs)))
         t_features[name] = time.perf_counter() - t0
         hybrids.append(dict(name=name, module=module, variables=variables, spec=spec, record=record, inputs=inputs))
+    names, labels, k = list(ds.class_names), np.asarray(ds.labels), len(ds.class_names)
 
     splits = common.make_splits(cfg.protocol, labels, ds.groups, names, folds=cfg.folds, repeats=cfg.repeats,
                                 val_fraction=cfg.val_fraction, seed=cfg.seed, leaky=cfg.leaky)
-    per = {h["name"]: {"reports": [], "unc": [], "referral": [], "hparams": []} for h in hybrids + [{"name": "fused"}]}
+    models = [(h["name"], kind) for h in hybrids for kind in kinds] + [("fused", kind) for kind in kinds]
+    per = {m: {"reports": [], "unc": [], "referral": [], "calibration": [], "hparams": []} for m in models}
     first = [s for s in splits if s.repeat == 0]
-    oof = {h: np.zeros((len(labels), k), np.float32) for h in per}
-    oof_unc, oof_mask, history0 = np.zeros(len(labels), np.float32), np.zeros(len(labels), bool), None
+    oof = {m: np.zeros((len(labels), k), np.float32) for m in models}
+    oof_mask, history0 = np.zeros(len(labels), bool), None
     t0 = time.perf_counter()
     for split in splits:
         sid = common.check_and_save(split, ds.groups, cfg.protocol == "paper_80_20" and cfg.leaky, out / "splits")
         y_va, y_te = labels[split.val], labels[split.test]
-        val_hmnk, test_hmnk = [], []
+        seed = cfg.seed + 1000 * split.repeat + split.fold
+        by_kind = {kind: ([], []) for kind in kinds}
         for h in hybrids:
-            hp = split_hparams(cfg, h["name"], split, h["inputs"], labels, k, out / "bo")
-            p_va, p_te, hist = train_hybrid(cfg, h, hp, split, labels, k, cfg.seed + 1000 * split.repeat + split.fold)
-            history0 = hist if history0 is None else history0
-            rep, unc, ref = common.evaluate_probs(y_va, p_va, y_te, p_te, names, "accuracy", cfg.referral_accuracy)
-            for key, v in (("reports", rep), ("unc", unc), ("referral", ref), ("hparams", dict(split=sid, **hp))):
-                per[h["name"]][key].append(v)
-            val_hmnk.append(p_va)
-            test_hmnk.append(p_te)
+            trained = ({"gru": train_finetune(cfg, h, split, labels, k, seed)} if cfg.mode == "finetune"
+                       else train_heads(cfg, h, split, labels, k, seed, out / "bo"))
+            for kind, (p_va, p_te, info) in trained.items():
+                _record(per[(h["name"], kind)], y_va, p_va, y_te, p_te, names, cfg, dict(split=sid, **info.get("hparams", {})))
+                by_kind[kind][0].append(p_va.mean(0))
+                by_kind[kind][1].append(p_te.mean(0))
+                if split in first:
+                    oof[(h["name"], kind)][split.test] = p_te.mean(0)
+                if history0 is None and kind == cfg.head and "history" in info:
+                    history0 = info["history"]
+        for kind, (va_h, te_h) in by_kind.items():
+            # Sum rule over the hybrids' ensemble means (Akter et al.: f = x_i + x_m + x_e), normalised.
+            fused_va, fused_te = (np.asarray(fusion.sum_rule(np.stack(v))) for v in (va_h, te_h))
+            _record(per[("fused", kind)], y_va, fused_va[None], y_te, fused_te[None], names, cfg, None)
             if split in first:
-                oof[h["name"]][split.test] = p_te.mean(0)
-        # Sum rule over the hybrids' ensemble means = the mean over all H·M members (equal M per hybrid).
-        fused_te = np.asarray(fusion.sum_rule(np.stack(test_hmnk)))
-        all_va, all_te = np.concatenate(val_hmnk), np.concatenate(test_hmnk)
-        rep, unc, ref = common.evaluate_probs(y_va, all_va, y_te, all_te, names, "accuracy",
-                                              cfg.referral_accuracy)
-        np.testing.assert_allclose(np.asarray(uncertainty.ensemble_mean(jnp.asarray(all_te))), fused_te, atol=1e-5)
-        for key, v in (("reports", rep), ("unc", unc), ("referral", ref)):
-            per["fused"][key].append(v)
-        if split in first:
-            oof["fused"][split.test] = fused_te
-            oof_unc[split.test] = np.asarray(uncertainty.predictive_entropy(jnp.asarray(fused_te)))
-            oof_mask[split.test] = True
+                oof[("fused", kind)][split.test] = fused_te
+        oof_mask[split.test] |= split in first
     t_train = time.perf_counter() - t0
 
     keys = common.metric_keys(k)
     results = {}
-    for hname, d in per.items():
-        results[hname] = common.summarize(d["reports"], d["unc"], d["referral"], keys)
-        results[hname]["pooled_first_repeat"] = metrics.classification_report(labels[oof_mask], oof[hname][oof_mask], names)
-        if d["hparams"]:
-            results[hname]["hparams_per_split"] = d["hparams"]
+    for m, d in per.items():
+        r = common.summarize(d["reports"], d["unc"], d["referral"], keys)
+        r["calibration_mean_std"] = common.mean_std(d["calibration"], common.CALIBRATION_KEYS)
+        r["pooled_first_repeat"] = metrics.classification_report(labels[oof_mask], oof[m][oof_mask], names)
+        if any(d["hparams"]):
+            r["hparams_per_split"] = d["hparams"]
+        results.setdefault(m[0], {})[m[1]] = r
     np.savez(out / "predictions_first_repeat.npz", labels=labels[oof_mask], index=np.flatnonzero(oof_mask),
-             **{f"probs_{h}": p[oof_mask] for h, p in oof.items()})
-    _figures(out / "figures", labels[oof_mask], {h: p[oof_mask] for h, p in oof.items()}, oof_unc[oof_mask],
-             names, history0)
+             **{f"probs_{h}_{kind}": p[oof_mask] for (h, kind), p in oof.items()})
+    main = {h: oof[(h, cfg.head)][oof_mask] for h in [x["name"] for x in hybrids] + ["fused"]}
+    _figures(out / "figures", labels[oof_mask], main, names, history0)
 
     metrics_json = dict(
-        study="Akter et al. 2024: hybrid CNN-GRU deep ensembles, sum-rule fusion",
-        dataset=dict(name=cfg.dataset, n=len(labels), counts=ds.counts, groups=int(len(np.unique(ds.groups))),
-                     image_size=cfg.image_size),
+        study="Akter et al. 2024: hybrid CNN-GRU deep ensembles, sum-rule fusion (with linear/dense baselines, "
+              "views + TTA, temperature scaling)",
+        dataset=dict(name=cfg.dataset, n=len(labels), counts=ds.counts, groups=int(len(np.unique(ds.groups)))),
         protocol=dict(name=splits[0].protocol, splits=len(splits), repeats=cfg.repeats,
                       summary="mean ± std over all splits; pooled_first_repeat pools repeat 0's test parts"),
         hybrids=[h["record"] for h in hybrids],
-        model=dict(head="GRUHead", mode=cfg.mode, members=cfg.members, hparams=cfg.hparams, fusion="sum rule",
-                   augmentation="augment_paper1" if cfg.mode == "finetune" else "none (frozen features)"),
+        model=dict(main_head=cfg.head, heads=list(kinds), mode=cfg.mode, members=cfg.members, hparams=cfg.hparams,
+                   fusion="sum rule", views=cfg.views, tta=cfg.views != "none" or cfg.num_affine > 0,
+                   feature_dim=cfg.feature_dim, calibration="temperature scaling fitted on the validation part"),
         per_hybrid={h["name"]: results[h["name"]] for h in hybrids}, fused=results["fused"],
         paper_reported=PAPER_REPORTED,
         referral_rule=f"refer if predictive entropy > threshold whose validation accuracy >= {cfg.referral_accuracy}",
@@ -228,14 +284,35 @@ def run(cfg: Config) -> dict:
         environment=common.environment(), command=common.command_line("experiments.hybrid_gru", cfg))
     (out / "metrics.json").write_text(json.dumps(metrics_json, indent=2))
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    acc = results["fused"]["test_mean_std"]["accuracy"]
-    print(f"hybrid_gru: fused accuracy {acc['mean']:.3f} ± {acc['std']:.3f} over {len(splits)} splits "
-          f"({metrics_json['protocol']['name']}); wrote {out}/")
+    print(summary_table(metrics_json))
+    print(f"hybrid_gru: wrote {out}/ in {metrics_json['timing_s']['total']:.0f} s")
     return metrics_json
 
 
-def _figures(fig_dir, labels, probs: dict, unc_fused, names, history) -> None:
+def _record(d: dict, y_va, p_va, y_te, p_te, names, cfg, hparams) -> None:
+    rep, unc, ref = common.evaluate_probs(y_va, p_va, y_te, p_te, names, "accuracy", cfg.referral_accuracy)
+    cal, _ = common.calibrate(y_va, p_va, y_te, p_te)
+    for key, v in (("reports", rep), ("unc", unc), ("referral", ref), ("calibration", cal), ("hparams", hparams)):
+        d[key].append(v)
+
+
+def summary_table(m: dict) -> str:
+    """Returns a markdown table: accuracy, ECE before/after temperature scaling, per backbone and head."""
+    rows = ["| model | head | accuracy | ROC AUC | ECE | ECE after TS | NLL after TS |", "|---|---|---|---|---|---|---|"]
+    any_result = next(iter(m["fused"].values()))["test_mean_std"]
+    auc_key = "binary.roc_auc" if "binary.roc_auc" in any_result else "macro_roc_auc"
+    for name, heads in list(m["per_hybrid"].items()) + [("fused (sum rule)", m["fused"])]:
+        for kind, r in heads.items():
+            t, c = r["test_mean_std"], r["calibration_mean_std"]
+            f = lambda x: "–" if x["mean"] is None else f"{x['mean']:.3f} ± {x['std']:.3f}"  # noqa: E731
+            rows.append(f"| {name} | {kind} | {f(t['accuracy'])} | {f(t[auc_key])} | {f(t['ece'])} | "
+                        f"{f(c['ece_after'])} | {f(c['nll_after'])} |")
+    return "\n".join(rows)
+
+
+def _figures(fig_dir, labels, probs: dict, names, history) -> None:
     fused = probs["fused"]
+    unc_fused = np.asarray(uncertainty.predictive_entropy(jnp.asarray(fused)))
     plots.confusion_matrix(labels, fused, names, title="Sum-rule fusion: confusion matrix",
                            path=fig_dir / "confusion_matrix_fused.png")
     for h, p in probs.items():

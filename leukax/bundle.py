@@ -4,7 +4,10 @@ Layout of a bundle directory:
   bundle.json   backbone name, weights id, image size, normalisation, head kind + kwargs, class names,
                 mode, the referral rule (uncertainty measure + threshold), provenance;
   variables/    Orbax checkpoint of the member-stacked variables (M leading axis): head-only variables in
-                "head" mode (the backbone is rebuilt from `weights`), the whole Classifier in "finetune" mode.
+                "head" mode (the backbone is rebuilt from `weights`), the whole Classifier in "finetune" mode;
+                in head mode optionally also "transform" ({"mean_c", "std_c", "proj_cd"}: the feature
+                standardisation/PCA fitted on training data) and "ood" ({"means_kd", "precision_dd"}: the
+                Mahalanobis out-of-distribution model of `leukax.uncertainty.fit_mahalanobis`), not stacked.
 """
 from __future__ import annotations
 
@@ -34,6 +37,9 @@ class BundleConfig:
     num_members: int = 1
     uncertainty: str = "predictive_entropy"
     referral_threshold: float | None = None
+    views: str = "none"                       # views averaged at prediction (TTA), leukax.train.views
+    mi_threshold: float | None = None         # refer when the mutual information (epistemic) is above
+    ood_threshold: float | None = None        # refer when the Mahalanobis OOD score is above
     backbone_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
     version: int = BUNDLE_VERSION

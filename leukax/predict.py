@@ -43,10 +43,11 @@ from leukax.models.heads import make_head
 from leukax.preprocess import normalize
 from leukax.pretrained import pretrained
 from leukax.train.features import compute_features
+from leukax.train.views import make_views
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
-UNCERTAINTY_COLUMNS = ("predictive_entropy", "mutual_information", "variance", "disagreement")
+UNCERTAINTY_COLUMNS = ("predictive_entropy", "mutual_information", "variance", "disagreement", "ood_score")
 _MEASURE_ALIASES = {"variance_pred": "variance"}  # bundle's `uncertainty` name -> column
 
 
@@ -84,22 +85,39 @@ def list_images(paths, strict: bool = True) -> list[pathlib.Path]:
 
 
 def load_model(directory) -> tuple[bundle_lib.BundleConfig, Callable]:
-    """Returns (config, probs_fn) where probs_fn(uint8 N×S×S×3) -> probs M×N×K for a bundle directory."""
+    """Returns (config, probs_fn) for a bundle directory: probs_fn(uint8 N×S×S×3) -> (member probabilities
+    M×N×K averaged over the bundle's views, Mahalanobis OOD score N (NaN without an OOD model))."""
     cfg, variables_m = bundle_lib.load(directory)
     head = make_head(cfg.head, len(cfg.class_names), **cfg.head_kwargs)
     if cfg.mode == "head":
         weights = None if cfg.weights in (None, "none") else cfg.weights  # "none": random init (seed 0)
         backbone, bb_vars, _ = pretrained(cfg.backbone, weights=weights, **cfg.backbone_kwargs)
+        transform, ood = variables_m.get("transform"), variables_m.get("ood")
+        params_m = variables_m["params"]
 
         @jax.jit
-        def head_probs(fm):
-            def one(v):
-                return jax.nn.softmax(head.apply(v, fm, train=False)[0], -1)
-            return jax.vmap(one)(variables_m)
+        def head_probs(x_vntc):
+            if transform is not None:  # the training part's standardisation (+ PCA)
+                x_vntc = (x_vntc - transform["mean_c"]) / transform["std_c"]
+                pooled_nc = jnp.mean(x_vntc, (0, 2))
+                if "proj_cd" in transform:
+                    x_vntc = x_vntc @ transform["proj_cd"]
+            else:
+                pooled_nc = jnp.mean(x_vntc, (0, 2))
+            v, n = x_vntc.shape[:2]
+            flat = x_vntc.reshape((v * n,) + x_vntc.shape[2:])
+            probs = jax.vmap(lambda p: jnp.mean(jax.nn.softmax(
+                head.apply({"params": p}, flat, train=False)[0], -1).reshape(v, n, -1), 0))(params_m)
+            score = uncertainty.mahalanobis_score(ood, pooled_nc) if ood is not None else jnp.full((n,), jnp.nan)
+            return probs, score
 
         def probs_fn(images):
-            fm = compute_features(backbone, bb_vars, images, cfg.normalization, batch_size=len(images))
-            return np.asarray(head_probs(jnp.asarray(fm)))
+            views_vnhwc = make_views(images, cfg.views)
+            v, n = views_vnhwc.shape[:2]
+            fm = compute_features(backbone, bb_vars, views_vnhwc.reshape((v * n,) + images.shape[1:]),
+                                  cfg.normalization, batch_size=len(images))
+            probs, score = head_probs(jnp.asarray(fm.reshape(v, n, -1, fm.shape[-1])))
+            return np.asarray(probs), np.asarray(score)
     else:
         backbone, _, _ = pretrained(cfg.backbone, weights=None, **cfg.backbone_kwargs)
         model = Classifier(backbone, head)
@@ -110,7 +128,7 @@ def load_model(directory) -> tuple[bundle_lib.BundleConfig, Callable]:
             return jax.lax.map(lambda v: jax.nn.softmax(model.apply(v, x, train=False)[0], -1), variables_m)
 
         def probs_fn(images):
-            return np.asarray(probs_fn_j(jnp.asarray(images)))
+            return np.asarray(probs_fn_j(jnp.asarray(images))), np.full(len(images), np.nan)
     return cfg, probs_fn
 
 
@@ -143,10 +161,12 @@ def measure(cfg: bundle_lib.BundleConfig) -> str:
 
 
 def refer(cfg: bundle_lib.BundleConfig, unc_row: dict[str, float]) -> bool:
-    """The referral rule: refer to an expert when the bundle's uncertainty measure is above its threshold.
-    (The single place to extend the rule, e.g. with an out-of-distribution score.)"""
-    thr = cfg.referral_threshold
-    return thr is not None and unc_row[measure(cfg)] > thr
+    """The referral rule: refer to an expert when the bundle's uncertainty measure is above its threshold, or
+    the members disagree (mutual information, the epistemic part) above theirs, or the image is far from every
+    training class (Mahalanobis OOD score above its threshold). All thresholds were fitted on validation data."""
+    rules = ((cfg.referral_threshold, unc_row[measure(cfg)]), (cfg.mi_threshold, unc_row["mutual_information"]),
+             (cfg.ood_threshold, unc_row["ood_score"]))
+    return any(thr is not None and val is not None and np.isfinite(val) and val > thr for thr, val in rules)
 
 
 def ok_row(cfg, file, mean_k: np.ndarray, pred: int, unc_row: dict[str, float], size: str) -> dict:
@@ -197,10 +217,11 @@ def iter_predictions(cfg, probs_fn, files: Iterable, batch_size: int = 16, max_p
         if images:
             n = len(images)
             batch = np.stack(images + [images[-1]] * (batch_size - n))
-            probs_mnk = np.asarray(probs_fn(batch))[:, :n]
-            u = uncertainties(probs_mnk)
+            probs_mnk, ood_n = probs_fn(batch)
+            u = uncertainties(np.asarray(probs_mnk)[:, :n])
+            u["ood_score"] = np.asarray(ood_n)[:n]
             for j, i in enumerate(where):
-                unc_row = {c: float(u[c][j]) for c in UNCERTAINTY_COLUMNS}
+                unc_row = {c: float(u[c][j]) if np.isfinite(u[c][j]) else None for c in UNCERTAINTY_COLUMNS}
                 rows[i] = ok_row(cfg, chunk[i], u["mean"][j], u["pred"][j], unc_row, sizes[j])
         if progress is not None:
             progress.update(len(chunk))

@@ -195,3 +195,26 @@ def referral_report(uncertainty_n, correct_n, threshold: float) -> dict:
                 n_referred=int(referred.sum()), n_retained=int(n - referred.sum()),
                 coverage=float((~referred).mean()) if n else None, accuracy_retained=acc(~referred),
                 accuracy_referred=acc(referred), accuracy_all=acc(np.ones(n, bool)))
+
+
+# ------------------------------------------------------------------------------ out-of-distribution score
+def fit_mahalanobis(features_nd, labels_n, num_classes: int, shrinkage: float = 0.1) -> dict:
+    """Returns {"means_kd", "precision_dd"}: class means and the shrunk shared precision of training features
+    (Lee et al. 2018), for `mahalanobis_score`. Σ is the pooled within-class covariance shrunk towards
+    (tr Σ / D)·I by `shrinkage`, so it is invertible with a few hundred examples in 1280 dimensions."""
+    x = np.asarray(features_nd, np.float64)
+    y = np.asarray(labels_n)
+    means = np.stack([x[y == k].mean(0) if np.any(y == k) else np.zeros(x.shape[1]) for k in range(num_classes)])
+    centred = x - means[y]
+    cov = centred.T @ centred / max(len(x) - num_classes, 1)
+    d = cov.shape[0]
+    cov = (1 - shrinkage) * cov + shrinkage * np.trace(cov) / d * np.eye(d)
+    return {"means_kd": jnp.asarray(means, jnp.float32), "precision_dd": jnp.asarray(np.linalg.inv(cov), jnp.float32)}
+
+
+@jax.jit
+def mahalanobis_score(model: dict, features_nd):
+    """Returns N: min_k (x − μ_k)ᵀ Σ⁻¹ (x − μ_k), the squared distance to the nearest class mean (large = far
+    from every class seen in training: out of distribution)."""
+    diff_nkd = features_nd[:, None, :] - model["means_kd"][None]
+    return jnp.min(jnp.einsum("nkd,de,nke->nk", diff_nkd, model["precision_dd"], diff_nkd), -1)

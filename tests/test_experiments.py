@@ -22,7 +22,8 @@ def _parse(cls, out_dir, *extra):
 @pytest.fixture(scope="module")
 def hybrid_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("hybrid_gru")
-    cfg = _parse(hybrid_gru.Config, out, "--backbones=mobilenet_v2,efficientnet_lite0", "--epochs=2")
+    cfg = _parse(hybrid_gru.Config, out, "--backbones=mobilenet_v2,efficientnet_lite0", "--epochs=2",
+                 "--heads=probe,gru", "--units=8", "--hidden=8", "--feature_dim=16")
     return out, hybrid_gru.run(cfg)
 
 
@@ -38,19 +39,22 @@ def test_flags_round_trip():
 def test_hybrid_gru_outputs(hybrid_run):
     out, m = hybrid_run
     on_disk = json.loads((out / "metrics.json").read_text())
-    assert on_disk["fused"]["test_mean_std"]["accuracy"] == m["fused"]["test_mean_std"]["accuracy"]
+    assert on_disk["fused"]["gru"]["test_mean_std"]["accuracy"] == m["fused"]["gru"]["test_mean_std"]["accuracy"]
     assert set(m["per_hybrid"]) == {"mobilenet_v2", "efficientnet_lite0"}
+    assert all(set(h) == {"probe", "gru"} for h in m["per_hybrid"].values()) and set(m["fused"]) == {"probe", "gru"}
     assert [h["weights"] for h in m["hybrids"]] == ["random init"] * 2
-    for part in list(m["per_hybrid"].values()) + [m["fused"]]:
+    assert [h["feature_shape"][0] for h in m["hybrids"]] == [8, 8]  # 8 dihedral views cached per image
+    for part in [p for h in m["per_hybrid"].values() for p in h.values()] + list(m["fused"].values()):
         stats = part["test_mean_std"]
+        cal = part["calibration_mean_std"]
+        assert cal["temperature"]["mean"] > 0 and len(cal["ece_after"]["per_split"]) == 2
         for key in common.metric_keys(2):
             assert key in stats and len(stats[key]["per_split"]) == 2
         assert 0.0 <= stats["accuracy"]["mean"] <= 1.0
         assert {"predictive_entropy", "mutual_information", "variance_pred", "aurc"} <= set(part["uncertainty_mean_std"])
         assert len(part["referral_per_split"]) == 2
-    # Paper hyper-parameters: efficientnet_lite0 is not in the paper's table, mobilenet_v2 is (512 units, 0.1).
-    hp = m["per_hybrid"]["mobilenet_v2"]["hparams_per_split"][0]
-    assert (hp["units"], hp["dropout"]) == (512, 0.1) and "PAPER_GRU_HEADS" in hp["source"]
+    hp = m["per_hybrid"]["mobilenet_v2"]["gru"]["hparams_per_split"][0]
+    assert (hp["units"], hp["optimizer"], hp["source"]) == (8, "adamw", "recipe flags")
     assert m["paper_reported"]["accuracy"]["all_idb2"] == 0.9807 and "Akter" in m["paper_reported"]["source"]
     assert "stratified_group_kfold" in m["protocol"]["name"] and m["dataset"]["n"] == 60
     assert (out / "config.json").exists() and m["command"].startswith("python -m experiments.hybrid_gru")
@@ -65,30 +69,30 @@ def test_hybrid_gru_sum_rule_consistent(hybrid_run):
     their mean are recomputed from the saved predictions and the saved splits."""
     out, m = hybrid_run
     z = np.load(out / "predictions_first_repeat.npz")
-    h0, h1 = z["probs_mobilenet_v2"], z["probs_efficientnet_lite0"]
-    assert h0.shape == h1.shape == z["probs_fused"].shape == (60, 2)
+    h0, h1, fz = z["probs_mobilenet_v2_gru"], z["probs_efficientnet_lite0_gru"], z["probs_fused_gru"]
+    assert h0.shape == h1.shape == fz.shape == (60, 2)
     total = h0 + h1  # sum rule: Σ_h p_h, normalised over classes
-    np.testing.assert_allclose(z["probs_fused"], total / total.sum(-1, keepdims=True), atol=1e-6)
-    assert not np.allclose(z["probs_fused"], h0, atol=1e-4) and not np.allclose(z["probs_fused"], h1, atol=1e-4)
+    np.testing.assert_allclose(fz, total / total.sum(-1, keepdims=True), atol=1e-6)
+    assert not np.allclose(fz, h0, atol=1e-4) and not np.allclose(fz, h1, atol=1e-4)
     labels = np.empty(60, int)
     labels[z["index"]] = z["labels"]
     fused = np.empty((60, 2))
-    fused[z["index"]] = z["probs_fused"]
-    pooled = m["fused"]["pooled_first_repeat"]
+    fused[z["index"]] = fz
+    pooled = m["fused"]["gru"]["pooled_first_repeat"]
     assert pooled["n"] == 60
     assert pooled["accuracy"] == pytest.approx(np.mean(fused.argmax(-1) == labels), abs=1e-6)
     # per fold: accuracy on that fold's saved test indices; then their mean and (population) std
     folds = [json.loads((out / "splits" / f"r0_f{f}.json").read_text()) for f in range(2)]
     accs = [np.mean(fused[s["test"]].argmax(-1) == labels[s["test"]]) for s in folds]
     assert sorted(np.concatenate([s["test"] for s in folds]).tolist()) == list(range(60))
-    reported = m["fused"]["test_mean_std"]["accuracy"]
+    reported = m["fused"]["gru"]["test_mean_std"]["accuracy"]
     np.testing.assert_allclose(reported["per_split"], accs, atol=1e-6)
     assert reported["mean"] == pytest.approx(np.mean(accs), abs=1e-6)
     assert reported["std"] == pytest.approx(np.std(accs), abs=1e-6)
     # NLL per fold from the saved predictions (float32 clip at eps, as leukax.metrics.nll)
     nlls = [-np.mean(np.log(np.clip(fused[s["test"], labels[s["test"]]], np.finfo(np.float32).eps, 1)))
             for s in folds]
-    np.testing.assert_allclose(m["fused"]["test_mean_std"]["nll"]["per_split"], nlls, atol=1e-5)
+    np.testing.assert_allclose(m["fused"]["gru"]["test_mean_std"]["nll"]["per_split"], nlls, atol=1e-5)
 
 
 def test_mean_std_by_hand():
@@ -108,14 +112,29 @@ def test_mean_std_by_hand():
 
 def test_hybrid_gru_bo_paper_protocol(tmp_path):
     cfg = _parse(hybrid_gru.Config, tmp_path, "--backbones=mobilenet_v2", "--epochs=1", "--members=1", "--hparams=bo",
-                 "--bo_trials=2", "--protocol=paper_80_20", "--leaky")
+                 "--bo_trials=2", "--protocol=paper_80_20", "--leaky", "--heads=gru", "--feature_dim=16",
+                 "--views=none")
     m = hybrid_gru.run(cfg)
     assert "ungrouped-leaky" in m["protocol"]["name"] and m["protocol"]["splits"] == 1
     trials = bayes.load_log(tmp_path / "bo" / "mobilenet_v2_r0_f0.json")
     assert len(trials) == 2 and all(set(t["info"]) >= {"val_acc", "val_nll"} for t in trials)
-    hp = m["per_hybrid"]["mobilenet_v2"]["hparams_per_split"][0]
+    hp = m["per_hybrid"]["mobilenet_v2"]["gru"]["hparams_per_split"][0]
     best = max(trials, key=lambda t: t["target"])
     assert hp["units"] == best["params"]["units"] and "BO trial" in hp["source"]
+
+
+def test_paper_hparams_are_the_whole_table2_row():
+    """--hparams=paper: units, optimizer, learning rate, momentum and dropout of Akter et al.'s Table 2, a constant
+    learning rate and no label smoothing; --optimizer=sgd --momentum=0 in the recipe gives momentum 0."""
+    cfg = _parse(hybrid_gru.Config, "/tmp/x", "--hparams=paper")
+    rcp, hp, units, source = hybrid_gru.split_hparams(cfg, "inception_v3", None, None, None, None, 2, "/tmp/x")
+    assert (units, rcp.optimizer, rcp.schedule, rcp.label_smoothing) == (512, "sgd", "constant", 0.0)
+    assert (hp["learning_rate"], hp["momentum"], hp["dropout"]) == (0.01, 0.3, 0.4) and "Table 2" in source
+    rcp, hp, units, _ = hybrid_gru.split_hparams(cfg, "efficientnet_b3", None, None, None, None, 2, "/tmp/x")
+    assert (units, rcp.optimizer, hp["learning_rate"], hp["momentum"]) == (256, "rmsprop", 1e-4, 0.5)
+    cfg = _parse(hybrid_gru.Config, "/tmp/x", "--optimizer=sgd", "--momentum=0")
+    rcp, hp, _, _ = hybrid_gru.split_hparams(cfg, "mobilenet_v2", None, None, None, None, 2, "/tmp/x")
+    assert rcp.optimizer == "sgd" and hp["momentum"] == 0.0
 
 
 def test_load_backbone_substitution(shared_dir, tmp_path, monkeypatch):

@@ -131,7 +131,7 @@ def test_ok_rows_equal_a_direct_forward_pass(tiny_bundle, folder):
     _, probs_fn = predict.load_model(tiny_bundle)
     from leukax.data import imageio
     x = np.stack([imageio.resize_image(imageio.read_image(f), SIZE) for f in files if f.name != "empty.png"])
-    mean_nk = np.asarray(probs_fn(x)).mean(0)
+    mean_nk = np.asarray(probs_fn(x)[0]).mean(0)
     ok = [r for r in rows if r["status"] == "ok"]
     assert [r["status"] for r in rows] == ["ok", "error", "ok", "ok"]
     assert np.ptp(mean_nk[:, 0]) > 1e-3  # images get different probabilities, so a mix-up would show

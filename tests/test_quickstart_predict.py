@@ -32,7 +32,7 @@ def test_quickstart_writes_metrics_figures_and_bundle(quickstart_out):
     assert splits == ["final.json", "fold0.json", "fold1.json"]
     cfg, variables_m = bundle_lib.load(quickstart_out / "model")
     assert cfg.num_members == 2 and cfg.class_names == ["hem", "all"]
-    leaves = [np.asarray(x) for x in __import__("jax").tree_util.tree_leaves(variables_m)]
+    leaves = [np.asarray(x) for x in __import__("jax").tree_util.tree_leaves(variables_m["params"])]
     assert all(x.shape[0] == 2 for x in leaves)
     assert not np.allclose(leaves[0][0], leaves[0][1])  # members differ
 
@@ -46,6 +46,26 @@ def test_predict_reads_the_bundle(quickstart_out):
         assert abs(r["p_hem"] + r["p_all"] - 1.0) < 1e-5
         assert 0.0 <= r["predictive_entropy"] <= np.log(2) + 1e-6
         assert isinstance(r["refer"], bool)
+
+
+def test_predict_refers_what_is_not_a_cell(quickstart_out, tmp_path):
+    """Noise, a uniform image and natural photos are referred (OOD score or mutual information above the
+    validation-fitted thresholds), while most real cells of the sample are not."""
+    from PIL import Image
+    from skimage import data as skdata
+    rng = np.random.default_rng(0)
+    odd = {"noise.png": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+           "uniform.png": np.full((224, 224, 3), 128, np.uint8),
+           "astronaut.png": skdata.astronaut(), "coffee.png": skdata.coffee(), "chelsea.png": skdata.chelsea()}
+    for name, arr in odd.items():
+        Image.fromarray(arr).save(tmp_path / name)
+    cfg, rows = predict.predict_files(quickstart_out / "model", sorted(tmp_path.glob("*.png")))
+    assert cfg.ood_threshold is not None and cfg.mi_threshold is not None
+    assert all(r["status"] == "ok" and r["refer"] for r in rows), [(r["file"], r["ood_score"]) for r in rows]
+    cells = sorted((sample_dir() / "images").glob("*.png"))[:12]
+    _, cell_rows = predict.predict_files(quickstart_out / "model", cells)
+    odd_min = min(r["ood_score"] for r in rows)
+    assert np.median([r["ood_score"] for r in cell_rows]) < odd_min  # real cells are closer to training
 
 
 def test_predict_errors_name_the_path(tmp_path):

@@ -100,6 +100,69 @@ def run(objective: Callable[[dict[str, Any]], tuple[float, dict[str, Any]]], spa
     return {"trials": trials, "best": max(trials, key=lambda t: t["target"]) if trials else None}
 
 
+# The compiled head-mode recipe's space (leukax.train.compiled). It contains every point of Akter et al.'s
+# Table 2 (units 256/512, SGD or RMSprop, learning rates 1e-2 and 1e-4, momentum 0.3/0.5/0.9, dropout 0.1/0.4)
+# and 1024 units. Units and optimizer change the compiled program; the rest are traced per trial.
+RECIPE_SPACE: dict[str, Any] = {
+    "units": (128, 256, 512, 1024),
+    "optimizer": ("adamw", "sgd", "rmsprop"),
+    "log10_lr": (-5.0, -1.5),
+    "momentum": (0.0, 0.99),
+    "dropout": (0.0, 0.6),
+    "input_dropout": (0.0, 0.5),
+    "log10_weight_decay": (-5.0, -1.0),
+}
+
+
+def run_batched(objective_batch: Callable[[list[dict[str, Any]]], list[tuple[float, dict[str, Any]]]],
+                space: dict[str, Any], n_trials: int, log_path, batch: int = 6, init_points: int = 6,
+                seed: int = 0) -> dict[str, Any]:
+    """Like `run`, but asks the GP for `batch` trials at a time and evaluates them with ONE call of
+    objective_batch(list of params) -> list of (target, info), so trials can train together (the compiled
+    trainer's trial axis). Within a batch, later suggestions see the earlier ones as "constant liars" (their
+    target set to the mean of the finished trials; Ginsbourger et al. 2010), so a batch spreads out. The log is
+    written after every batch; a killed search resumes after its last finished batch.
+    """
+    log_path = pathlib.Path(log_path)
+    trials = load_log(log_path)
+    while len(trials) < n_trials:
+        i0 = len(trials)
+        bo = _optimizer(space, trials, seed, i0)
+        lie = float(np.mean([t["target"] for t in trials])) if trials else 0.0
+        suggestions = []
+        for i in range(i0, min(i0 + batch, n_trials)):
+            if i < init_points or not trials:
+                params = bo.space.array_to_params(bo.space.random_sample(random_state=np.random.RandomState([seed, i])))
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    params = bo.suggest()
+                bo.register(params=params, target=lie)
+            suggestions.append(_jsonable(params))
+        t0 = time.perf_counter()
+        results = objective_batch(suggestions)
+        seconds = (time.perf_counter() - t0) / len(suggestions)
+        for j, (params, (target, info)) in enumerate(zip(suggestions, results)):
+            trials.append({"trial": i0 + j, "params": params, "target": float(target), "seconds": seconds,
+                           "info": info, "batch": i0 // batch})
+        best = max(trials, key=lambda t: t["target"])
+        log.info("bayes batch of %d (trials %d-%d) best=%.4f (trial %d)", len(suggestions), i0 + 1, len(trials),
+                 best["target"], best["trial"])
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = log_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"space": {k: repr(v) for k, v in space.items()}, "seed": seed, "batch": batch,
+                                   "trials": trials, "best": best}, indent=1))
+        tmp.replace(log_path)
+    return {"trials": trials, "best": max(trials, key=lambda t: t["target"]) if trials else None}
+
+
+def recipe_hparams(params: dict[str, Any]) -> dict[str, float]:
+    """Returns the compiled trainer's traced hyper-parameters of a RECIPE_SPACE trial."""
+    return dict(learning_rate=10.0 ** params["log10_lr"], weight_decay=10.0 ** params.get("log10_weight_decay", -2.0),
+                momentum=params.get("momentum", 0.9), dropout=params.get("dropout", 0.3),
+                input_dropout=params.get("input_dropout", 0.0), recurrent_dropout=0.0)
+
+
 def paper1_config(params: dict[str, Any], base: ensemble.TrainConfig) -> ensemble.TrainConfig:
     """Returns `base` with a trial's optimizer, learning rate (10**log10_lr), momentum and dropout."""
     return dataclasses.replace(base, optimizer=params["optimizer"], learning_rate=float(10.0 ** params["log10_lr"]),

@@ -26,6 +26,7 @@ is sharded over devices (`with_sharding_constraint`); data is replicated. The sa
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -93,7 +94,7 @@ class MemberState:
     bad_epochs: jax.Array
     active: jax.Array
     key: jax.Array
-    history: dict              # {"train_loss", "train_acc", "val_nll", "val_acc"}: E float32 (nan: not run)
+    history: dict              # {"train_loss", "train_acc", "val_loss" (NLL), "val_acc"}: E float32 (nan: not run)
 
 
 @flax.struct.dataclass
@@ -141,6 +142,7 @@ def view_mean_probs(head, params, x_vntc, chunk: int):
     return jnp.mean(jax.nn.softmax(logits.reshape(num * size, -1)[:total].reshape(v, n, -1), -1), 0)
 
 
+@functools.lru_cache(maxsize=32)
 def make_train(recipe: Recipe, head, num_classes: int, mesh=None) -> Callable:
     """Returns the pure, jit-compiled ``train(key_t, hparams_t, data) -> EnsembleResult`` (leaves T×M×...).
 
@@ -163,7 +165,7 @@ def make_train(recipe: Recipe, head, num_classes: int, mesh=None) -> Callable:
             params=params, opt_state=_optimizer(r, hp, steps).init(params), best_params=params,
             best_score=jnp.float32(-jnp.inf), best_epoch=jnp.int32(-1), bad_epochs=jnp.int32(0),
             active=jnp.bool_(True), key=k_run,
-            history={k: nan_e for k in ("train_loss", "train_acc", "val_nll", "val_acc")})
+            history={k: nan_e for k in ("train_loss", "train_acc", "val_loss", "val_acc")})
 
     def epoch_member(s: MemberState, epoch, hp, data, steps):
         tx = _optimizer(r, hp, steps)
@@ -200,7 +202,7 @@ def make_train(recipe: Recipe, head, num_classes: int, mesh=None) -> Callable:
             bad_epochs=bad, active=s.active & (bad < r.patience), key=key,
             history=dict(train_loss=record(s.history["train_loss"], loss_s.mean()),
                          train_acc=record(s.history["train_acc"], acc_s.mean()),
-                         val_nll=record(s.history["val_nll"], val_nll), val_acc=record(s.history["val_acc"], val_acc)))
+                         val_loss=record(s.history["val_loss"], val_nll), val_acc=record(s.history["val_acc"], val_acc)))
 
     def constrain(state):
         if mesh is None:
@@ -235,6 +237,7 @@ def make_train(recipe: Recipe, head, num_classes: int, mesh=None) -> Callable:
     return jax.jit(jax.vmap(train_ensemble, (0, 0, None)))
 
 
+@functools.lru_cache(maxsize=32)
 def make_predict(head, chunk: int = 256) -> Callable:
     """Returns jit ``predict(params_m, x_vntc) -> probs_mnk``: every member's TTA-mean softmax."""
     return jax.jit(jax.vmap(lambda p, x: view_mean_probs(head, p, x, chunk), (0, None)))
@@ -249,14 +252,14 @@ def fit(recipe: Recipe, head, num_classes: int, train_x, train_y, val_x, val_y, 
         seed: int = 0, mesh=None) -> EnsembleResult:
     """Trains one (dict) or T (list) hyper-parameter settings; returns the T×M (or M) `EnsembleResult`.
 
-    train_x: V×N×T×C (or N×T×C, one view); val_x likewise. Member keys derive from `seed` (trial t uses
-    fold_in(seed, t)), so trials differ only by their hyper-parameters.
+    train_x: V×N×T×C (or N×T×C, one view); val_x likewise. Member keys derive from `seed` alone, the same for
+    every trial (common random numbers): trials differ only by their hyper-parameters.
     """
     single = isinstance(hparams, dict)
     hps = [hparams] if single else list(hparams)
     as_views = lambda x: jnp.asarray(x, jnp.float32)[None] if np.ndim(x) == 3 else jnp.asarray(x, jnp.float32)  # noqa: E731
     data = dict(train_x=as_views(train_x), train_y=jnp.asarray(train_y, jnp.int32),
                 val_x=as_views(val_x), val_y=jnp.asarray(val_y, jnp.int32))
-    keys_t = jax.vmap(lambda t: jax.random.fold_in(jax.random.PRNGKey(seed), t))(jnp.arange(len(hps)))
+    keys_t = jnp.broadcast_to(jax.random.PRNGKey(seed), (len(hps), 2))
     out = make_train(recipe, head, num_classes, mesh)(keys_t, stack_trials(hps), data)
     return trial(out, 0) if single else out

@@ -1,0 +1,126 @@
+"""The head-mode recipe on one split: frozen features of V views → standardise (+ PCA) fitted on the training
+part only → a deep ensemble of heads trained by the compiled trainer → test-time-augmented probabilities,
+with the linear probe and other heads trained on the very same features and split.
+
+    x̃ = (x − μ_train) / σ_train              per channel, statistics over training images, views and positions
+    z = x̃ · V_d Λ_d^(−1/2)                    optional PCA whitening to d dims (eigen-pairs of the training x̃)
+
+PCA keeps the d directions of largest training variance and gives them unit variance. It is a linear map, so
+a GRU on z is a GRU on x̃ with a rank-d input projection: fewer FLOPs (the input projection dominates the GRU
+head on 1280-channel maps) and fewer parameters to over-fit a few hundred images.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+from leukax.models.heads import make_head
+from leukax.train import compiled, probe
+
+HEAD_KINDS = ("gru", "dense", "linear", "probe")
+
+# Akter et al. 2024, Table 2 (Bayesian-optimised hyper-parameters per backbone), all of it. EfficientNetB3's row
+# also serves its offline substitute (EfficientNet-Lite2), which is recorded in the results.
+PAPER_TABLE2 = {
+    "inception_v3": dict(units=512, optimizer="sgd", learning_rate=0.01, momentum=0.3, dropout=0.4),
+    "mobilenet_v2": dict(units=512, optimizer="sgd", learning_rate=0.01, momentum=0.9, dropout=0.1),
+    "efficientnet_b3": dict(units=256, optimizer="rmsprop", learning_rate=1e-4, momentum=0.5, dropout=0.1),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureTransform:
+    """Standardisation (+ PCA whitening) fitted on training features: `apply(x_...c) -> x_...d`."""
+    mean_c: np.ndarray
+    std_c: np.ndarray
+    proj_cd: np.ndarray | None
+
+    def apply(self, x):
+        z = (np.asarray(x, np.float32) - self.mean_c) / self.std_c
+        return z if self.proj_cd is None else z @ self.proj_cd
+
+
+def fit_transform(train_x_vntc, dim: int = 0, max_rows: int = 50_000, seed: int = 0) -> FeatureTransform:
+    """Returns the standardisation (and, with dim > 0, PCA whitening to `dim`) of training features V×N×T×C."""
+    rows = np.asarray(train_x_vntc, np.float32).reshape(-1, np.shape(train_x_vntc)[-1])
+    if len(rows) > max_rows:  # a random subset of positions is plenty for C×C statistics
+        rows = rows[np.random.default_rng(seed).choice(len(rows), max_rows, replace=False)]
+    mean, std = rows.mean(0), rows.std(0) + 1e-6
+    if not dim or dim >= rows.shape[1]:
+        return FeatureTransform(mean, std, None)
+    z = (rows - mean) / std
+    evals, evecs = np.linalg.eigh(z.T @ z / len(z))
+    order = np.argsort(evals)[::-1][:dim]
+    return FeatureTransform(mean, std, (evecs[:, order] / np.sqrt(np.maximum(evals[order], 1e-6))).astype(np.float32))
+
+
+def make_model(kind: str, num_classes: int, units: int = 128, hidden: int = 128, dense_features: int = 256):
+    """Returns the head module of `kind` ("gru" | "dense" | "linear")."""
+    if kind == "gru":
+        return make_head("gru", num_classes, units=units, hidden=hidden, dropout=0.0)
+    if kind == "dense":
+        return make_head("dense", num_classes, features=dense_features, dropout=0.0)
+    return make_head("linear", num_classes)
+
+
+def train_and_predict(kind: str, recipe: compiled.Recipe, hparams: dict, num_classes: int, train_x, train_y,
+                      val_x, test_x, val_y, *, units: int = 128, hidden: int = 128, seed: int = 0, mesh=None):
+    """Trains one head kind on transformed V×N×T×D features; returns (probs_val_mnk, probs_test_mnk, info).
+
+    "probe" is the logistic-regression linear probe (one model: M = 1); the others are M-member deep
+    ensembles from the compiled trainer. Validation and test probabilities average all views (TTA).
+    """
+    if kind == "probe":
+        p = probe.fit(train_x, train_y, num_classes)
+        return (np.asarray(probe.predict(p, jnp.asarray(val_x)))[None],
+                np.asarray(probe.predict(p, jnp.asarray(test_x)))[None], {"members": 1})
+    head = make_model(kind, num_classes, units, hidden)
+    res = compiled.fit(recipe, head, num_classes, train_x, train_y, val_x, val_y, hparams, seed=seed, mesh=mesh)
+    p_va, p_te, info = predict_both(head, res, val_x, test_x)
+    info["members"] = recipe.num_members
+    return p_va, p_te, info
+
+
+def predict_both(head, res, val_x, test_x):
+    """Returns (probs_val_mnk, probs_test_mnk, info with best epochs and history) of a trained ensemble."""
+    predict = compiled.make_predict(head)
+    p_va = np.asarray(predict(res.params, jnp.asarray(val_x, jnp.float32)))
+    p_te = np.asarray(predict(res.params, jnp.asarray(test_x, jnp.float32)))
+    info = dict(best_epoch=np.asarray(res.best_epoch).tolist(),
+                epochs_run=int(np.asarray(res.epochs_run)[0]),
+                history={k: np.asarray(v) for k, v in res.history.items()})
+    return p_va, p_te, info
+
+
+def pooled(x_vntc) -> np.ndarray:
+    """Returns N×C: features pooled over positions and views (the input of the Mahalanobis OOD score)."""
+    return np.asarray(jnp.mean(jnp.asarray(x_vntc, jnp.float32), axis=(0, 2)))
+
+
+
+class TransformedHead(nn.Module):
+    """A head reading raw backbone feature maps through a fitted `FeatureTransform` (its arrays are this
+    module's params "mean_c", "std_c", "proj_cd"), e.g. for Grad-CAM of backbone + transform + head."""
+    head: nn.Module
+    channels: int
+    dim: int = 0
+
+    @nn.compact
+    def __call__(self, feature_map_bhwc, train: bool = False, **kw):
+        mean = self.param("mean_c", nn.initializers.zeros_init(), (self.channels,))
+        std = self.param("std_c", nn.initializers.ones_init(), (self.channels,))
+        x = (feature_map_bhwc - mean) / std
+        if self.dim:
+            x = x @ self.param("proj_cd", nn.initializers.zeros_init(), (self.channels, self.dim))
+        return self.head(x, train=train, **kw)
+
+    @staticmethod
+    def variables(tf: FeatureTransform, head_params) -> dict:
+        """Returns this module's params for transform `tf` and one member's head params."""
+        out = {"head": head_params, "mean_c": jnp.asarray(tf.mean_c), "std_c": jnp.asarray(tf.std_c)}
+        if tf.proj_cd is not None:
+            out["proj_cd"] = jnp.asarray(tf.proj_cd)
+        return out

@@ -1,0 +1,182 @@
+"""The compiled head-mode trainer (leukax.train.compiled), views, the linear probe and temperature scaling."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from leukax import calibration, metrics
+from leukax.models.heads import GRUHead, LinearHead
+from leukax.train import compiled, probe, recipe, views
+
+K = 3
+
+
+def _data(n=48, v=2, t=4, c=6, seed=0):
+    """Separable toy features: class k shifts channel k (every view and position), plus noise."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % K
+    x = rng.normal(size=(v, n, t, c)).astype(np.float32)
+    x[..., :K] += 1.5 * np.eye(K, dtype=np.float32)[y][None, :, None, :]
+    return x, y
+
+
+RECIPE = compiled.Recipe(num_members=2, num_epochs=4, batch_size=16, patience=10)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    x, y = _data()
+    xv, yv = _data(24, seed=1)
+    return x, y, xv, yv
+
+
+def test_trains_learns_and_is_deterministic(toy):
+    x, y, xv, yv = toy
+    head = GRUHead(K, units=8, hidden=8, dropout=0.0)
+    hp = compiled.default_hparams(learning_rate=1e-2)
+    r1 = compiled.fit(RECIPE, head, K, x, y, xv, yv, hp, seed=3)
+    r2 = compiled.fit(RECIPE, head, K, x, y, xv, yv, hp, seed=3)
+    for a, b in zip(jax.tree.leaves(r1.params), jax.tree.leaves(r2.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    leaf = np.asarray(jax.tree.leaves(r1.params)[0])
+    assert not np.allclose(leaf[0], leaf[1])  # members have their own init and data order
+    hist = r1.history
+    assert np.asarray(hist["val_acc"]).shape == (2, 4) and np.all(np.isfinite(np.asarray(hist["val_loss"])))
+    probs = np.asarray(compiled.make_predict(head)(r1.params, jnp.asarray(xv)))
+    assert probs.shape == (2, 24, K) and np.mean(probs.mean(0).argmax(-1) == yv) > 0.6
+
+
+def test_early_stopping_keeps_each_members_best_epoch(toy):
+    x, y, xv, yv = toy
+    head = LinearHead(K)
+    rcp = compiled.Recipe(num_members=2, num_epochs=30, batch_size=16, patience=2, schedule="constant",
+                          optimizer="sgd", label_smoothing=0.0)
+    res = compiled.fit(rcp, head, K, x, y, xv, yv, compiled.default_hparams(learning_rate=5.0, momentum=0.0))
+    run = int(np.asarray(res.epochs_run)[0])
+    val = np.asarray(res.history["val_loss"])
+    assert run < 30  # a huge learning rate stops both members early
+    for m in range(2):
+        done = val[m][np.isfinite(val[m])]
+        assert int(res.best_epoch[m]) == int(np.argmin(done))  # best = lowest validation NLL seen
+        assert len(done) - 1 - int(res.best_epoch[m]) == 2     # stopped after `patience` bad epochs
+
+
+def test_trials_share_one_program_and_equal_separate_runs(toy):
+    x, y, xv, yv = toy
+    head = GRUHead(K, units=8, hidden=8, dropout=0.0)
+    hps = [compiled.default_hparams(learning_rate=1e-2), compiled.default_hparams(learning_rate=3e-3, dropout=0.1)]
+    both = compiled.fit(RECIPE, head, K, x, y, xv, yv, hps, seed=1)
+    alone = compiled.fit(RECIPE, head, K, x, y, xv, yv, hps[1], seed=1)
+    for a, b in zip(jax.tree.leaves(compiled.trial(both, 1).params), jax.tree.leaves(alone.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    a0 = np.asarray(jax.tree.leaves(compiled.trial(both, 0).params)[0])
+    assert not np.allclose(a0, np.asarray(jax.tree.leaves(alone.params)[0]))
+
+
+def test_member_axis_map_equals_vmap(toy):
+    x, y, xv, yv = toy
+    head = GRUHead(K, units=8, hidden=8, dropout=0.0)
+    hp = compiled.default_hparams(learning_rate=1e-2)
+    rv = compiled.fit(RECIPE, head, K, x, y, xv, yv, hp)
+    rm = compiled.fit(compiled.Recipe(**{**RECIPE.__dict__, "member_axis": "map"}), head, K, x, y, xv, yv, hp)
+    for a, b in zip(jax.tree.leaves(rv.params), jax.tree.leaves(rm.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_sgd_momentum_zero_is_plain_sgd():
+    rcp = compiled.Recipe(optimizer="sgd", schedule="constant")
+    p = {"w": jnp.ones(3)}
+    g1, g2 = {"w": jnp.array([1.0, 2.0, 3.0])}, {"w": jnp.array([0.5, 0.5, 0.5])}
+
+    def two_steps(momentum):
+        tx = compiled._optimizer(rcp, compiled.default_hparams(learning_rate=0.1, momentum=momentum, weight_decay=0.0), 1)
+        s, q = tx.init(p), p
+        for g in (g1, g2):
+            u, s = tx.update(g, s, q)
+            q = optax.apply_updates(q, u)
+        return np.asarray(q["w"])
+
+    np.testing.assert_allclose(two_steps(0.0), 1 - 0.1 * np.array([1.5, 2.5, 3.5]), atol=1e-6)
+    assert not np.allclose(two_steps(0.9), two_steps(0.0))
+
+
+def test_views_are_per_image_so_slicing_after_the_split_is_making_them_after():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 6, 6, 3), dtype=np.uint8)
+    all_v = views.make_views(images)
+    idx = np.array([4, 1])
+    np.testing.assert_array_equal(all_v[:, idx], views.make_views(images[idx]))
+    assert all_v.shape[0] == 8 and len({all_v[k, 0].tobytes() for k in range(8)}) == 8  # 8 distinct views
+    np.testing.assert_array_equal(all_v[0], images)                                   # view 0 = identity
+    np.testing.assert_array_equal(views.dihedral(images, 1), np.rot90(images, 1, axes=(1, 2)))
+    train, test = np.array([0, 2, 3]), np.array([1, 4])
+    tr = all_v[:, train]
+    for t in test:  # no view of a test image is in the training tensor
+        assert not any(np.array_equal(tr[v, i], all_v[w, t]) for v in range(8) for i in range(3) for w in range(8))
+
+
+def test_linear_probe_matches_scikit_learn():
+    from sklearn.linear_model import LogisticRegression
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(90, 12)).astype(np.float32)
+    y = (x @ rng.normal(size=(12, K)) + rng.normal(size=(90, K))).argmax(1)
+    p = probe.fit(x, y, K)
+    xs = (x - np.asarray(p["mean"])) / np.asarray(p["std"])
+    sk = LogisticRegression(C=1.0, max_iter=10000, tol=1e-10).fit(xs, y)
+    np.testing.assert_allclose(np.asarray(probe.predict(p, jnp.asarray(x))), sk.predict_proba(xs), atol=5e-4)
+
+
+def test_temperature_scaling_lowers_nll_of_overconfident_predictions():
+    rng = np.random.default_rng(0)
+    n = 400
+    y = rng.integers(0, K, n)
+    logits = rng.normal(size=(n, K)) + 1.0 * np.eye(K)[y]
+    over = jax.nn.softmax(jnp.asarray(4.0 * logits), -1)  # 4× too sharp
+    t = float(calibration.fit_temperature(jnp.asarray(y), over))
+    assert 2.5 < t < 6.0
+    cal = calibration.apply_temperature(over, t)
+    assert float(metrics.nll(jnp.asarray(y), cal)) < 0.8 * float(metrics.nll(jnp.asarray(y), over))
+    np.testing.assert_array_equal(np.asarray(cal).argmax(-1), np.asarray(over).argmax(-1))  # accuracy unchanged
+
+
+def test_feature_transform_uses_training_statistics_only():
+    x, _ = _data(30)
+    tf = recipe.fit_transform(x[:, :20], dim=4)
+    z = tf.apply(x[:, :20]).reshape(-1, 4)
+    np.testing.assert_allclose(np.cov(z.T, bias=True), np.eye(4), atol=1e-3)  # whitened on the training part
+    assert not np.allclose(tf.mean_c, recipe.fit_transform(x, dim=4).mean_c)
+
+
+MESH_SCRIPT = textwrap.dedent("""
+    import numpy as np, jax, jax.numpy as jnp
+    from jax.sharding import Mesh
+    from leukax.models.heads import GRUHead
+    from leukax.train import compiled
+    assert len(jax.devices()) == 8
+    rng = np.random.default_rng(0)
+    y = np.arange(32) % 3; x = rng.normal(size=(2, 32, 4, 6)).astype(np.float32)
+    rcp = compiled.Recipe(num_members=8, num_epochs=2, batch_size=16, patience=5)
+    head = GRUHead(3, units=8, hidden=8, dropout=0.0)
+    hp = compiled.default_hparams(learning_rate=1e-2)
+    mesh = Mesh(np.array(jax.devices()), ("members",))
+    sharded = compiled.fit(rcp, head, 3, x, y, x, y, hp, mesh=mesh)
+    single = compiled.fit(rcp, head, 3, x, y, x, y, hp)
+    leaf = jax.tree.leaves(sharded.params)[0]
+    print("devices", len(leaf.sharding.device_set))
+    for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(single.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    print("equal")
+""")
+
+
+def test_member_axis_sharded_over_8_host_devices_equals_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    out = subprocess.run([sys.executable, "-c", MESH_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "devices 8" in out.stdout and "equal" in out.stdout
