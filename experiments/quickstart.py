@@ -60,7 +60,7 @@ class Config:
     val_fraction: float = field(0.2, "Fraction of all images used for validation inside each fold.")
     views: str = field("dihedral", "Cached views per image (augmentation in head mode, TTA).",
                        choices=("dihedral", "none"))
-    feature_dim: int = field(0, "PCA-whitened feature channels (0 = standardised channels).")
+    feature_dim: int = field(0, "PCA feature channels, fitted on the training part (0 = all standardised channels).")
     units: int = field(128, "GRU units (the paper's Bayesian-optimised MobileNetV2 value is 512).")
     hidden: int = field(128, "Width of the first dense layer after the GRU.")
     learning_rate: float = field(3e-3, "Peak learning rate (AdamW, warm-up + cosine).")
