@@ -1,0 +1,122 @@
+"""Head mode: the compiled trainer (leukax.train.compiled, the whole early-stopped run of M members as one
+program) against the per-step trainer (leukax.train.ensemble, Python dispatching every batch), and batched BO.
+
+  python benchmarks/head_mode.py                                   (writes results/benchmarks/head_mode.{json,md})
+
+Workload of issue 8: MobileNetV2 feature maps 7×7×1280 (random values: the time does not depend on them), a
+GRU(512) head, M = 5 members, 260 images split 5-fold with 20 % validation (156 train / 52 val / 52 test per
+fold), batch 16, `--epochs` epochs per fold without early stopping (patience = epochs), so both trainers do the
+same number of steps. The per-step trainer is timed for `--old_epochs` epochs of one fold and its 5-fold time
+is extrapolated from its measured seconds per epoch (said so in the output); the compiled trainer runs all
+folds. Compile time is reported apart. BO: `--bo_trials` trials suggested `--bo_batch` at a time by bayes_opt,
+each batch one compiled call, on one fold.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import time
+
+import jax
+import numpy as np
+
+from experiments import common
+from experiments.common import field
+from leukax.models.heads import GRUHead
+from leukax.train import bayes, compiled, ensemble
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@dataclasses.dataclass
+class Config:
+    images: int = field(260, "Images in the set (5 folds).")
+    units: int = field(512, "GRU units.")
+    members: int = field(5, "Deep-ensemble members M.")
+    epochs: int = field(20, "Epochs per fold (no early stopping).")
+    old_epochs: int = field(3, "Epochs of one fold timed for the per-step trainer (after one warm-up epoch).")
+    feature_dim: int = field(0, "Channels fed to the GRU (0 = the 1280 of MobileNetV2; 256 = leukax's PCA recipe).")
+    bo_trials: int = field(30, "BO trials (0 = skip BO).")
+    bo_batch: int = field(6, "BO trials per compiled call.")
+    out_dir: str = field(str(REPO / "results" / "benchmarks"), "Where head_mode.{json,md} go.")
+
+
+def run(cfg: Config) -> dict:
+    rng = np.random.default_rng(0)
+    c = cfg.feature_dim or 1280
+    n_tr, n_va = int(cfg.images * 0.6), int(cfg.images * 0.2)
+    x_tr = rng.normal(size=(1, n_tr, 49, c)).astype(np.float32)
+    x_va = rng.normal(size=(1, n_va, 49, c)).astype(np.float32)
+    y_tr, y_va = rng.integers(0, 2, n_tr), rng.integers(0, 2, n_va)
+    head = GRUHead(2, units=cfg.units, hidden=128, dropout=0.1)
+    rcp = compiled.Recipe(num_members=cfg.members, num_epochs=cfg.epochs, batch_size=16, patience=cfg.epochs,
+                          val_views=1)
+    hp = compiled.default_hparams()
+    out = dict(config=dataclasses.asdict(cfg), environment=common.environment(),
+               load_average=os.getloadavg(), command=common.command_line("benchmarks/head_mode.py", cfg))
+
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled.fit(rcp, head, 2, x_tr, y_tr, x_va, y_va, hp, seed=99).params)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for fold in range(5):
+        jax.block_until_ready(compiled.fit(rcp, head, 2, x_tr, y_tr, x_va, y_va, hp, seed=fold).params)
+    five = time.perf_counter() - t0
+    out["compiled"] = dict(five_folds_s=five, per_epoch_s=five / (5 * cfg.epochs),
+                           compile_s=max(first - five / 5, 0.0))
+
+    tcfg = ensemble.TrainConfig(num_members=cfg.members, mode="head", optimizer="adam", learning_rate=1e-3,
+                                dropout_rate=0.1, batch_size=16, num_epochs=cfg.old_epochs + 1, patience=None,
+                                normalization=None)
+    tr = ensemble.make_train(tcfg, head, (x_tr[0], y_tr), (x_va[0], y_va))
+    state = tr.fit(until_epoch=1)  # warm-up epoch: compiles
+    t0 = time.perf_counter()
+    tr.fit(state)
+    per_epoch_old = (time.perf_counter() - t0) / cfg.old_epochs
+    out["per_step_trainer"] = dict(per_epoch_s=per_epoch_old, five_folds_s_extrapolated=per_epoch_old * 5 * cfg.epochs,
+                                   measured_epochs=cfg.old_epochs)
+    out["speedup"] = per_epoch_old / out["compiled"]["per_epoch_s"]
+
+    if cfg.bo_trials:
+        space = {k: v for k, v in bayes.RECIPE_SPACE.items() if k not in ("units", "optimizer")}
+
+        def objective_batch(params_list):
+            res = compiled.fit(rcp, head, 2, x_tr, y_tr, x_va, y_va, [bayes.recipe_hparams(p) for p in params_list])
+            val = np.asarray(res.history["val_loss"])[:, :, -1].mean(1)
+            return [(-float(v), {}) for v in val]
+
+        t0 = time.perf_counter()
+        log = pathlib.Path(cfg.out_dir) / "head_mode_bo_log.json"
+        log.unlink(missing_ok=True)
+        bayes.run_batched(objective_batch, space, cfg.bo_trials, log, batch=cfg.bo_batch, init_points=cfg.bo_batch)
+        log.unlink(missing_ok=True)
+        out["bo"] = dict(trials=cfg.bo_trials, batch=cfg.bo_batch, total_s=time.perf_counter() - t0,
+                         note=f"{cfg.bo_trials} trials of M={cfg.members} GRU({cfg.units}) ensembles, {cfg.epochs} "
+                              "epochs each, one fold; units and optimizer fixed (both change the program)")
+    pathlib.Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    (pathlib.Path(cfg.out_dir) / "head_mode.json").write_text(json.dumps(out, indent=2))
+    (pathlib.Path(cfg.out_dir) / "head_mode.md").write_text(markdown(out))
+    print(markdown(out))
+    return out
+
+
+def markdown(o: dict) -> str:
+    c, old, e = o["compiled"], o["per_step_trainer"], o["environment"]
+    lines = ["# Head mode: compiled trainer vs per-step trainer\n",
+             f"Command: `{o['command']}`  \nCommit: `{e['commit']}`; device: {e['device']} ({e['cpu_count']} cores); "
+             f"load average at start {tuple(round(x, 1) for x in o['load_average'])}.\n",
+             "| what | per-step trainer (ensemble.py) | compiled trainer | ratio |", "|---|---|---|---|",
+             f"| seconds per epoch (M={o['config']['members']}, all members) | {old['per_epoch_s']:.2f} | "
+             f"{c['per_epoch_s']:.2f} | {o['speedup']:.2f}× |",
+             f"| 5 folds × {o['config']['epochs']} epochs | {old['five_folds_s_extrapolated']:.0f} s (extrapolated from "
+             f"{old['measured_epochs']} measured epochs) | {c['five_folds_s']:.0f} s (measured) + {c['compile_s']:.0f} s "
+             f"compile | |"]
+    if "bo" in o:
+        lines.append(f"| BO, {o['bo']['trials']} trials in batches of {o['bo']['batch']} | | {o['bo']['total_s']:.0f} s | |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    common.main(Config, run)
