@@ -8,7 +8,7 @@ Command:   python -m experiments.feature_fusion --weights_dir=../shared/weights 
            python -m experiments.feature_fusion --protocol=paper    (the paper's own leaky 70/10/20 protocol)
 Runtime:   the default run (embedded C-NMC sample, 60 images, 224 px, grouped 5-fold × 2, Lite2 + MobileNetV2
            branches, InceptionV3 baseline, 100 epochs / patience 50) took 261 s (264 s wall) on 2 CPU cores
-           shared by 4 engineers; the 3-class stand-in (70 images) 493 s, PBC (320 images) 656 s, the paper
+           shared by 4 engineers; the 3-class stand-in (70 images) 266-493 s (machine load), PBC (320 images) 656 s, the paper
            protocol on the stand-in (16 copies: 1120 items) 471 s. Each run writes its times to metrics.json.
 
 The model (Figure 3 of the paper). Stage 1: each branch (EfficientNetB7, MobileNetV3Large) is an ImageNet
