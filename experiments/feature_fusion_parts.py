@@ -14,7 +14,7 @@ from leukax import fusion, gradcam, imagenet_top
 from leukax.models import registry
 from leukax.models.classifier import Classifier
 from leukax.models.resnet_v2 import ResNetV2
-from leukax.train.ensemble import normalize
+from leukax.preprocess import normalize
 
 # Himel et al. Table 2 in its order; NASNetLarge is not implemented in leukax.
 TABLE2 = ("xception", "nasnet_large", "inception_v3", "resnet50_v2", "resnet101_v2", "efficientnet_b6",

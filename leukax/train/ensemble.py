@@ -23,7 +23,6 @@ import numpy as np
 from flax import struct
 
 from leukax import metrics
-from leukax.preprocess import normalize  # noqa: F401  (lives in preprocess; re-exported for old imports)
 from leukax.train import checkpoint as ckpt_lib
 from leukax.train import members as mb
 from leukax.train.members import AXES, TRACES, Members, resolve_axis  # noqa: F401  (public)
