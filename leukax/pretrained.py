@@ -126,10 +126,14 @@ def _lite_into(backbone: str, variables: dict, path, prefix: tuple[str, ...]) ->
 
 def _load_file(backbone: str, variables: dict, path: pathlib.Path, fmt: str | None, prefix) -> dict:
     fmt = fmt or {".h5": "keras-h5", ".npz": "npz", ".pth": "torch-pth"}.get(path.suffix)
-    if fmt == "keras-h5":
-        return _keras_h5_into(backbone, variables, path, prefix)
-    if fmt in ("npz", "torch-pth") and backbone.startswith("efficientnet_lite"):
-        return _lite_into(backbone, variables, path, prefix)
+    try:
+        if fmt == "keras-h5":
+            return _keras_h5_into(backbone, variables, path, prefix)
+        if fmt in ("npz", "torch-pth") and backbone.startswith("efficientnet_lite"):
+            return _lite_into(backbone, variables, path, prefix)
+    except (WeightsError, ValueError, KeyError) as e:  # one refusal that names the file, nothing loaded
+        reason = e.reason if isinstance(e, WeightsError) else str(e)
+        raise WeightsError(path, f"cannot load into {backbone!r}: {reason}") from None
     raise ValueError(f"leukax/pretrained.py: cannot load {path} (format {fmt}) into {backbone!r}")
 
 

@@ -160,3 +160,16 @@ def test_pretrained_refuses_a_corrupt_file_instead_of_falling_back(tmp_path, mon
     with pytest.raises(WeightsError) as e:
         pretrained("mobilenet_v2", weights="imagenet", weights_dir=tmp_path, offline=True)
     one_clean_error(e, bad, "wrong hash", spec.hash)
+
+
+def test_wrong_variant_npz_through_pretrained_names_the_file(tmp_path):
+    """A state dict that does not fit the backbone (wrong variant or missing keys) is one WeightsError naming
+    the file, from `pretrained` too."""
+    from leukax.pretrained import pretrained
+    from leukax.weights.errors import WeightsError
+    bad = tmp_path / "not_lite0.npz"
+    np.savez(bad, **{"stem.conv.weight": np.zeros((32, 3, 3, 3), np.float32)})
+    with pytest.raises(WeightsError) as err:
+        pretrained("efficientnet_lite0", weights=str(bad))
+    assert str(bad) in str(err.value) and "efficientnet_lite0" in str(err.value)
+    assert err.value.__cause__ is None and err.value.__suppress_context__
