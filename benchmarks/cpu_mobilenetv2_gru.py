@@ -91,7 +91,12 @@ def bench_jax(args, modes):
     out = {"framework": "jax", "jax": jax.__version__, "device": str(jax.devices()[0]),
            "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "depthwise_impl": args.depthwise_impl, "pointwise_impl": args.pointwise_impl}
-    return out, {"train": train, "infer": infer}
+    def hlo(mode):  # the optimised HLO of the step (for profile_mobilenetv2_gru.py)
+        if mode == "train":
+            return train_jit.lower(state["p"], state["s"], state["o"], x, y, state["key"]).compile().as_text()
+        return infer_jit.lower(state["p"], state["s"], x).compile().as_text()
+
+    return out, {"train": train, "infer": infer, "hlo": hlo}
 
 
 def torch_model(units, hidden):
