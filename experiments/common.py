@@ -79,14 +79,27 @@ def parse_argv(config_cls, argv: list[str]):
     return config_from_flags(config_cls, fv)
 
 
+class InputError(ValueError):
+    """A user's input cannot work (flag value, data folder, dataset too small for the protocol); one line says why."""
+
+
 def main(config_cls, run) -> None:
-    """The `if __name__ == "__main__"` of an experiment: flags from `config_cls`, then `run(config)`."""
+    """The `if __name__ == "__main__"` of an experiment: flags from `config_cls`, then `run(config)`.
+
+    A bad flag value, a manual folder with the wrong layout or a dataset too small for the protocol ends the
+    program with one line on stderr and exit status 2 (no traceback); experiments check these before any
+    feature extraction or compilation."""
+    from leukax.data.builders.base import DatasetError, ManualDownloadError
     define_flags(config_cls, module_name=sys.argv[0])
 
     def _main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments {argv[1:]} (every setting is a --flag)")
-        run(config_from_flags(config_cls))  # returns None: app.run would print and exit 1 on a returned value
+        try:
+            run(config_from_flags(config_cls))  # returns None: app.run would print and exit 1 on a returned value
+        except (InputError, DatasetError, ManualDownloadError) as e:
+            print(f"{pathlib.Path(sys.argv[0]).stem}: error: {e}", file=sys.stderr)
+            sys.exit(2)
 
     app.run(_main)
 
@@ -135,7 +148,16 @@ def make_splits(protocol: str, labels, groups, class_names, *, folds: int, repea
     grouped_kfold = stratified k-fold grouped by subject/duplicate, repeated over `repeats` seeds;
     paper_80_20 = 80 % train / 20 % test, grouped, or per image with `leaky` (as the paper did)."""
     if val_fraction <= 0:
-        raise ValueError("experiments: --val_fraction must be > 0 (early stopping, BO and referral use it)")
+        raise InputError("experiments: --val_fraction must be > 0 (early stopping, BO and referral use it)")
+    try:
+        return _make_splits(protocol, labels, groups, class_names, folds, repeats, val_fraction, seed, leaky)
+    except InputError:
+        raise
+    except ValueError as e:  # e.g. a class with fewer subjects than folds
+        raise InputError(f"experiments: cannot split this dataset: {e}") from None
+
+
+def _make_splits(protocol, labels, groups, class_names, folds, repeats, val_fraction, seed, leaky) -> list:
     if protocol == "grouped_kfold":
         splits = []
         for r in range(repeats):
@@ -147,7 +169,7 @@ def make_splits(protocol: str, labels, groups, class_names, *, folds: int, repea
         name = "paper 80/20 (validation carved from the 80 %) " + ("ungrouped-leaky" if leaky else "grouped")
         return repeated_holdout(labels, None if leaky else groups, 0.2, val_fraction, repeats, seed, class_names,
                                 protocol=name)
-    raise ValueError(f"experiments: --protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    raise InputError(f"experiments: --protocol must be one of {PROTOCOLS}, got {protocol!r}")
 
 
 def check_and_save(split, groups, leaky: bool, splits_dir) -> str:

@@ -47,6 +47,7 @@ from leukax import fusion, metrics, plots, uncertainty
 from leukax.augment import augment_paper1
 from leukax.data import load_arrays
 from leukax.models.classifier import Classifier
+from leukax.models import registry as model_registry
 from leukax.models.heads import make_head
 from leukax.train import bayes, compiled, recipe
 from leukax.train.ensemble import TrainConfig, make_train
@@ -123,7 +124,7 @@ def split_hparams(cfg, role: str, tr, va, split, labels, num_classes, bo_dir):
     if cfg.hparams == "paper":
         row = recipe.PAPER_TABLE2.get(role)
         if row is None:
-            raise ValueError(f"experiments/hybrid_gru.py: Table 2 has no row for {role!r}; use --hparams=recipe")
+            raise common.InputError(f"experiments/hybrid_gru.py: Table 2 has no row for {role!r}; use --hparams=recipe")
         rcp = dataclasses.replace(base, optimizer=row["optimizer"], schedule="constant", label_smoothing=0.0)
         hp = compiled.default_hparams(learning_rate=row["learning_rate"], momentum=row["momentum"],
                                       dropout=row["dropout"], weight_decay=0.0, input_dropout=0.0)
@@ -200,11 +201,25 @@ def run(cfg: Config) -> dict:
     out = pathlib.Path(cfg.out_dir)
     kinds = ("gru",) if cfg.mode == "finetune" else tuple(cfg.heads)
     if cfg.head not in kinds:
-        raise ValueError(f"experiments/hybrid_gru.py: --head={cfg.head} is not among --heads={','.join(kinds)}")
+        raise common.InputError(f"experiments/hybrid_gru.py: --head={cfg.head} is not among --heads={','.join(kinds)}")
+    unknown = set(kinds) - set(recipe.HEAD_KINDS)
+    if unknown:
+        raise common.InputError(f"experiments/hybrid_gru.py: --heads: unknown {sorted(unknown)}; known {recipe.HEAD_KINDS}")
+    if cfg.hparams == "paper" and set(cfg.backbones) - set(recipe.PAPER_TABLE2):
+        raise common.InputError(f"experiments/hybrid_gru.py: --hparams=paper: Table 2 has no row for "
+                                f"{sorted(set(cfg.backbones) - set(recipe.PAPER_TABLE2))}; use --hparams=recipe")
+    for name in cfg.backbones:  # inputs checked before any feature extraction or compilation
+        try:
+            model_registry.get_spec(name)
+        except KeyError as e:
+            raise common.InputError(f"experiments/hybrid_gru.py: --backbones: {e.args[0]}") from None
+    ds = load_arrays(cfg.dataset, cfg.image_size or 224, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir)
+    splits = common.make_splits(cfg.protocol, np.asarray(ds.labels), ds.groups, list(ds.class_names), folds=cfg.folds,
+                                repeats=cfg.repeats, val_fraction=cfg.val_fraction, seed=cfg.seed, leaky=cfg.leaky)
     for sub in ("figures", "splits"):
         (out / sub).mkdir(parents=True, exist_ok=True)
 
-    hybrids, t_features, ds = [], {}, None
+    hybrids, t_features = [], {}
     for name in cfg.backbones:
         t0 = time.perf_counter()
         module, variables, spec, record = common.load_backbone(
@@ -219,9 +234,6 @@ def run(cfg: Config) -> dict:
         t_features[name] = time.perf_counter() - t0
         hybrids.append(dict(name=name, module=module, variables=variables, spec=spec, record=record, inputs=inputs))
     names, labels, k = list(ds.class_names), np.asarray(ds.labels), len(ds.class_names)
-
-    splits = common.make_splits(cfg.protocol, labels, ds.groups, names, folds=cfg.folds, repeats=cfg.repeats,
-                                val_fraction=cfg.val_fraction, seed=cfg.seed, leaky=cfg.leaky)
     models = [(h["name"], kind) for h in hybrids for kind in kinds] + [("fused", kind) for kind in kinds]
     per = {m: {"reports": [], "unc": [], "referral": [], "calibration": [], "hparams": []} for m in models}
     first = [s for s in splits if s.repeat == 0]

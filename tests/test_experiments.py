@@ -150,3 +150,26 @@ def test_load_backbone_substitution(shared_dir, tmp_path, monkeypatch):
     assert rec0["params"] == rec["params"]  # same network, and the file's values were loaded into it
     loaded, random = (jax.tree_util.tree_leaves(v["params"]) for v in (variables, random_vars))
     assert not any(np.allclose(a, b) for a, b in zip(loaded, random) if a.size > 1000)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--folds=40"], "cannot split this dataset"),
+    (["--dataset=all_idb2", "--manual_dir={tmp}"], "must be downloaded by hand"),
+    (["--backbones=resnet9000"], "unknown backbone"),
+    (["--hparams=paper", "--backbones=xception"], "Table 2 has no row"),
+])
+def test_bad_inputs_end_with_one_line_before_any_work(tmp_path, flags, message):
+    """A dataset too small for the folds, a manual folder with the wrong layout, an unknown backbone, or paper
+    hyper-parameters for a backbone the paper did not use: exit 2, one line naming the problem, no traceback,
+    nothing written (checked before any feature extraction)."""
+    import subprocess
+    import sys
+    out = tmp_path / "out"
+    argv = [f.format(tmp=tmp_path) for f in flags]
+    r = subprocess.run([sys.executable, "-m", "experiments.hybrid_gru", f"--out_dir={out}", "--weights=none", *argv],
+                       capture_output=True, text=True, timeout=300, cwd=common.REPO,
+                       env={**__import__("os").environ, "JAX_PLATFORMS": "cpu", "LEUKAX_DATA_DIR": str(tmp_path / "tfds")})
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = [ln for ln in r.stderr.splitlines() if "error:" in ln]
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr
+    assert not (out / "metrics.json").exists() and not (out / "figures").exists()
