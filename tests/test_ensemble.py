@@ -1,5 +1,6 @@
 """Deep-ensemble trainer: both modes, per-member differences, early stopping, checkpoint/resume, determinism,
 momentum semantics. Real images come from the sample embedded in the package (no ../shared needed)."""
+import dataclasses
 import csv
 
 import flax.linen as nn
@@ -212,14 +213,21 @@ def test_config_momentum_reaches_the_state(optimizer, momentum, want):
 
 
 def test_experiment_sgd_momentum_zero_reaches_the_state():
-    """`experiments.hybrid_gru` with --optimizer=sgd --momentum=0: the members train with momentum 0."""
+    """`experiments.hybrid_gru` with --optimizer=sgd --momentum=0: the compiled trainer's members train with plain
+    SGD (two updates equal p − lr·(g1 + g2), which momentum would not give)."""
+    import optax
     from experiments import hybrid_gru
-    cfg = hybrid_gru.Config(optimizer="sgd", momentum=0.0, members=2)
-    hp = hybrid_gru.split_hparams(cfg, "mobilenet_v2", None, None, None, 2, None)  # hparams=paper: from cfg
-    tcfg = hybrid_gru._train_config(cfg, hp, 0, "head")
-    state = ensemble.init(ensemble.Spec(tcfg, DenseHead(num_classes=2, features=4)), np.zeros((1, 2, 2, 3)))
-    assert tcfg.optimizer == "sgd"
-    np.testing.assert_array_equal(state.members.opt_state.hyperparams["momentum"], [0.0, 0.0])
+    from leukax.train import compiled
+    cfg = hybrid_gru.Config(optimizer="sgd", momentum=0.0, members=2, weight_decay=0.0)
+    rcp, hp, _, _ = hybrid_gru.split_hparams(cfg, "mobilenet_v2", None, None, None, None, 2, None)
+    assert rcp.optimizer == "sgd" and hp["momentum"] == 0.0
+    tx = compiled._optimizer(dataclasses.replace(rcp, schedule="constant"), hp, 1)
+    p = {"w": jnp.ones(2)}
+    s = tx.init(p)
+    for g in ({"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([0.5, 0.5])}):
+        u, s = tx.update(g, s, p)
+        p = optax.apply_updates(p, u)
+    np.testing.assert_allclose(p["w"], 1 - hp["learning_rate"] * np.array([1.5, 2.5]), rtol=1e-6)
 
 
 def test_feature_cache_on_disk(cnmc, tmp_path):
