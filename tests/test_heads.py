@@ -106,3 +106,22 @@ def test_classifier_call_features_classify_and_counts():
     assert c["head"] == 8 * 12 + 12 + 12 * 3 + 3
     assert c["non_trainable"] == 2 * 8
     assert c["total"] == c["trainable"] + c["non_trainable"] == c["backbone"] + c["head"] + 16
+
+
+def test_gru_reads_the_centre_last_when_asked():
+    """order="center_last" permutes positions (farthest from the centre first, the centre cell last) and a
+    flattened square map B×T×C is read like the B×H×W×C map it came from."""
+    from leukax.models.heads import GRUHead, sequence_order
+    order = sequence_order(3, 3, "center_last")
+    assert sorted(order.tolist()) == list(range(9)) and order[-1] == 4 and set(order[:4].tolist()) == {0, 2, 6, 8}
+    np.testing.assert_array_equal(sequence_order(2, 3, "raster"), np.arange(6))
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 3, 5))
+    for order_name in ("raster", "center_last"):
+        head = GRUHead(2, units=4, hidden=4, order=order_name)
+        v = head.init(jax.random.PRNGKey(1), x)
+        np.testing.assert_allclose(head.apply(v, x)[0], head.apply(v, x.reshape(2, 9, 5))[0], atol=1e-6)
+    raster, centre = GRUHead(2, units=4, hidden=4), GRUHead(2, units=4, hidden=4, order="center_last")
+    v = raster.init(jax.random.PRNGKey(1), x)
+    assert not np.allclose(raster.apply(v, x)[0], centre.apply(v, x)[0])  # same weights, another reading order
+    seq = x.reshape(2, 9, 5)[:, order]  # reading order by hand: the raster head on the permuted positions
+    np.testing.assert_allclose(centre.apply(v, x)[0], raster.apply(v, seq[:, :, None, :])[0], atol=1e-6)

@@ -18,6 +18,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Akter et al. 2024, Table of Bayesian-optimised GRU heads: backbone -> (GRU units, dropout rate).
 PAPER_GRU_HEADS: dict[str, dict[str, float]] = {
@@ -108,6 +109,19 @@ class GRU(nn.Module):
         return h_bu
 
 
+def sequence_order(h: int, w: int, order: str):
+    """Returns the H·W position indices in the order the GRU reads them: "raster" (row-major, the flattened map)
+    or "center_last" (farthest from the map's centre first, the centre last, ties row-major). A single cell sits
+    in the middle of its crop, so "center_last" ends the sequence — whose final state the head reads — on the
+    cell instead of on the background of the bottom-right corner."""
+    if order == "raster":
+        return np.arange(h * w)
+    if order != "center_last":
+        raise ValueError(f"leukax/models/heads.py: GRU order must be raster|center_last, got {order!r}")
+    yy, xx = np.meshgrid(np.arange(h) - (h - 1) / 2, np.arange(w) - (w - 1) / 2, indexing="ij")
+    return np.lexsort((np.arange(h * w), -(yy ** 2 + xx ** 2).ravel()))
+
+
 class GRUHead(nn.Module):
     """GRU over the H·W feature-map positions, then two dense layers. Returns (logits B×K, {"pre_logits": B×hidden}).
 
@@ -121,15 +135,20 @@ class GRUHead(nn.Module):
     hidden: int = 128
     input_dropout: float = 0.0
     recurrent_dropout: float = 0.0
+    order: str = "raster"
     dtype: Any = None
 
     @nn.compact
     def __call__(self, feature_map_bhwc, train: bool = False, dropout_rate=None, input_dropout_rate=None,
                  recurrent_dropout_rate=None):
-        if feature_map_bhwc.ndim == 3:  # already a sequence B×T×C
-            feature_map_bhwc = feature_map_bhwc[:, :, None, :]
+        if feature_map_bhwc.ndim == 3:  # a flattened (row-major) square map B×T×C
+            b, t, c = feature_map_bhwc.shape
+            side = int(round(t ** 0.5))
+            feature_map_bhwc = feature_map_bhwc.reshape(b, side, t // side, c) if side * side == t else \
+                feature_map_bhwc[:, :, None, :]
         b, h, w, c = feature_map_bhwc.shape
         seq_btc = feature_map_bhwc.reshape(b, h * w, c).astype(self.dtype or jnp.float32)
+        seq_btc = seq_btc[:, sequence_order(h, w, self.order)]
         if train:
             keep_b1c = dropout(jnp.ones((b, 1, c), seq_btc.dtype), _rate(self.input_dropout, input_dropout_rate),
                                self.make_rng("dropout"), True)
