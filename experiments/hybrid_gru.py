@@ -85,6 +85,8 @@ class Config:
     num_affine: int = field(0, "Extra views drawn from the paper's affine augmentation.")
     feature_dim: int = field(256, "PCA feature channels, fitted on the training part (0 = all standardised channels).")
     units: int = field(128, "GRU units (recipe).")
+    order: str = field("center_last", "Order the GRU reads the H·W positions: center_last (the cell's centre last) "
+                       "| raster (row-major, the flattened map).", choices=("center_last", "raster"))
     hidden: int = field(128, "Width of the dense layer after the GRU.")
     optimizer: str = field("adamw", "Optimizer (recipe).", choices=compiled.OPTIMIZERS)
     learning_rate: float = field(3e-3, "Peak learning rate (recipe).")
@@ -138,7 +140,7 @@ def split_hparams(cfg, role: str, tr, va, split, labels, num_classes, bo_dir):
             groups.setdefault((int(p["units"]), p["optimizer"]), []).append(i)
         for (units, opt), idx in groups.items():
             rcp = dataclasses.replace(base, optimizer=opt)
-            head = recipe.make_model("gru", num_classes, units, cfg.hidden)
+            head = recipe.make_model("gru", num_classes, units, cfg.hidden, order=cfg.order)
             hps = [bayes.recipe_hparams(params_list[i]) for i in idx]
             res = compiled.fit(rcp, head, num_classes, tr, y_tr, va, y_va, hps, seed=cfg.seed)
             probs_tmnk = np.asarray(jnp.stack([compiled.make_predict(head)(compiled.trial(res, t).params,
@@ -161,7 +163,7 @@ def split_hparams(cfg, role: str, tr, va, split, labels, num_classes, bo_dir):
 def train_finetune(cfg, hybrid: dict, split, labels, num_classes, seed):
     """--mode=finetune: backbone + GRU head trained end to end with the paper's augmentation; returns
     (probs_val_mnk, probs_test_mnk, info)."""
-    head = make_head("gru", num_classes, units=cfg.units, dropout=cfg.dropout, hidden=cfg.hidden)
+    head = make_head("gru", num_classes, units=cfg.units, dropout=cfg.dropout, hidden=cfg.hidden, order=cfg.order)
     x = hybrid["inputs"]
     tcfg = TrainConfig(num_members=cfg.members, mode="finetune", optimizer="adam" if cfg.optimizer == "adamw"
                        else cfg.optimizer, learning_rate=cfg.learning_rate, momentum=cfg.momentum,
@@ -187,7 +189,8 @@ def train_heads(cfg, hybrid: dict, split, labels, num_classes, seed, bo_dir) -> 
         k_rcp, k_hp = (rcp, hp) if kind == "gru" else (dataclasses.replace(rcp, optimizer="adamw", schedule="warmup_cosine"),
                                                         compiled.default_hparams())
         p_va, p_te, info = recipe.train_and_predict(kind, k_rcp, k_hp, num_classes, tr, labels[split.train], va, te,
-                                                    labels[split.val], units=units, hidden=cfg.hidden, seed=seed)
+                                                    labels[split.val], units=units, hidden=cfg.hidden,
+                                                    order=cfg.order, seed=seed)
         info["hparams"] = dict(source=source if kind == "gru" else "recipe defaults", units=units if kind == "gru"
                                else None, optimizer=k_rcp.optimizer, **{k: float(v) for k, v in k_hp.items()})
         out[kind] = (p_va, p_te, info)

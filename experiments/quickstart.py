@@ -62,6 +62,8 @@ class Config:
                        choices=("dihedral", "none"))
     feature_dim: int = field(0, "PCA feature channels, fitted on the training part (0 = all standardised channels).")
     units: int = field(128, "GRU units (the paper's Bayesian-optimised MobileNetV2 value is 512).")
+    order: str = field("center_last", "Order the GRU reads the 7×7 positions: center_last | raster.",
+                       choices=("center_last", "raster"))
     hidden: int = field(128, "Width of the first dense layer after the GRU.")
     learning_rate: float = field(3e-3, "Peak learning rate (AdamW, warm-up + cosine).")
     dropout: float = field(0.3, "Dropout before the last layer.")
@@ -88,7 +90,7 @@ def _train(cfg: Config, views, labels, train_idx, val_idx, seed):
                           patience=cfg.patience)
     hp = compiled.default_hparams(learning_rate=cfg.learning_rate, dropout=cfg.dropout,
                                   input_dropout=cfg.input_dropout, weight_decay=cfg.weight_decay)
-    head = recipe.make_model("gru", 2, cfg.units, cfg.hidden)
+    head = recipe.make_model("gru", 2, cfg.units, cfg.hidden, order=cfg.order)
     va = tf.apply(views[:, val_idx])
     res = compiled.fit(rcp, head, 2, tf.apply(views[:, train_idx]), labels[train_idx], va, labels[val_idx], hp,
                        seed=seed)
@@ -171,7 +173,7 @@ def run(cfg: Config) -> dict:
     t_final = time.perf_counter() - t0
     bcfg = bundle_lib.BundleConfig(
         backbone=cfg.backbone, weights=cfg.weights, image_size=cfg.image_size,
-        normalization=spec.normalization, head="gru", head_kwargs=dict(units=cfg.units, dropout=0.0, hidden=cfg.hidden),
+        normalization=spec.normalization, head="gru", head_kwargs=dict(units=cfg.units, dropout=0.0, hidden=cfg.hidden, order=cfg.order),
         class_names=list(ds.class_names), mode="head", num_members=cfg.members, views=cfg.views,
         uncertainty="predictive_entropy", referral_threshold=None if not np.isfinite(final_thr) else final_thr,
         mi_threshold=conformal_threshold(ens_val["mutual_information"], cfg.ood_alpha),

@@ -59,17 +59,19 @@ def fit_transform(train_x_vntc, dim: int = 0, max_rows: int = 50_000, seed: int 
     return FeatureTransform(mean, std, evecs[:, order].astype(np.float32))
 
 
-def make_model(kind: str, num_classes: int, units: int = 128, hidden: int = 128, dense_features: int = 256):
-    """Returns the head module of `kind` ("gru" | "dense" | "linear")."""
+def make_model(kind: str, num_classes: int, units: int = 128, hidden: int = 128, dense_features: int = 256,
+               order: str = "center_last"):
+    """Returns the head module of `kind` ("gru" | "dense" | "linear"); `order`: the GRU's reading order."""
     if kind == "gru":
-        return make_head("gru", num_classes, units=units, hidden=hidden, dropout=0.0)
+        return make_head("gru", num_classes, units=units, hidden=hidden, dropout=0.0, order=order)
     if kind == "dense":
         return make_head("dense", num_classes, features=dense_features, dropout=0.0)
     return make_head("linear", num_classes)
 
 
 def train_and_predict(kind: str, recipe: compiled.Recipe, hparams: dict, num_classes: int, train_x, train_y,
-                      val_x, test_x, val_y, *, units: int = 128, hidden: int = 128, seed: int = 0, mesh=None):
+                      val_x, test_x, val_y, *, units: int = 128, hidden: int = 128, order: str = "center_last",
+                      seed: int = 0, mesh=None):
     """Trains one head kind on transformed V×N×T×D features; returns (probs_val_mnk, probs_test_mnk, info).
 
     "probe" is the logistic-regression linear probe (one model: M = 1); the others are M-member deep
@@ -79,7 +81,7 @@ def train_and_predict(kind: str, recipe: compiled.Recipe, hparams: dict, num_cla
         p = probe.fit(train_x, train_y, num_classes)
         return (np.asarray(probe.predict(p, jnp.asarray(val_x)))[None],
                 np.asarray(probe.predict(p, jnp.asarray(test_x)))[None], {"members": 1})
-    head = make_model(kind, num_classes, units, hidden)
+    head = make_model(kind, num_classes, units, hidden, order=order)
     res = compiled.fit(recipe, head, num_classes, train_x, train_y, val_x, val_y, hparams, seed=seed, mesh=mesh)
     p_va, p_te, info = predict_both(head, res, val_x, test_x)
     info["members"] = recipe.num_members
