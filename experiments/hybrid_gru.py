@@ -7,10 +7,11 @@ Command:   python -m experiments.hybrid_gru                          (writes res
            python -m experiments.hybrid_gru --hparams=paper                   (Table 2 per backbone, whole)
            python -m experiments.hybrid_gru --hparams=bo --bo_trials=30       (batched BO on validation only)
            python -m experiments.hybrid_gru --protocol=paper_80_20 --leaky     (the paper's own split)
-Runtime:   measured runs and their times are in results/hybrid_gru/README.md and results/heads/README.md
-           (metrics.json timing_s of every run). On 2 CPU cores, 320 PBC cells, 3 backbones, 5 folds, M = 5,
-           all four heads: see results/heads/README.md; feature extraction of 8 views per image is most of a
-           first run and is cached (--feature_cache).
+Runtime:   (2 CPU cores shared with other jobs; every run writes its times to metrics.json → timing_s)
+           - PBC, 320 cells, 3 backbones × 5 folds, heads probe + GRU (M = 5): 17 min of training; the first run
+             also extracts 8 views per cell: ~0.5 min MobileNetV2, ~10 min InceptionV3 (299 px), ~2 min Lite2.
+           - C-NMC sample, 60 cells, all four heads: 6 min with cached features, 14 min from scratch.
+           - ALL-IDB2 (260 cells) with the defaults: about 14 min of training + ~9 min of feature extraction.
 
 What it does (head mode, the default; `--mode=finetune` trains backbone + GRU end to end instead):
 1. loads `--dataset` (cnmc2019 = the embedded sample; all_idb1, all_idb2, all_idb, pbc or any builder name);

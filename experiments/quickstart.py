@@ -1,7 +1,8 @@
 """Quickstart: a pretrained MobileNetV2-GRU deep ensemble on the embedded C-NMC 2019 sample.
 
 Command:   python -m experiments.quickstart            (writes results/quickstart/)
-Runtime:   a few minutes on 2 CPU cores (measured time is in results/quickstart/metrics.json).
+Runtime:   about 3 min on 2 CPU cores, first compilations included (187 s measured on a shared machine;
+           results/quickstart/metrics.json → timing_s).
 
 What it does (the first paper's hybrid, in head mode, with leakage-safe evaluation):
 1. loads the 60 embedded C-NMC 2019 cells (30 ALL, 30 healthy "hem", 37 subjects) at 224 px;
