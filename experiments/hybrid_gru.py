@@ -11,7 +11,8 @@ Runtime:   (2 CPU cores shared with other jobs; every run writes its times to me
            - PBC, 320 cells, 3 backbones × 5 folds, heads probe + GRU (M = 5): 17 min of training; the first run
              also extracts 8 views per cell: ~0.5 min MobileNetV2, ~10 min InceptionV3 (299 px), ~2 min Lite2.
            - C-NMC sample, 60 cells, all four heads: 6 min with cached features, 14 min from scratch.
-           - ALL-IDB2 (260 cells) with the defaults: about 14 min of training + ~9 min of feature extraction.
+           - ALL-IDB2 (260 cells) with the defaults: about 14 min of training + ~9 min of feature extraction
+             (estimated from the PBC run: ALL-IDB is not on these machines).
 
 What it does (head mode, the default; `--mode=finetune` trains backbone + GRU end to end instead):
 1. loads `--dataset` (cnmc2019 = the embedded sample; all_idb1, all_idb2, all_idb, pbc or any builder name);
