@@ -173,3 +173,10 @@ def test_bad_inputs_end_with_one_line_before_any_work(tmp_path, flags, message):
     lines = [ln for ln in r.stderr.splitlines() if "error:" in ln]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in r.stderr
     assert not (out / "metrics.json").exists() and not (out / "figures").exists()
+
+
+def test_paper_80_20_is_64_16_20():
+    labels = np.arange(100) % 2
+    (s,) = common.make_splits("paper_80_20", labels, np.arange(100), ["a", "b"], folds=5, repeats=1,
+                              val_fraction=0.2, seed=0, leaky=True)
+    assert (len(s.train), len(s.val), len(s.test)) == (64, 16, 20)
