@@ -49,8 +49,6 @@ def bench_jax(args, modes):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
-
     from leukax.models.classifier import Classifier
     from leukax.models.heads import GRUHead
     from leukax.models.mobilenet_v2 import MobileNetV2
@@ -61,42 +59,10 @@ def bench_jax(args, modes):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.uniform(-1, 1, (args.batch, args.size, args.size, 3)).astype(np.float32))
     y = jnp.asarray(rng.integers(0, 2, args.batch).astype(np.int32))
-    variables = jax.jit(model.init)(jax.random.key(0), x[:1])
-    params, stats = variables["params"], variables["batch_stats"]
-    tx = optax.sgd(1e-3, momentum=0.9)
-    opt_state = tx.init(params)
-
-    def train_step(params, stats, opt_state, x, y, key):
-        def loss_fn(p):
-            (logits, _), upd = model.apply({"params": p, "batch_stats": stats}, x, train=True,
-                                           rngs={"dropout": key}, mutable=["batch_stats"])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
-        (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), upd["batch_stats"], opt_state, loss
-
-    train_jit = jax.jit(train_step, donate_argnums=(0, 1, 2))
-    infer_jit = jax.jit(lambda p, s, x: model.apply({"params": p, "batch_stats": s}, x)[0])
-    state = {"p": params, "s": stats, "o": opt_state, "key": jax.random.key(1)}
-
-    def train():
-        state["key"], k = jax.random.split(state["key"])
-        state["p"], state["s"], state["o"], loss = train_jit(state["p"], state["s"], state["o"],
-                                                             x, y, k)
-        loss.block_until_ready()
-
-    def infer():
-        infer_jit(state["p"], state["s"], x).block_until_ready()
-
     out = {"framework": "jax", "jax": jax.__version__, "device": str(jax.devices()[0]),
            "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
            "depthwise_impl": args.depthwise_impl, "pointwise_impl": args.pointwise_impl}
-    def hlo(mode):  # the optimised HLO of the step (for profile_mobilenetv2_gru.py)
-        if mode == "train":
-            return train_jit.lower(state["p"], state["s"], state["o"], x, y, state["key"]).compile().as_text()
-        return infer_jit.lower(state["p"], state["s"], x).compile().as_text()
-
-    return out, {"train": train, "infer": infer, "hlo": hlo}
+    return out, interleave.flax_steps(model, x, y)  # hlo() feeds profile_mobilenetv2_gru.py
 
 
 def torch_model(units, hidden):

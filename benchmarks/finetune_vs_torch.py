@@ -41,10 +41,8 @@ class Config:
 
 def jax_steps(name: str, size: int, batch: int):
     """Returns {"train": fn, "infer": fn} for leukax backbone `name` + linear head."""
-    import jax
     import jax.numpy as jnp
     import numpy as np
-    import optax
 
     from leukax.models.classifier import Classifier
     from leukax.models.heads import LinearHead
@@ -55,32 +53,8 @@ def jax_steps(name: str, size: int, batch: int):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32))
     y = jnp.asarray(rng.integers(0, 2, batch).astype(np.int32))
-    variables = jax.jit(model.init)(jax.random.key(0), x[:1])
-    tx = optax.sgd(1e-3, momentum=0.9)
-
-    def train_step(params, stats, opt_state, x, y, key):
-        def loss_fn(p):
-            (logits, _), upd = model.apply({"params": p, "batch_stats": stats}, x, train=True,
-                                           rngs={"dropout": key}, mutable=["batch_stats"])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
-        (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), upd["batch_stats"], opt_state, loss
-
-    train_jit = jax.jit(train_step, donate_argnums=(0, 1, 2))
-    infer_jit = jax.jit(lambda p, s, x: model.apply({"params": p, "batch_stats": s}, x)[0])
-    st = {"p": variables["params"], "s": variables["batch_stats"], "key": jax.random.key(1)}
-    st["o"] = tx.init(st["p"])
-
-    def train():
-        st["key"], k = jax.random.split(st["key"])
-        st["p"], st["s"], st["o"], loss = train_jit(st["p"], st["s"], st["o"], x, y, k)
-        loss.block_until_ready()
-
-    def infer():
-        infer_jit(st["p"], st["s"], x).block_until_ready()
-
-    return {"train": train, "infer": infer}
+    steps = interleave.flax_steps(model, x, y)
+    return {"train": steps["train"], "infer": steps["infer"]}
 
 
 def torch_steps(name: str, size: int, batch: int):

@@ -86,3 +86,44 @@ def write(result: dict, json_path: str, markdown: str) -> None:
 def fmt(s: dict) -> str:
     """'median (min–max)' img/s."""
     return f"{s['img_per_s']:.2f} ({s['img_per_s_min']:.2f}–{s['img_per_s_max']:.2f})"
+
+
+def flax_steps(model, x, y) -> dict:
+    """Returns {"train", "infer", "hlo"} for a flax `Classifier` with BatchNorm on inputs x / labels y: one SGD
+    (momentum 0.9) step with the batch statistics updated, one inference pass (each blocks until done), and
+    hlo("train" | "infer") -> the optimised HLO text of that step. jax is imported here, after the caller pinned
+    cores and set XLA_FLAGS."""
+    import jax
+    import optax
+
+    variables = jax.jit(model.init)(jax.random.key(0), x[:1])
+    tx = optax.sgd(1e-3, momentum=0.9)
+
+    def train_step(params, stats, opt_state, x, y, key):
+        def loss_fn(p):
+            (logits, _), upd = model.apply({"params": p, "batch_stats": stats}, x, train=True,
+                                           rngs={"dropout": key}, mutable=["batch_stats"])
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd
+        (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), upd["batch_stats"], opt_state, loss
+
+    train_jit = jax.jit(train_step, donate_argnums=(0, 1, 2))
+    infer_jit = jax.jit(lambda p, s, x: model.apply({"params": p, "batch_stats": s}, x)[0])
+    st = {"p": variables["params"], "s": variables["batch_stats"], "key": jax.random.key(1)}
+    st["o"] = tx.init(st["p"])
+
+    def train():
+        st["key"], k = jax.random.split(st["key"])
+        st["p"], st["s"], st["o"], loss = train_jit(st["p"], st["s"], st["o"], x, y, k)
+        loss.block_until_ready()
+
+    def infer():
+        infer_jit(st["p"], st["s"], x).block_until_ready()
+
+    def hlo(mode):
+        if mode == "train":
+            return train_jit.lower(st["p"], st["s"], st["o"], x, y, st["key"]).compile().as_text()
+        return infer_jit.lower(st["p"], st["s"], x).compile().as_text()
+
+    return {"train": train, "infer": infer, "hlo": hlo}
