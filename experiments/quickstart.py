@@ -167,9 +167,9 @@ def run(cfg: Config) -> dict:
     final_thr = uncertainty.fit_referral_threshold(np.asarray(ens_val["predictive_entropy"]),
                                                    np.asarray(ens_val["pred"]) == labels[final_split.val],
                                                    cfg.referral_target, cfg.referral_value)
-    std = lambda x: (np.asarray(x) - tf.mean_c) / tf.std_c  # noqa: E731  (standardised, before any PCA)
-    ood_model = uncertainty.fit_mahalanobis(std(views[:, final_split.train]).mean((0, 2)), labels[final_split.train], 2)
-    ood_val = np.asarray(uncertainty.mahalanobis_score(ood_model, jnp.asarray(std(views[:, final_split.val]).mean((0, 2)))))
+    pooled_nc = lambda idx: tf.standardize(views[:, idx]).mean((0, 2))  # noqa: E731  (N×C, as predict pools)
+    ood_model = uncertainty.fit_mahalanobis(pooled_nc(final_split.train), labels[final_split.train], 2)
+    ood_val = np.asarray(uncertainty.mahalanobis_score(ood_model, jnp.asarray(pooled_nc(final_split.val))))
     transform = {"mean_c": tf.mean_c, "std_c": tf.std_c, **({"proj_cd": tf.proj_cd} if tf.proj_cd is not None else {})}
     t_final = time.perf_counter() - t0
     bcfg = bundle_lib.BundleConfig(

@@ -36,6 +36,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from leukax import metrics
+
 HPARAMS = ("learning_rate", "weight_decay", "momentum", "dropout", "input_dropout", "recurrent_dropout")
 OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
 
@@ -187,8 +189,7 @@ def make_train(recipe: Recipe, head, num_classes: int, mesh=None) -> Callable:
         val_x = data["val_x"] if r.val_views == 0 else data["val_x"][: r.val_views]
         probs_nk = view_mean_probs(head, params, val_x, r.eval_chunk)
         y_val = data["val_y"]
-        p_true = jnp.take_along_axis(probs_nk, y_val[:, None], -1)[:, 0]
-        val_nll = -jnp.mean(jnp.log(jnp.clip(p_true, jnp.finfo(jnp.float32).eps, 1.0)))
+        val_nll = metrics.nll(y_val, probs_nk)
         val_acc = jnp.mean(jnp.argmax(probs_nk, -1) == y_val)
         score = -val_nll if r.monitor == "val_nll" else val_acc
         improved = s.active & (score > s.best_score)

@@ -40,8 +40,12 @@ class FeatureTransform:
     std_c: np.ndarray
     proj_cd: np.ndarray | None
 
+    def standardize(self, x):
+        """Returns (x − μ) / σ with the training statistics (before any PCA)."""
+        return (np.asarray(x, np.float32) - self.mean_c) / self.std_c
+
     def apply(self, x):
-        z = (np.asarray(x, np.float32) - self.mean_c) / self.std_c
+        z = self.standardize(x)
         return z if self.proj_cd is None else z @ self.proj_cd
 
 
@@ -97,12 +101,6 @@ def predict_both(head, res, val_x, test_x):
                 epochs_run=int(np.asarray(res.epochs_run)[0]),
                 history={k: np.asarray(v) for k, v in res.history.items()})
     return p_va, p_te, info
-
-
-def pooled(x_vntc) -> np.ndarray:
-    """Returns N×C: features pooled over positions and views (the input of the Mahalanobis OOD score)."""
-    return np.asarray(jnp.mean(jnp.asarray(x_vntc, jnp.float32), axis=(0, 2)))
-
 
 
 class TransformedHead(nn.Module):
