@@ -5,6 +5,7 @@ Random-weight backbones at 32 px on the embedded C-NMC 2019 sample (60 images), 
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -93,6 +94,32 @@ def test_hybrid_gru_sum_rule_consistent(hybrid_run):
     nlls = [-np.mean(np.log(np.clip(fused[s["test"], labels[s["test"]]], np.finfo(np.float32).eps, 1)))
             for s in folds]
     np.testing.assert_allclose(m["fused"]["gru"]["test_mean_std"]["nll"]["per_split"], nlls, atol=1e-5)
+
+
+def test_hybrid_gru_pooled_calibration_from_saved_splits(hybrid_run):
+    """The pooled out-of-fold calibration is recomputed by hand from predictions_per_split.npz: every cell's test
+    prediction (before, and after its fold's temperature) concatenated over the folds of the repeat."""
+    out, m = hybrid_run
+    z = np.load(out / "predictions_per_split.npz")
+    labels = z["labels"]
+    test = np.concatenate([z[f"split{i}_test_index"] for i in range(2)])
+    assert sorted(test.tolist()) == list(range(60))
+    for i in range(2):  # validation and test parts of a split are disjoint and match the saved split files
+        s = json.loads((out / "splits" / f"r0_f{i}.json").read_text())
+        assert z[f"split{i}_val_index"].tolist() == s["val"] and z[f"split{i}_test_index"].tolist() == s["test"]
+    probs = np.concatenate([z[f"split{i}_fused_gru_test"] for i in range(2)])
+    pooled = m["fused"]["gru"]["calibration_pooled_per_repeat"]
+    from leukax import metrics
+    assert pooled["ece_before"]["mean"] == pytest.approx(float(metrics.ece(labels[test], probs)), abs=1e-6)
+    assert len(pooled["ece_after"]["per_split"]) == 1  # one repeat
+    from leukax import calibration
+    cal = []
+    for i in range(2):  # each fold's T from its own validation part, applied to its own test part
+        t = calibration.fit_temperature(jnp.asarray(labels[z[f"split{i}_val_index"]]), z[f"split{i}_fused_gru_val"])
+        cal.append(np.asarray(calibration.apply_temperature(z[f"split{i}_fused_gru_test"], t)))
+        assert float(t) == pytest.approx(m["fused"]["gru"]["calibration_mean_std"]["temperature"]["per_split"][i], rel=1e-5)
+    assert pooled["ece_after"]["mean"] == pytest.approx(float(metrics.ece(labels[test], np.concatenate(cal))), abs=1e-5)
+    assert pooled["nll_after"]["mean"] == pytest.approx(float(metrics.nll(labels[test], np.concatenate(cal))), abs=1e-5)
 
 
 def test_mean_std_by_hand():
