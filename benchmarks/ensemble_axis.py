@@ -145,4 +145,4 @@ def run(args: Config) -> dict:
 
 
 if __name__ == "__main__":
-    common.main(Config, run)
+    common.main(Config, run, compilation_cache=False)  # compile time is measured

@@ -119,4 +119,4 @@ def markdown(o: dict) -> str:
 
 
 if __name__ == "__main__":
-    common.main(Config, run)
+    common.main(Config, run, compilation_cache=False)  # compile time is measured
