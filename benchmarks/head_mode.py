@@ -5,7 +5,7 @@ program) against the per-step trainer (leukax.train.ensemble, Python dispatching
 
 Workload of issue 8: MobileNetV2 feature maps 7×7×1280 (random values: the time does not depend on them), a
 GRU(512) head, M = 5 members, 260 images split 5-fold with 20 % validation (156 train / 52 val / 52 test per
-fold), batch 16, `--epochs` epochs per fold without early stopping (patience = epochs), so both trainers do the
+fold), batch `--batch` (16), `--epochs` epochs per fold without early stopping (patience = epochs), so both trainers do the
 same number of steps. The per-step trainer is timed for `--old_epochs` epochs of one fold and its 5-fold time
 is extrapolated from its measured seconds per epoch (said so in the output); the compiled trainer runs all
 folds. Compile time is reported apart. BO: `--bo_trials` trials suggested `--bo_batch` at a time by bayes_opt,
@@ -38,6 +38,9 @@ class Config:
     epochs: int = field(20, "Epochs per fold (no early stopping).")
     old_epochs: int = field(3, "Epochs of one fold timed for the per-step trainer (after one warm-up epoch).")
     feature_dim: int = field(0, "Channels fed to the GRU (0 = the 1280 of MobileNetV2; 256 = leukax's PCA recipe).")
+    views: int = field(1, "Cached views per image (8 = leukax's recipe: a different view per member and epoch, TTA at "
+                          "validation); the per-step trainer always gets one.")
+    batch: int = field(16, "Batch size (16: the issue's workload; 32: leukax's recipe).")
     bo_trials: int = field(30, "BO trials (0 = skip BO).")
     bo_batch: int = field(6, "BO trials per compiled call.")
     out_dir: str = field(str(REPO / "results" / "benchmarks"), "Where head_mode.{json,md} go.")
@@ -47,12 +50,12 @@ def run(cfg: Config) -> dict:
     rng = np.random.default_rng(0)
     c = cfg.feature_dim or 1280
     n_tr, n_va = int(cfg.images * 0.6), int(cfg.images * 0.2)
-    x_tr = rng.normal(size=(1, n_tr, 49, c)).astype(np.float32)
-    x_va = rng.normal(size=(1, n_va, 49, c)).astype(np.float32)
+    x_tr = rng.normal(size=(cfg.views, n_tr, 49, c)).astype(np.float32)
+    x_va = rng.normal(size=(cfg.views, n_va, 49, c)).astype(np.float32)
     y_tr, y_va = rng.integers(0, 2, n_tr), rng.integers(0, 2, n_va)
     head = GRUHead(2, units=cfg.units, hidden=128, dropout=0.1)
-    rcp = compiled.Recipe(num_members=cfg.members, num_epochs=cfg.epochs, batch_size=16, patience=cfg.epochs,
-                          val_views=1)
+    rcp = compiled.Recipe(num_members=cfg.members, num_epochs=cfg.epochs, batch_size=cfg.batch, patience=cfg.epochs,
+                          val_views=min(cfg.views, 2))
     hp = compiled.default_hparams()
     out = dict(config=dataclasses.asdict(cfg), environment=common.environment(),
                load_average=os.getloadavg(), command=common.command_line("benchmarks/head_mode.py", cfg))
@@ -68,7 +71,7 @@ def run(cfg: Config) -> dict:
                            compile_s=max(first - five / 5, 0.0))
 
     tcfg = ensemble.TrainConfig(num_members=cfg.members, mode="head", optimizer="adam", learning_rate=1e-3,
-                                dropout_rate=0.1, batch_size=16, num_epochs=cfg.old_epochs + 1, patience=None,
+                                dropout_rate=0.1, batch_size=cfg.batch, num_epochs=cfg.old_epochs + 1, patience=None,
                                 normalization=None)
     tr = ensemble.make_train(tcfg, head, (x_tr[0], y_tr), (x_va[0], y_va))
     state = tr.fit(until_epoch=1)  # warm-up epoch: compiles
