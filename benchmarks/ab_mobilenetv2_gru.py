@@ -5,10 +5,13 @@ Variants (each a set of swaps applied while the model is traced):
   before   shift-and-add depthwise by plain autodiff, jnp.clip ReLU6, flax BatchNorm, 4-D 1×1 dot_general
   dw       before + the custom-VJP depthwise (leukax.models.layers now)
   dw_relu  dw + relu6 with TF's gradient
-  now      everything in leukax.models now (adds the fused-backward BatchNorm and the 2-D 1×1 matmul)
+  now      everything in leukax.models now (adds the fused-backward BatchNorm and the 2-D 1×1 matmul), with the
+           shift depthwise (LEUKAX_DEPTHWISE=shift while tracing)
+  ffi      now with the native FFI depthwise (leukax.models.depthwise_ffi; LEUKAX_DEPTHWISE=ffi while tracing)
   torch    the PyTorch network of cpu_mobilenetv2_gru.py
 
   python benchmarks/ab_mobilenetv2_gru.py --variants=before,dw,dw_relu,now,torch --repeats=5 --cores=1
+  python benchmarks/ab_mobilenetv2_gru.py --variants=now,ffi,torch --repeats=7 --cores=1
 """
 from __future__ import annotations
 
@@ -71,7 +74,7 @@ def swaps(name: str) -> dict:
     clip6 = lambda x: jnp.clip(x, 0.0, 6.0)  # noqa: E731
     old = {(mv2, "relu6"): clip6, (mv2, "BatchNorm"): nn.BatchNorm, (mv2, "PointwiseConv2D"): Pointwise4D}
     table = {"before": {**old, (layers, "depthwise_conv_shift"): old_shift}, "dw": old,
-             "dw_relu": {k: v for k, v in old.items() if k[1] != "relu6"}, "now": {}}
+             "dw_relu": {k: v for k, v in old.items() if k[1] != "relu6"}, "now": {}, "ffi": {}}
     return table[name]
 
 
@@ -79,6 +82,8 @@ def swaps(name: str) -> dict:
 def variant(name: str):
     table = swaps(name)
     saved = {k: getattr(*k) for k in table}
+    saved_env = os.environ.get("LEUKAX_DEPTHWISE")
+    os.environ["LEUKAX_DEPTHWISE"] = "ffi" if name == "ffi" else "shift"  # read by depthwise impl "auto"
     for (mod, attr), v in table.items():
         setattr(mod, attr, v)
     try:
@@ -86,6 +91,10 @@ def variant(name: str):
     finally:
         for (mod, attr), v in saved.items():
             setattr(mod, attr, v)
+        if saved_env is None:
+            os.environ.pop("LEUKAX_DEPTHWISE")
+        else:
+            os.environ["LEUKAX_DEPTHWISE"] = saved_env
 
 
 def run(cfg: Config) -> dict:

@@ -1,11 +1,14 @@
 """Layers shared by the backbones.
 
-`DepthwiseConv2D` has two numerically equal implementations:
+`DepthwiseConv2D` has three numerically equal implementations:
 - ``"lax"``: `lax.conv_general_dilated` with ``feature_group_count=C`` (fast on GPU/TPU);
 - ``"shift"``: a sum of ``kh*kw`` strided slices times per-channel weights. XLA:CPU's grouped
   convolution is ~10x slower than this, forward and backward. Its custom VJP keeps only the input and
   computes the kernel gradient's kh*kw sums in one variadic reduce (see `_depthwise_taps_bwd`).
-``impl="auto"`` picks "shift" on the CPU backend and "lax" elsewhere.
+- ``"ffi"``: native C++ handlers through the XLA FFI (`leukax.models.depthwise_ffi`, built with g++ at first
+  use), forward, input gradient and kernel gradient on CPU.
+``impl="auto"`` picks "ffi" on the CPU backend when its library builds (else "shift") and "lax" elsewhere;
+the environment variable ``LEUKAX_DEPTHWISE=shift|ffi|lax`` overrides "auto".
 
 `PointwiseConv2D` (1×1 conv) is a channel matmul ("dot") on CPU: on XLA:CPU its backward is
 ~3x faster than the 1×1 convolution's ("conv", used on other backends); forward about equal.
@@ -17,6 +20,7 @@ training mode; `relu6` has TF's gradient (no tie-splitting). Both were measured 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Sequence
 
 import flax.linen as nn
@@ -134,13 +138,34 @@ def depthwise_conv_shift(x_bhwc, kernel_hw1c, strides=(1, 1), padding: Padding =
     return _depthwise_taps(x_bhwc, kernel_hw1c, tuple(strides), tuple(tuple(p) for p in pads))
 
 
+DEPTHWISE_IMPLS = ("shift", "lax", "ffi")
+
+
 def resolve_depthwise_impl(impl: str) -> str:
-    """Maps "auto" to "shift" on CPU and "lax" on other backends."""
+    """Maps "auto" to $LEUKAX_DEPTHWISE if set, else to "ffi" on CPU when `depthwise_ffi.available()` (else
+    "shift"), and to "lax" on other backends. Other values are returned as they are."""
     if impl == "auto":
-        return "shift" if jax.default_backend() == "cpu" else "lax"
-    if impl not in ("shift", "lax"):
-        raise ValueError(f"depthwise impl must be auto|shift|lax, got {impl!r}")
+        env = os.environ.get("LEUKAX_DEPTHWISE", "").strip().lower()
+        if env:
+            if env not in DEPTHWISE_IMPLS:
+                raise ValueError(f"LEUKAX_DEPTHWISE must be one of {DEPTHWISE_IMPLS}, got {env!r}")
+            return env
+        if jax.default_backend() != "cpu":
+            return "lax"
+        from leukax.models import depthwise_ffi
+        return "ffi" if depthwise_ffi.available() else "shift"
+    if impl not in DEPTHWISE_IMPLS:
+        raise ValueError(f"depthwise impl must be auto|shift|lax|ffi, got {impl!r}")
     return impl
+
+
+def depthwise_conv(x_bhwc, kernel_hw1c, strides=(1, 1), padding: Padding = "SAME", impl: str = "auto"):
+    """Depthwise conv by the implementation `resolve_depthwise_impl(impl)` names. Returns B×Ho×Wo×C."""
+    name = resolve_depthwise_impl(impl)
+    if name == "ffi":
+        from leukax.models.depthwise_ffi import depthwise_conv_ffi
+        return depthwise_conv_ffi(x_bhwc, kernel_hw1c, strides, padding)
+    return (depthwise_conv_shift if name == "shift" else depthwise_conv_lax)(x_bhwc, kernel_hw1c, strides, padding)
 
 
 class DepthwiseConv2D(nn.Module):
@@ -162,8 +187,7 @@ class DepthwiseConv2D(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (*self.kernel_size, 1, c), jnp.float32)
         if self.dtype is not None:
             x_bhwc = x_bhwc.astype(self.dtype)
-        fn = depthwise_conv_shift if resolve_depthwise_impl(self.impl) == "shift" else depthwise_conv_lax
-        y = fn(x_bhwc, kernel, tuple(self.strides), self.padding)
+        y = depthwise_conv(x_bhwc, kernel, tuple(self.strides), self.padding, self.impl)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (c,), jnp.float32).astype(y.dtype)
         return y

@@ -1,0 +1,184 @@
+"""Native CPU depthwise convolution through the XLA FFI (`leukax/csrc/depthwise.cc`).
+
+    y[b,o,p,c] = Σ_ij xpad[b, o·sh + i, p·sw + j, c] · k[i,j,0,c]     (xpad: x zero-padded by pads)
+
+with a custom VJP whose input gradient dx[b,h,w,c] = Σ_ij g[b, (h+plo_h−i)/sh, (w+plo_w−j)/sw, c] · k[i,j,0,c]
+(exact divisions only) and kernel gradient dk[i,j,0,c] = Σ_bop xpad[b, o·sh+i, p·sw+j, c] · g[b,o,p,c] are two
+more handlers. float32 only (`depthwise_conv_ffi` falls back to the shift path for other dtypes).
+
+The shared library is compiled with g++ (``$CXX``) at first use into ``$LEUKAX_FFI_CACHE`` (default
+``~/.cache/leukax/ffi``), named by a hash of the source, the compiler and its flags, the jaxlib version and the
+CPU's feature flags (the build uses ``-march=native``); a file lock keeps concurrent processes (pytest-xdist)
+from building it twice. `available()` is False, with one logged line saying why, when the compiler is missing,
+the build fails or the library does not load; `layers.resolve_depthwise_impl("auto")` then picks "shift".
+
+Under `jax.vmap` the calls use ``vmap_method="broadcast_all"``: the handlers take any leading dimensions as
+independent problems, so an ensemble's members run in one call.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SOURCE = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "depthwise.cc"
+CXX = os.environ.get("CXX", "g++")
+CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+TARGETS = {"forward": "LeukaxDepthwiseForward", "input_grad": "LeukaxDepthwiseInputGrad",
+           "kernel_grad": "LeukaxDepthwiseKernelGrad", "pool_threads": "LeukaxPoolThreads"}
+_PREFIX = "leukax_depthwise_"
+
+_state: dict = {"ok": None, "reason": "", "lib": None}
+
+
+def cache_dir() -> pathlib.Path:
+    """$LEUKAX_FFI_CACHE, else $XDG_CACHE_HOME/leukax/ffi, else ~/.cache/leukax/ffi."""
+    if os.environ.get("LEUKAX_FFI_CACHE"):
+        return pathlib.Path(os.environ["LEUKAX_FFI_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base) / "leukax" / "ffi"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    import platform
+    return platform.machine() + platform.processor()
+
+
+def build_key(cxx: str | None = None) -> str:
+    """sha256 over source, compiler, flags, jaxlib version and CPU flags (first 16 hex digits)."""
+    import jaxlib
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), (cxx or CXX).encode(), " ".join(CXXFLAGS).encode(),
+                 jaxlib.__version__.encode(), _cpu_flags().encode()):
+        h.update(part)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def build(cxx: str | None = None) -> pathlib.Path:
+    """Compiles the handlers (if not cached) and returns the .so path. Raises RuntimeError on failure."""
+    cxx = cxx or CXX
+    exe = shutil.which(cxx)
+    if exe is None:
+        raise RuntimeError(f"C++ compiler {cxx!r} not found")
+    out_dir = cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    so = out_dir / f"depthwise-{build_key(cxx)}.so"
+    if so.exists():
+        return so
+    import fcntl
+    with open(out_dir / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if so.exists():  # another process built it while we waited
+            return so
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        os.close(fd)
+        cmd = [exe, *CXXFLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            os.unlink(tmp)
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            raise RuntimeError(f"{' '.join(cmd[:3])} ... failed: {' | '.join(tail)}")
+        os.replace(tmp, so)
+    return so
+
+
+def _load_and_register(cxx: str | None = None) -> ctypes.CDLL:
+    lib = ctypes.cdll.LoadLibrary(str(build(cxx)))
+    for name, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(_PREFIX + name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    return lib
+
+
+def available() -> bool:
+    """True when the handlers are built, loaded and registered (tried once per process; see `reset`)."""
+    if _state["ok"] is None:
+        try:
+            _state["lib"] = _load_and_register()
+            _state["ok"] = True
+        except Exception as e:  # noqa: BLE001  (any failure means: use the shift path)
+            _state["ok"], _state["reason"] = False, f"{type(e).__name__}: {e}"
+            log.warning("leukax FFI depthwise unavailable, using the shift path: %s", _state["reason"])
+    return _state["ok"]
+
+
+def unavailable_reason() -> str:
+    """Why `available()` is False ('' otherwise or before it was called)."""
+    return _state["reason"]
+
+
+def reset() -> None:
+    """Forgets the outcome of `available()` so the next call tries again (tests). Registered targets stay."""
+    _state.update(ok=None, reason="", lib=None)
+
+
+def pool_threads() -> int:
+    """Threads of XLA's CPU intra-op pool as a handler sees them (the kernels split their rows over them)."""
+    if not available():
+        raise RuntimeError(unavailable_reason())
+    call = jax.ffi.ffi_call(_PREFIX + "pool_threads", jax.ShapeDtypeStruct((1,), jnp.int32))
+    return int(jax.jit(call)()[0])
+
+
+def _call(name, out_shape, a, b, strides, pads):
+    call = jax.ffi.ffi_call(_PREFIX + name, jax.ShapeDtypeStruct(out_shape, jnp.float32),
+                            vmap_method="broadcast_all")
+    return call(a, b, sh=np.int64(strides[0]), sw=np.int64(strides[1]),
+                ph=np.int64(pads[0][0]), pw=np.int64(pads[1][0]))
+
+
+def _out_hw(hw, kernel_hw, strides, pads):
+    return tuple((hw[d] + pads[d][0] + pads[d][1] - kernel_hw[d]) // strides[d] + 1 for d in range(2))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise(x_bhwc, kernel_hw1c, strides, pads):
+    """y = depthwise(x, k) with pads ((lo_h, hi_h), (lo_w, hi_w)); see the module docstring."""
+    return _depthwise_fwd(x_bhwc, kernel_hw1c, strides, pads)[0]
+
+
+def _depthwise_fwd(x_bhwc, kernel_hw1c, strides, pads):
+    b, h, w, c = x_bhwc.shape
+    ho, wo = _out_hw((h, w), kernel_hw1c.shape[:2], strides, pads)
+    return _call("forward", (b, ho, wo, c), x_bhwc, kernel_hw1c, strides, pads), (x_bhwc, kernel_hw1c)
+
+
+def _depthwise_bwd(strides, pads, res, g_bhwc):
+    x_bhwc, kernel_hw1c = res
+    dx_bhwc = _call("input_grad", x_bhwc.shape, g_bhwc, kernel_hw1c, strides, pads)
+    dk_hw1c = _call("kernel_grad", kernel_hw1c.shape, x_bhwc, g_bhwc, strides, pads)
+    return dx_bhwc, dk_hw1c
+
+
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
+
+
+def depthwise_conv_ffi(x_bhwc, kernel_hw1c, strides=(1, 1), padding="SAME"):
+    """Depthwise conv by the native handlers. Returns B×Ho×Wo×C; equals `layers.depthwise_conv_shift`.
+
+    Falls back to `depthwise_conv_shift` for non-float32 inputs, negative pads, or when `available()` is False.
+    """
+    from leukax.models import layers
+    pads = tuple(tuple(int(v) for v in p) for p in
+                 layers._explicit_padding(x_bhwc, kernel_hw1c.shape[:2], strides, padding))
+    if x_bhwc.dtype != jnp.float32 or min(min(p) for p in pads) < 0 or not available():
+        return layers.depthwise_conv_shift(x_bhwc, kernel_hw1c, strides, padding)
+    return _depthwise(x_bhwc, kernel_hw1c.astype(jnp.float32), tuple(int(s) for s in strides), pads)

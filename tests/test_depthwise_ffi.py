@@ -1,0 +1,125 @@
+"""The native FFI depthwise convolution (leukax/csrc/depthwise.cc) equals the shift/lax paths: forward, input
+gradient and kernel gradient, for 3×3 and 5×5, strides 1 and 2, TF 'SAME' on odd and even sizes, explicit
+(asymmetric) pads, under vmap and jit(grad); a failed build falls back to the shift path."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from leukax.models import depthwise_ffi, layers
+
+
+def _data(seed, shape_bhwc, k):
+    kx, kk, kg = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(kx, shape_bhwc)
+    w = jax.random.normal(kk, (k, k, 1, shape_bhwc[-1]))
+    return x, w, kg
+
+
+def _vjp(fn, x, w, s, padding, kg):
+    y, pull = jax.vjp(lambda x, w: fn(x, w, (s, s), padding), x, w)
+    g = jax.random.normal(kg, y.shape)
+    return (y, *pull(g))
+
+
+def test_builds():
+    assert depthwise_ffi.available(), depthwise_ffi.unavailable_reason()
+    assert layers.resolve_depthwise_impl("ffi") == "ffi"
+
+
+@pytest.mark.parametrize("k", [3, 5])
+@pytest.mark.parametrize("s", [1, 2])
+@pytest.mark.parametrize("hw,padding", [((9, 9), "SAME"), ((10, 12), "SAME"), ((11, 8), "VALID"),
+                                        ((10, 10), ((0, 1), (0, 1))), ((9, 10), ((2, 1), (1, 2)))])
+def test_ffi_equals_lax(k, s, hw, padding):
+    """Against the grouped lax convolution (tests/test_layers.py checks shift == lax on these cases)."""
+    # C = 19: two 8-wide channel blocks and a scalar tail of 3.
+    x, w, kg = _data(k * 10 + s, (2, *hw, 19), k)
+    ref = _vjp(layers.depthwise_conv_lax, x, w, s, padding, kg)
+    got = _vjp(depthwise_ffi.depthwise_conv_ffi, x, w, s, padding, kg)
+    for name, a, b in zip(("y", "dx", "dk"), ref, got):
+        assert a.shape == b.shape, name
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_generic_kernel_and_stride():
+    """Kernel sizes and strides without a compiled fast path (1×1, 7×7, stride 3) take the generic loops."""
+    for k, s in ((1, 1), (7, 1), (3, 3)):
+        x, w, kg = _data(k, (1, 10, 11, 5), k)
+        for a, b in zip(_vjp(layers.depthwise_conv_lax, x, w, s, "SAME", kg),
+                        _vjp(depthwise_ffi.depthwise_conv_ffi, x, w, s, "SAME", kg)):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_jit_grad_and_vmap_over_members():
+    """vmap over 3 members' kernels and inputs (as the ensemble trainer), under jit(grad)."""
+    x, _, _ = _data(7, (3, 2, 12, 12, 16), 3)
+    w = jax.random.normal(jax.random.key(8), (3, 3, 3, 1, 16))
+
+    def loss(fn):
+        def member(x, w):
+            y = fn(x, w, (2, 2), "SAME")
+            return jnp.sum(jnp.sin(fn(y, w, (1, 1), "SAME")))
+        return lambda x, w: jnp.sum(jax.vmap(member)(x, w))
+
+    ref = jax.jit(jax.value_and_grad(loss(layers.depthwise_conv_shift), (0, 1)))(x, w)
+    got = jax.jit(jax.value_and_grad(loss(depthwise_ffi.depthwise_conv_ffi), (0, 1)))(x, w)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-4)
+
+
+def test_vmap_shared_kernel_and_shared_input():
+    """Only the input batched (kernel shared: its gradient sums over the mapped axis), and only the kernel."""
+    x, w, _ = _data(9, (2, 1, 9, 9, 8), 3)
+    wb = jax.random.normal(jax.random.key(10), (2, 3, 3, 1, 8))
+    for in_axes, xa, wa in (((0, None), x, w), ((None, 0), x[0], wb)):
+        def loss(fn, xa, wa):
+            return jnp.sum(jax.vmap(lambda u, v: fn(u, v, (2, 2), "SAME") ** 2, in_axes)(xa, wa))
+        ref = jax.grad(lambda a, b: loss(layers.depthwise_conv_shift, a, b), (0, 1))(xa, wa)
+        got = jax.grad(lambda a, b: loss(depthwise_ffi.depthwise_conv_ffi, a, b), (0, 1))(xa, wa)
+        for a, b in zip(ref, got):
+            assert a.shape == b.shape
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-4)
+
+
+def test_module_auto_is_ffi_on_cpu_and_env_override(monkeypatch):
+    monkeypatch.delenv("LEUKAX_DEPTHWISE", raising=False)
+    assert layers.resolve_depthwise_impl("auto") == ("ffi" if jax.default_backend() == "cpu" else "lax")
+    monkeypatch.setenv("LEUKAX_DEPTHWISE", "shift")
+    assert layers.resolve_depthwise_impl("auto") == "shift"
+    assert layers.resolve_depthwise_impl("ffi") == "ffi"  # an explicit impl is not overridden
+    monkeypatch.setenv("LEUKAX_DEPTHWISE", "nope")
+    with pytest.raises(ValueError):
+        layers.resolve_depthwise_impl("auto")
+    x = jnp.ones((1, 8, 8, 3)) * jnp.arange(3)
+    m_ffi = layers.DepthwiseConv2D((3, 3), (2, 2), impl="ffi", use_bias=True)
+    m_lax = layers.DepthwiseConv2D((3, 3), (2, 2), impl="lax", use_bias=True)
+    v = m_ffi.init(jax.random.key(1), x)
+    np.testing.assert_allclose(m_ffi.apply(v, x), m_lax.apply(v, x), atol=1e-5)
+
+
+def test_broken_build_falls_back_to_shift(monkeypatch, tmp_path, caplog):
+    monkeypatch.delenv("LEUKAX_DEPTHWISE", raising=False)
+    monkeypatch.setenv("LEUKAX_FFI_CACHE", str(tmp_path))
+    monkeypatch.setattr(depthwise_ffi, "CXX", str(tmp_path / "no-such-g++"))
+    depthwise_ffi.reset()
+    try:
+        with caplog.at_level("WARNING", logger=depthwise_ffi.__name__):
+            assert not depthwise_ffi.available()
+        assert "not found" in depthwise_ffi.unavailable_reason()
+        assert any("shift path" in r.getMessage() for r in caplog.records)
+        if jax.default_backend() == "cpu":
+            assert layers.resolve_depthwise_impl("auto") == "shift"
+        x, w, _ = _data(11, (1, 7, 7, 4), 3)
+        np.testing.assert_allclose(depthwise_ffi.depthwise_conv_ffi(x, w, (1, 1), "SAME"),
+                                   layers.depthwise_conv_shift(x, w, (1, 1), "SAME"), rtol=1e-6)
+    finally:
+        depthwise_ffi.reset()
+
+
+def test_failing_compiler_reports_its_error(monkeypatch, tmp_path):
+    """A compiler that exists but fails (here `false`) gives a RuntimeError from build()."""
+    monkeypatch.setenv("LEUKAX_FFI_CACHE", str(tmp_path))
+    with pytest.raises(RuntimeError, match="failed"):
+        depthwise_ffi.build("false")
+    assert not list(tmp_path.glob("*.so"))
