@@ -1,12 +1,16 @@
 """The native FFI depthwise convolution (leukax/csrc/depthwise.cc) equals the shift/lax paths: forward, input
 gradient and kernel gradient, for 3×3 and 5×5, strides 1 and 2, TF 'SAME' on odd and even sizes, explicit
 (asymmetric) pads, under vmap and jit(grad); a failed build falls back to the shift path."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from leukax.models import depthwise_ffi, layers
+
+ffi_conv = functools.partial(layers.depthwise_conv, impl="ffi")
 
 
 def _data(seed, shape_bhwc, k):
@@ -25,18 +29,24 @@ def _vjp(fn, x, w, s, padding, kg):
 def test_builds():
     assert depthwise_ffi.available(), depthwise_ffi.unavailable_reason()
     assert layers.resolve_depthwise_impl("ffi") == "ffi"
+    x, w, _ = _data(0, (1, 6, 6, 8), 3)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda x, w: ffi_conv(x, w, (1, 1), "SAME").sum(), (0, 1)))(x, w))
+    for target in ("forward", "input_grad", "kernel_grad"):
+        assert f"leukax_depthwise_{target}" in jaxpr
 
 
 @pytest.mark.parametrize("k", [3, 5])
 @pytest.mark.parametrize("s", [1, 2])
 @pytest.mark.parametrize("hw,padding", [((9, 9), "SAME"), ((10, 12), "SAME"), ((11, 8), "VALID"),
-                                        ((10, 10), ((0, 1), (0, 1))), ((9, 10), ((2, 1), (1, 2)))])
+                                        ((10, 10), ((0, 1), (0, 1))), ((9, 10), ((2, 1), (1, 2))),
+                                        ((6, 29), "SAME")])
 def test_ffi_equals_lax(k, s, hw, padding):
     """Against the grouped lax convolution (tests/test_layers.py checks shift == lax on these cases)."""
-    # C = 19: two 8-wide channel blocks and a scalar tail of 3.
-    x, w, kg = _data(k * 10 + s, (2, *hw, 19), k)
+    # C = 35: two 16-wide (or four 8-wide) channel blocks and a scalar tail of 3; width 29: several
+    # register blocks of 4 columns, then the narrower and the bounds-checked ones.
+    x, w, kg = _data(k * 10 + s, (2, *hw, 35), k)
     ref = _vjp(layers.depthwise_conv_lax, x, w, s, padding, kg)
-    got = _vjp(depthwise_ffi.depthwise_conv_ffi, x, w, s, padding, kg)
+    got = _vjp(ffi_conv, x, w, s, padding, kg)
     for name, a, b in zip(("y", "dx", "dk"), ref, got):
         assert a.shape == b.shape, name
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5, err_msg=name)
@@ -47,7 +57,7 @@ def test_generic_kernel_and_stride():
     for k, s in ((1, 1), (7, 1), (3, 3)):
         x, w, kg = _data(k, (1, 10, 11, 5), k)
         for a, b in zip(_vjp(layers.depthwise_conv_lax, x, w, s, "SAME", kg),
-                        _vjp(depthwise_ffi.depthwise_conv_ffi, x, w, s, "SAME", kg)):
+                        _vjp(ffi_conv, x, w, s, "SAME", kg)):
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
 
 
@@ -63,7 +73,7 @@ def test_jit_grad_and_vmap_over_members():
         return lambda x, w: jnp.sum(jax.vmap(member)(x, w))
 
     ref = jax.jit(jax.value_and_grad(loss(layers.depthwise_conv_shift), (0, 1)))(x, w)
-    got = jax.jit(jax.value_and_grad(loss(depthwise_ffi.depthwise_conv_ffi), (0, 1)))(x, w)
+    got = jax.jit(jax.value_and_grad(loss(ffi_conv), (0, 1)))(x, w)
     for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-4)
 
@@ -76,7 +86,7 @@ def test_vmap_shared_kernel_and_shared_input():
         def loss(fn, xa, wa):
             return jnp.sum(jax.vmap(lambda u, v: fn(u, v, (2, 2), "SAME") ** 2, in_axes)(xa, wa))
         ref = jax.grad(lambda a, b: loss(layers.depthwise_conv_shift, a, b), (0, 1))(xa, wa)
-        got = jax.grad(lambda a, b: loss(depthwise_ffi.depthwise_conv_ffi, a, b), (0, 1))(xa, wa)
+        got = jax.grad(lambda a, b: loss(ffi_conv, a, b), (0, 1))(xa, wa)
         for a, b in zip(ref, got):
             assert a.shape == b.shape
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-4)
@@ -111,10 +121,24 @@ def test_broken_build_falls_back_to_shift(monkeypatch, tmp_path, caplog):
         if jax.default_backend() == "cpu":
             assert layers.resolve_depthwise_impl("auto") == "shift"
         x, w, _ = _data(11, (1, 7, 7, 4), 3)
-        np.testing.assert_allclose(depthwise_ffi.depthwise_conv_ffi(x, w, (1, 1), "SAME"),
+        np.testing.assert_allclose(ffi_conv(x, w, (1, 1), "SAME"),
                                    layers.depthwise_conv_shift(x, w, (1, 1), "SAME"), rtol=1e-6)
+        with pytest.raises(RuntimeError, match="not found"):
+            depthwise_ffi.depthwise_conv_ffi(x, w, (1, 1), ((1, 1), (1, 1)))
     finally:
         depthwise_ffi.reset()
+
+
+def test_ffi_fallbacks_and_refusals():
+    """bfloat16 goes through the shift path under impl="ffi"; depthwise_conv_ffi itself refuses it."""
+    x, w, _ = _data(12, (1, 6, 6, 8), 3)
+    xb = x.astype(jnp.bfloat16)
+    np.testing.assert_array_equal(ffi_conv(xb, w.astype(jnp.bfloat16), (1, 1), "SAME"),
+                                  layers.depthwise_conv_shift(xb, w.astype(jnp.bfloat16), (1, 1), "SAME"))
+    with pytest.raises(ValueError):
+        depthwise_ffi.depthwise_conv_ffi(xb, w, (1, 1), ((1, 1), (1, 1)))
+    with pytest.raises(ValueError):
+        depthwise_ffi.depthwise_conv_ffi(x, w, (1, 1), ((-1, 1), (1, 1)))
 
 
 def test_failing_compiler_reports_its_error(monkeypatch, tmp_path):

@@ -4,7 +4,8 @@
 
 with a custom VJP whose input gradient dx[b,h,w,c] = Σ_ij g[b, (h+plo_h−i)/sh, (w+plo_w−j)/sw, c] · k[i,j,0,c]
 (exact divisions only) and kernel gradient dk[i,j,0,c] = Σ_bop xpad[b, o·sh+i, p·sw+j, c] · g[b,o,p,c] are two
-more handlers. float32 only (`depthwise_conv_ffi` falls back to the shift path for other dtypes).
+more handlers. float32 only; `layers.depthwise_conv(..., impl="ffi")` resolves the padding and falls back to
+the shift path for other dtypes.
 
 The shared library is compiled with g++ (``$CXX``) at first use into ``$LEUKAX_FFI_CACHE`` (default
 ``~/.cache/leukax/ffi``), named by a hash of the source, the compiler and its flags, the jaxlib version and the
@@ -171,14 +172,18 @@ def _depthwise_bwd(strides, pads, res, g_bhwc):
 _depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
-def depthwise_conv_ffi(x_bhwc, kernel_hw1c, strides=(1, 1), padding="SAME"):
-    """Depthwise conv by the native handlers. Returns B×Ho×Wo×C; equals `layers.depthwise_conv_shift`.
+def supports(x_bhwc, pads) -> bool:
+    """True when the handlers can take this call: float32 input, pads ≥ 0, library available."""
+    return x_bhwc.dtype == jnp.float32 and min(min(p) for p in pads) >= 0 and available()
 
-    Falls back to `depthwise_conv_shift` for non-float32 inputs, negative pads, or when `available()` is False.
-    """
-    from leukax.models import layers
-    pads = tuple(tuple(int(v) for v in p) for p in
-                 layers._explicit_padding(x_bhwc, kernel_hw1c.shape[:2], strides, padding))
-    if x_bhwc.dtype != jnp.float32 or min(min(p) for p in pads) < 0 or not available():
-        return layers.depthwise_conv_shift(x_bhwc, kernel_hw1c, strides, padding)
+
+def depthwise_conv_ffi(x_bhwc, kernel_hw1c, strides=(1, 1), padding=((0, 0), (0, 0))):
+    """Depthwise conv by the native handlers. Returns B×Ho×Wo×C. float32 only; `padding` explicit
+    ((lo_h, hi_h), (lo_w, hi_w)), each ≥ 0 (`layers.depthwise_conv(..., impl="ffi")` resolves 'SAME'/'VALID'
+    and falls back to the shift path where `supports` is False)."""
+    pads = tuple(tuple(int(v) for v in p) for p in padding)
+    if x_bhwc.dtype != jnp.float32 or min(min(p) for p in pads) < 0:
+        raise ValueError(f"depthwise_conv_ffi takes float32 and pads >= 0, got {x_bhwc.dtype} and {pads}")
+    if not available():
+        raise RuntimeError(f"FFI depthwise unavailable: {unavailable_reason()}")
     return _depthwise(x_bhwc, kernel_hw1c.astype(jnp.float32), tuple(int(s) for s in strides), pads)

@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from leukax.models import depthwise_ffi
+
 Padding = str | Sequence[tuple[int, int]]
 
 
@@ -152,7 +154,6 @@ def resolve_depthwise_impl(impl: str) -> str:
             return env
         if jax.default_backend() != "cpu":
             return "lax"
-        from leukax.models import depthwise_ffi
         return "ffi" if depthwise_ffi.available() else "shift"
     if impl not in DEPTHWISE_IMPLS:
         raise ValueError(f"depthwise impl must be auto|shift|lax|ffi, got {impl!r}")
@@ -160,11 +161,15 @@ def resolve_depthwise_impl(impl: str) -> str:
 
 
 def depthwise_conv(x_bhwc, kernel_hw1c, strides=(1, 1), padding: Padding = "SAME", impl: str = "auto"):
-    """Depthwise conv by the implementation `resolve_depthwise_impl(impl)` names. Returns B×Ho×Wo×C."""
+    """Depthwise conv by the implementation `resolve_depthwise_impl(impl)` names. Returns B×Ho×Wo×C.
+
+    "ffi" runs the shift path instead where the handlers cannot (not float32, negative pads, no library)."""
     name = resolve_depthwise_impl(impl)
     if name == "ffi":
-        from leukax.models.depthwise_ffi import depthwise_conv_ffi
-        return depthwise_conv_ffi(x_bhwc, kernel_hw1c, strides, padding)
+        pads = _explicit_padding(x_bhwc, kernel_hw1c.shape[:2], strides, padding)
+        if depthwise_ffi.supports(x_bhwc, pads):
+            return depthwise_ffi.depthwise_conv_ffi(x_bhwc, kernel_hw1c, strides, pads)
+        name = "shift"
     return (depthwise_conv_shift if name == "shift" else depthwise_conv_lax)(x_bhwc, kernel_hw1c, strides, padding)
 
 
