@@ -118,11 +118,6 @@ inline void over_channels(int64_t C, const F& f) {
 #endif
 constexpr int kU = LEUKAX_DW_U;  // output columns per register block
 
-// Prefetches floats [p, p + n) into cache (rows the next output row will read for the first time).
-inline void prefetch(const float* p, int64_t n) {
-  for (int64_t t = 0; t < n; t += 16) __builtin_prefetch(p + t, 0, 3);
-}
-
 // ---------------------------------------------------------------------------------------------------
 // Forward: one output row o of one image.
 // ---------------------------------------------------------------------------------------------------
@@ -182,20 +177,11 @@ void fwd_row(const Geom& q, const float* x, const float* k, float* y, int64_t o)
       const int64_t h = o * S + i - q.PH;
       rows[i] = (h >= 0 && h < q.H) ? x + h * q.W * C : z;
     }
-    // Input rows first read by output row o + 1 (i ≥ K − S there), prefetched block by block.
-    const float* next[S];
-    for (int t = 0; t < S; ++t) {
-      const int64_t h = (o + 1) * S + (K - S + t) - q.PH;
-      next[t] = (h >= 0 && h < q.H && o + 1 < q.HO) ? x + h * q.W * C : nullptr;
-    }
     int64_t p = lo;
-    for (; p + kU <= hi; p += kU) {
-      for (int t = 0; t < S; ++t)
-        if (next[t]) prefetch(next[t] + (p * S - q.PW) * C, kU * S * C);
+    for (; p + kU <= hi; p += kU)
       over_channels(C, [&](int64_t c0, auto tag) {
         fwd_block<decltype(tag), K, S, kU>(rows, k, y + p * C, C, p * S - q.PW, c0);
       });
-    }
     for (; p < hi; ++p)
       over_channels(C, [&](int64_t c0, auto tag) {
         fwd_block<decltype(tag), K, S, 1>(rows, k, y + p * C, C, p * S - q.PW, c0);

@@ -40,6 +40,7 @@ CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 TARGETS = {"forward": "LeukaxDepthwiseForward", "input_grad": "LeukaxDepthwiseInputGrad",
            "kernel_grad": "LeukaxDepthwiseKernelGrad", "pool_threads": "LeukaxPoolThreads"}
 _PREFIX = "leukax_depthwise_"
+VMAP_METHOD = "broadcast_all"  # one call over all mapped problems (see the module docstring)
 
 _state: dict = {"ok": None, "reason": "", "lib": None}
 
@@ -141,7 +142,7 @@ def pool_threads() -> int:
 
 def _call(name, out_shape, a, b, strides, pads):
     call = jax.ffi.ffi_call(_PREFIX + name, jax.ShapeDtypeStruct(out_shape, jnp.float32),
-                            vmap_method="broadcast_all")
+                            vmap_method=VMAP_METHOD)
     return call(a, b, sh=np.int64(strides[0]), sw=np.int64(strides[1]),
                 ph=np.int64(pads[0][0]), pw=np.int64(pads[1][0]))
 
