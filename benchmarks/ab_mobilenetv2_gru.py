@@ -11,7 +11,7 @@ Variants (each a set of swaps applied while the model is traced):
   torch    the PyTorch network of cpu_mobilenetv2_gru.py
 
   python benchmarks/ab_mobilenetv2_gru.py --variants=before,dw,dw_relu,now,torch --repeats=5 --cores=1
-  python benchmarks/ab_mobilenetv2_gru.py --variants=now,ffi,torch --repeats=7 --cores=1
+  python benchmarks/ab_mobilenetv2_gru.py --variants=ffi,now,torch --repeats=7 --cores=1 [--mode=infer]
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ class Config:
     batch: int = field(16, "Batch size.")
     size: int = field(224, "Image size.")
     cores: int = field(1, "Pin to this many CPUs; torch threads = this (0: no pinning).")
+    mode: str = field("train", "Step to time: train or infer.", choices=("train", "infer"))
 
 
 def old_shift(x_bhwc, kernel_hw1c, strides=(1, 1), padding="SAME"):
@@ -104,12 +105,12 @@ def run(cfg: Config) -> dict:
     steps = {}
     for name in cfg.variants:
         if name == "torch":
-            steps[name] = gru.bench_torch(args, ("train",))[1]["train"]
+            steps[name] = gru.bench_torch(args, (cfg.mode,))[1][cfg.mode]
             continue
         with variant(name):
-            fns = gru.bench_jax(args, ("train",))[1]
-            fns["train"]()  # trace + compile while the swaps are in place
-        steps[name] = fns["train"]
+            fns = gru.bench_jax(args, (cfg.mode,))[1]
+            fns[cfg.mode]()  # trace + compile while the swaps are in place
+        steps[name] = fns[cfg.mode]
     times = interleave.interleaved(steps, cfg.repeats, cfg.warmup)
     ref = cfg.variants[0]
     res = {n: interleave.summarize({ref: times[ref], n: times[n]}, cfg.batch, n, ref) for n in cfg.variants}
