@@ -14,7 +14,12 @@ from building it twice. `available()` is False, with one logged line saying why,
 the build fails or the library does not load; `layers.resolve_depthwise_impl("auto")` then picks "shift".
 
 Under `jax.vmap` the calls use ``vmap_method="broadcast_all"``: the handlers take any leading dimensions as
-independent problems, so an ensemble's members run in one call.
+independent problems, so an ensemble's members run in one call (3 members × 8 × 56×56×144, forward and
+backward, one core: 51 ms median against 56 ms with "sequential").
+
+Measured (benchmarks/ab_mobilenetv2_gru.py, MobileNetV2 + GRU, batch 16, 224 px, one core of a shared AMD EPYC,
+load average ~3): the training step 1.55–1.77× the shift path's speed and inference 1.08×; the step then
+matches PyTorch's (oneDNN) within the run-to-run spread.
 """
 from __future__ import annotations
 
@@ -174,8 +179,9 @@ _depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 def supports(x_bhwc, pads) -> bool:
-    """True when the handlers can take this call: float32 input, pads ≥ 0, library available."""
-    return x_bhwc.dtype == jnp.float32 and min(min(p) for p in pads) >= 0 and available()
+    """True when the handlers can take this call: CPU backend, float32 input, pads ≥ 0, library available."""
+    return (jax.default_backend() == "cpu" and x_bhwc.dtype == jnp.float32 and min(min(p) for p in pads) >= 0
+            and available())
 
 
 def depthwise_conv_ffi(x_bhwc, kernel_hw1c, strides=(1, 1), padding=((0, 0), (0, 0))):
