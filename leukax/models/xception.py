@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax import lax
 
-from leukax.models.layers import PointwiseConv2D, depthwise_conv_lax, depthwise_conv_shift, resolve_depthwise_impl
+from leukax.models.layers import PointwiseConv2D, depthwise_conv
 from leukax.models.registry import BackboneSpec
 
 
@@ -41,8 +41,7 @@ class SeparableConv2D(nn.Module):
         pw = self.param("pointwise_kernel", nn.initializers.lecun_normal(), (1, 1, c, self.features), jnp.float32)
         if self.dtype is not None:
             x_bhwc = x_bhwc.astype(self.dtype)
-        fn = depthwise_conv_shift if resolve_depthwise_impl(self.depthwise_impl) == "shift" else depthwise_conv_lax
-        y = fn(x_bhwc, dw, (1, 1), "SAME")
+        y = depthwise_conv(x_bhwc, dw, (1, 1), "SAME", self.depthwise_impl)
         return lax.dot_general(y, pw[0, 0].astype(y.dtype), (((3,), (0,)), ((), ())))
 
 
