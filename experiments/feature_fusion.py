@@ -203,6 +203,7 @@ def train_meta(cfg, feats_list, split, labels, k, seed):
 def run(cfg: Config) -> dict:
     """Runs the study over every split; writes metrics.json, config.json, README.md, figures/, splits/."""
     t_start = time.perf_counter()
+    env = common.environment()  # provenance of the code that runs: read before, not after, a long run
     if len(cfg.branches) != 2:
         raise ValueError("experiments/feature_fusion.py: --branches needs exactly two backbones")
     out = pathlib.Path(cfg.out_dir or f"results/feature_fusion/{cfg.dataset}")
@@ -290,7 +291,7 @@ def run(cfg: Config) -> dict:
                                             "leaky 70/10/20 on 16 copies, Tesla P100"),
         timing_s=dict(total=time.perf_counter() - t_start, training=t_train,
                       features={n: m["seconds"] for n, m in models.items()}),
-        environment=common.environment(), command=common.command_line("experiments.feature_fusion", cfg))
+        environment=env, command=common.command_line("experiments.feature_fusion", cfg))
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     (out / "README.md").write_text(report.readme(result))

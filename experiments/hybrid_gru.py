@@ -203,6 +203,7 @@ def train_heads(cfg, hybrid: dict, split, labels, num_classes, seed, bo_dir) -> 
 def run(cfg: Config) -> dict:
     """Runs the study; writes <out_dir>/metrics.json, config.json, figures/, splits/ and returns the metrics."""
     t_start = time.perf_counter()
+    env = common.environment()  # provenance of the code that runs: read before, not after, a long run
     out = pathlib.Path(cfg.out_dir)
     kinds = ("gru",) if cfg.mode == "finetune" else tuple(cfg.heads)
     if cfg.head not in kinds:
@@ -305,7 +306,7 @@ def run(cfg: Config) -> dict:
         paper_reported=PAPER_REPORTED,
         referral_rule=f"refer if predictive entropy > threshold whose validation accuracy >= {cfg.referral_accuracy}",
         timing_s=dict(total=time.perf_counter() - t_start, features=t_features, training=t_train),
-        environment=common.environment(), command=common.command_line("experiments.hybrid_gru", cfg))
+        environment=env, command=common.command_line("experiments.hybrid_gru", cfg))
     (out / "metrics.json").write_text(json.dumps(metrics_json, indent=2))
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     print(summary_table(metrics_json))

@@ -109,6 +109,7 @@ def run(cfg: Config) -> dict:
     """Runs the quickstart; writes <out_dir>/metrics.json, config.json, figures/, splits/, model/."""
     logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every step at INFO; progress is printed below
     t_start = time.perf_counter()
+    env = common.environment()  # provenance of the code that runs: read before, not after, a long run
     out = pathlib.Path(cfg.out_dir)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     (out / "splits").mkdir(exist_ok=True)
@@ -217,7 +218,7 @@ def run(cfg: Config) -> dict:
                       f"information or the Mahalanobis OOD score exceeds its conformal validation quantile "
                       f"(alpha {cfg.ood_alpha})",
         timing_s=dict(total=t_total, features=t_features, cross_validation=t_cv, final_ensemble=t_final),
-        environment=common.environment(), command=common.command_line("experiments.quickstart", cfg),
+        environment=env, command=common.command_line("experiments.quickstart", cfg),
     )
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
