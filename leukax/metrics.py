@@ -176,6 +176,27 @@ def ece(labels_n, probs_nk, num_bins: int = 15):
     return jnp.sum(b["count"] * jnp.abs(b["accuracy"] - b["confidence"])) / labels_n.shape[0]
 
 
+@functools.partial(jax.jit, static_argnames=("n", "draws", "num_bins"))
+def ece_null(key, conf_n, n: int, draws: int = 2000, num_bins: int = 15):
+    """Returns `draws` ECEs of a perfectly calibrated model on sets of n: the null distribution of binned ECE.
+
+    Each draw takes n top-class confidences c_i from `conf_n` (with replacement) and makes the prediction
+    correct with probability c_i, so E[accuracy | c] = c exactly; its ECE (the estimator of `ece`) is then
+    pure estimation noise. Binned ECE is biased upwards, roughly like sqrt(num_bins / n): compare a measured
+    ECE with this distribution at the same n before reading it as miscalibration."""
+    edges = jnp.linspace(0.0, 1.0, num_bins + 1)
+
+    def one(k):
+        k_pick, k_ok = jax.random.split(k)
+        c = jax.random.choice(k_pick, conf_n, (n,))
+        ok = (jax.random.uniform(k_ok, (n,)) < c).astype(jnp.float32)
+        b = jnp.clip(jnp.searchsorted(edges, c, side="left") - 1, 0, num_bins - 1)
+        gap = jax.ops.segment_sum(ok - c, b, num_bins)  # count_b · (accuracy_b − confidence_b)
+        return jnp.sum(jnp.abs(gap)) / n
+
+    return jax.vmap(one)(jax.random.split(key, draws))
+
+
 def _py(x):
     """Numpy / jax arrays to (nested lists of) Python floats; NaN becomes None so json.dumps stays strict."""
     a = np.asarray(x, dtype=np.float64)

@@ -2,6 +2,7 @@
 import json
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -158,3 +159,18 @@ def test_auc_ap_large_n_precision():
         skm.roc_auc_score(y, s), abs=1e-6)
     assert float(metrics.average_precision_binary(jnp.asarray(y), jnp.asarray(s))) == pytest.approx(
         skm.average_precision_score(y, s), abs=1e-6)
+
+
+def test_ece_null_is_the_ece_of_a_calibrated_model():
+    """ece_null: with every confidence equal to c, a draw's ECE is |mean(correct) − c| (one bin), so its mean
+    over draws is E|Binomial(n, c)/n − c|, computed exactly here; and the null shrinks as n grows."""
+    from scipy import stats
+    c, n = 0.8, 64
+    null = np.asarray(metrics.ece_null(jax.random.PRNGKey(0), jnp.full((10,), c), n, draws=4000))
+    k = np.arange(n + 1)
+    exact = np.sum(stats.binom.pmf(k, n, c) * np.abs(k / n - c))
+    assert null.mean() == pytest.approx(exact, rel=0.05)
+    conf = jnp.asarray(np.random.default_rng(0).uniform(0.4, 1.0, 500), jnp.float32)
+    small = float(np.mean(metrics.ece_null(jax.random.PRNGKey(1), conf, 64)))
+    large = float(np.mean(metrics.ece_null(jax.random.PRNGKey(1), conf, 1024)))
+    assert large < small / 2  # ~ sqrt(bins / n): 4× fewer noise per 16× more cells
