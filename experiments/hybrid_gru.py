@@ -9,7 +9,9 @@ Command:   python -m experiments.hybrid_gru                          (writes res
            python -m experiments.hybrid_gru --protocol=paper_80_20 --leaky     (the paper's own split)
 Runtime:   (2 CPU cores shared with other jobs; every run writes its times to metrics.json → timing_s)
            - PBC, 320 cells, 3 backbones × 5 folds, heads probe + GRU (M = 5): 17 min of training; the first run
-             also extracts 8 views per cell: ~0.5 min MobileNetV2, ~10 min InceptionV3 (299 px), ~2 min Lite2.
+             also extracts 8 views per cell: ~0.5 min MobileNetV2, ~8–10 min InceptionV3 (299 px), ~2.5 min Lite2.
+           - PBC with --repeats=5 (25 splits): 90 min of training (100 min in all), beside another job's
+             benchmarks for most of it (results/heads/pbc_5x5).
            - C-NMC sample, 60 cells, all four heads: 6 min with cached features, 14 min from scratch.
            - ALL-IDB2 (260 cells) with the defaults: about 14 min of training + ~9 min of feature extraction
              (estimated from the PBC run: ALL-IDB is not on these machines).
