@@ -111,3 +111,20 @@ def test_every_dependency_is_imported():
             imported |= {name.split(".")[0] for name in _imports(path)}
     unused = sorted(d for d in dists if not provides.get(d, set()) & imported)
     assert not unused, f"pyproject.toml dependencies never imported: {unused}"
+
+
+def test_main_reexecs_once_with_malloc_hugepages():
+    """ensure_malloc_hugepages re-executes the program with glibc.malloc.hugetlb=1 appended to GLIBC_TUNABLES
+    (keeping what was there), exactly once; LEUKAX_HUGEPAGES=0 leaves the process alone."""
+    import os
+    import subprocess
+    import sys
+    code = ("import os; print('start', flush=True); from experiments import common; common.ensure_malloc_hugepages(); "
+            "print(os.environ.get('GLIBC_TUNABLES', ''))")
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LEUKAX_HUGEPAGES")}
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, GLIBC_TUNABLES="glibc.malloc.check=0"),
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["start", "start", "glibc.malloc.check=0:glibc.malloc.hugetlb=1"]  # ran twice, then stayed
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, LEUKAX_HUGEPAGES="0"),
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["start"]
