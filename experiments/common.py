@@ -98,15 +98,16 @@ HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
 def ensure_malloc_hugepages() -> None:
-    """Re-executes this program once with glibc's `glibc.malloc.hugetlb=1` tunable (malloc asks the kernel for
-    transparent huge pages), unless it is set already or LEUKAX_HUGEPAGES=0.
+    """With LEUKAX_HUGEPAGES=1, re-executes this program once with glibc's `glibc.malloc.hugetlb=1` tunable
+    (malloc asks the kernel for transparent huge pages), unless that is set already. Off by default.
 
     XLA:CPU allocates its large temporaries anew every step; with 4 KiB pages a MobileNetV2 + GRU training step
-    took ~318,000 page faults (0.57 s of system time in a 1.45 s step). With huge pages the same step takes
-    ~1,000 and runs ~1.4× faster (results/benchmarks/README.md). Glibc reads tunables only at start-up, hence
-    the re-exec (the same interpreter and command line, `sys.orig_argv`). Linux only; an older glibc ignores it."""
+    took ~318,000 page faults (0.57 s of system time in a 1.45 s step). With huge pages, pinned to ONE core, the
+    step ran 1.39× PyTorch instead of 1.16× and inference 1.28× instead of 1.03×; but with two threads the JAX
+    training step became erratic and 2.2× slower (results/benchmarks/README.md), hence opt-in. Glibc reads
+    tunables only at start-up, hence the re-exec (same interpreter and command line, `sys.orig_argv`)."""
     tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if (sys.platform != "linux" or os.environ.get("LEUKAX_HUGEPAGES", "1") == "0" or "glibc.malloc.hugetlb" in tunables
+    if (sys.platform != "linux" or os.environ.get("LEUKAX_HUGEPAGES", "0") != "1" or "glibc.malloc.hugetlb" in tunables
             or not getattr(sys, "orig_argv", None)):
         return
     env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (tunables, HUGEPAGES_TUNABLE) if t))
@@ -119,8 +120,8 @@ def main(config_cls, run, compilation_cache: bool = True) -> None:
     """The `if __name__ == "__main__"` of an experiment: flags from `config_cls`, then `run(config)`.
 
     With `compilation_cache` (experiments; benchmarks that time compilation pass False) the persistent
-    compilation cache is on (`enable_compilation_cache`). The program first re-executes itself once with
-    malloc huge pages (`ensure_malloc_hugepages`; LEUKAX_HUGEPAGES=0 turns that off).
+    compilation cache is on (`enable_compilation_cache`). With LEUKAX_HUGEPAGES=1 the program first
+    re-executes itself once with malloc huge pages (`ensure_malloc_hugepages`).
 
     A bad flag value, a manual folder with the wrong layout or a dataset too small for the protocol ends the
     program with one line on stderr and exit status 2 (no traceback); experiments check these before any

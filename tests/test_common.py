@@ -114,17 +114,17 @@ def test_every_dependency_is_imported():
 
 
 def test_main_reexecs_once_with_malloc_hugepages():
-    """ensure_malloc_hugepages re-executes the program with glibc.malloc.hugetlb=1 appended to GLIBC_TUNABLES
-    (keeping what was there), exactly once; LEUKAX_HUGEPAGES=0 leaves the process alone."""
+    """With LEUKAX_HUGEPAGES=1, ensure_malloc_hugepages re-executes the program with glibc.malloc.hugetlb=1
+    appended to GLIBC_TUNABLES (keeping what was there), exactly once; by default it leaves the process alone."""
     import os
     import subprocess
     import sys
     code = ("import os; print('start', flush=True); from experiments import common; common.ensure_malloc_hugepages(); "
             "print(os.environ.get('GLIBC_TUNABLES', ''))")
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LEUKAX_HUGEPAGES")}
-    out = subprocess.run([sys.executable, "-c", code], env=dict(env, GLIBC_TUNABLES="glibc.malloc.check=0"),
+    out = subprocess.run([sys.executable, "-c", code], env=dict(env, GLIBC_TUNABLES="glibc.malloc.check=0", LEUKAX_HUGEPAGES="1"),
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == ["start", "start", "glibc.malloc.check=0:glibc.malloc.hugetlb=1"]  # ran twice, then stayed
-    out = subprocess.run([sys.executable, "-c", code], env=dict(env, LEUKAX_HUGEPAGES="0"),
+    out = subprocess.run([sys.executable, "-c", code], env=env,
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == ["start"]
