@@ -87,7 +87,6 @@ def enable_compilation_cache(path: str | None = None) -> str:
     """Turns on JAX's persistent compilation cache (default ~/.cache/leukax/jax_cache, or $JAX_COMPILATION_CACHE_DIR):
     a rerun, another repeat or another backbone with the same shapes loads the compiled trainer from disk
     instead of compiling it again (~10 s per head-mode program on 2 CPU cores). Returns the folder."""
-    import jax
     path = path or os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(pathlib.Path.home() / ".cache" / "leukax" / "jax_cache")
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -16,7 +16,7 @@ import numpy as np
 
 from experiments import common
 from experiments.common import field
-from leukax import calibration, metrics
+from leukax import metrics
 
 
 @dataclasses.dataclass
@@ -32,9 +32,11 @@ def run(cfg: Config) -> dict:
     n_splits = sum(k.endswith("_test_index") for k in d.files)
     conf, sizes = [], []
     for i in range(n_splits):
-        t = calibration.fit_temperature(jnp.asarray(y[d[f"split{i}_val_index"]]), d[f"split{i}_{cfg.model}_val"])
-        conf.append(np.asarray(calibration.apply_temperature(d[f"split{i}_{cfg.model}_test"], t)).max(-1))
-        sizes.append(len(d[f"split{i}_test_index"]))
+        val, test = d[f"split{i}_val_index"], d[f"split{i}_test_index"]
+        _, cal_te = common.calibrate(y[val], d[f"split{i}_{cfg.model}_val"][None], y[test],
+                                     d[f"split{i}_{cfg.model}_test"][None])  # the fold's own T, as hybrid_gru
+        conf.append(cal_te.max(-1))
+        sizes.append(len(test))
     conf = jnp.asarray(np.concatenate(conf))
     out = {}
     for name, n in (("per_fold", int(np.median(sizes))), ("pooled_repeat", len(y))):

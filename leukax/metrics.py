@@ -156,13 +156,18 @@ def brier(labels_n, probs_nk, scale_by_half: bool | None = None):
 
 
 @functools.partial(jax.jit, static_argnames=("num_bins",))
+def _confidence_bins(conf_n, num_bins: int):
+    """Returns (edges B+1, bin index N) of equal-width confidence bins: bin b holds (edges[b], edges[b+1]];
+    confidence 0 goes to bin 0."""
+    edges = jnp.linspace(0.0, 1.0, num_bins + 1)
+    return edges, jnp.clip(jnp.searchsorted(edges, conf_n, side="left") - 1, 0, num_bins - 1)
+
+
 def reliability_bins(labels_n, probs_nk, num_bins: int = 15):
     """Returns dict: edges (B+1), count_b, accuracy_b and confidence_b (mean max-probability; 0 if empty)."""
     conf_n = jnp.max(probs_nk, -1)
     correct_n = (jnp.argmax(probs_nk, -1) == labels_n).astype(jnp.float32)
-    edges = jnp.linspace(0.0, 1.0, num_bins + 1)
-    # Bin b holds (edges[b], edges[b+1]]; confidence 0 goes to bin 0.
-    bin_n = jnp.clip(jnp.searchsorted(edges, conf_n, side="left") - 1, 0, num_bins - 1)
+    edges, bin_n = _confidence_bins(conf_n, num_bins)
     count_b = jax.ops.segment_sum(jnp.ones_like(conf_n), bin_n, num_bins)
     acc_b = _div(jax.ops.segment_sum(correct_n, bin_n, num_bins), count_b)
     conf_b = _div(jax.ops.segment_sum(conf_n, bin_n, num_bins), count_b)
@@ -184,13 +189,11 @@ def ece_null(key, conf_n, n: int, draws: int = 2000, num_bins: int = 15):
     correct with probability c_i, so E[accuracy | c] = c exactly; its ECE (the estimator of `ece`) is then
     pure estimation noise. Binned ECE is biased upwards, roughly like sqrt(num_bins / n): compare a measured
     ECE with this distribution at the same n before reading it as miscalibration."""
-    edges = jnp.linspace(0.0, 1.0, num_bins + 1)
-
     def one(k):
         k_pick, k_ok = jax.random.split(k)
         c = jax.random.choice(k_pick, conf_n, (n,))
         ok = (jax.random.uniform(k_ok, (n,)) < c).astype(jnp.float32)
-        b = jnp.clip(jnp.searchsorted(edges, c, side="left") - 1, 0, num_bins - 1)
+        _, b = _confidence_bins(c, num_bins)
         gap = jax.ops.segment_sum(ok - c, b, num_bins)  # count_b · (accuracy_b − confidence_b)
         return jnp.sum(jnp.abs(gap)) / n
 
