@@ -174,3 +174,12 @@ def test_ece_null_is_the_ece_of_a_calibrated_model():
     small = float(np.mean(metrics.ece_null(jax.random.PRNGKey(1), conf, 64)))
     large = float(np.mean(metrics.ece_null(jax.random.PRNGKey(1), conf, 1024)))
     assert large < small / 2  # ~ sqrt(bins / n): 4× fewer noise per 16× more cells
+    # two bins (confidences 0.55 and 0.95, half each, n = 8): the gaps add per bin, E = Σ_bins E|k − c·m| / n
+    n, cs = 8, (0.55, 0.95)
+    exact = 0.0
+    for m0 in range(n + 1):
+        e_abs = sum(np.sum(stats.binom.pmf(np.arange(m + 1), m, c) * np.abs(np.arange(m + 1) - c * m))
+                    for m, c in ((m0, cs[0]), (n - m0, cs[1])))
+        exact += stats.binom.pmf(m0, n, 0.5) * e_abs / n
+    null = np.asarray(metrics.ece_null(jax.random.PRNGKey(2), jnp.asarray(cs), n, draws=20000))
+    assert null.mean() == pytest.approx(exact, rel=0.03)
