@@ -148,10 +148,10 @@ def markdown(result: dict) -> str:
     lines = ["# MobileNetV2 + GRU on CPU: leukax/JAX against PyTorch (same process, interleaved)", "",
              f"- **Command:** `{result['command']}`",
              f"- **Commit:** `{result['git_commit']}`; every step time is in the JSON beside this file.",
-             f"- **Device:** {m['cpu_model']}, {m['cpu_count']} CPUs on the machine, this run on CPUs {m['cpus_used']}; "
+             f"- **Device:** {m['cpu_model']} ({m.get('isa', '?')}), {m['cpu_count']} CPUs on the machine, this run on CPUs {m['cpus_used']}; "
              f"load average {result['load_before']} before, {m['loadavg']} after (1/5/15 min; shared machine). "
              f"jax {env.get('jax', {}).get('jax')}, torch {env.get('torch', {}).get('torch')} "
-             f"({env.get('torch', {}).get('threads')} threads).",
+             f"({env.get('torch', {}).get('threads')} threads); {interleave.memory_note(m)}.",
              f"- **Workload:** MobileNetV2 (alpha 1.0) + GRU head ({result['gru_units']} units, dense 128, 2 classes), "
              f"{result['size']} px, batch {result['batch']}, random weights; training = one SGD-momentum step "
              "(BN in train mode, dropout), inference = BN running statistics. The PyTorch network is the same "

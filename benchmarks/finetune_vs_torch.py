@@ -95,11 +95,12 @@ def markdown(result: dict) -> str:
     lines = ["# Finetune-mode CPU throughput per backbone: leukax/JAX against torchvision (same process)", "",
              f"- **Command:** `{result['command']}`",
              f"- **Commit:** `{result['git_commit']}`; full record (every step time) in the JSON beside this file.",
-             f"- **Device:** {m['cpu_model']}, {m['cpu_count']} CPUs on the machine, this run on CPUs "
+             f"- **Device:** {m['cpu_model']} ({m.get('isa', '?')}), {m['cpu_count']} CPUs on the machine, this run on CPUs "
              f"{m['cpus_used']}; load average {result['load_before']} before, {m['loadavg']} after (1/5/15 min; "
              "the machine is shared). "
              f"jax {result['versions'].get('jax')}, torch {result['versions'].get('torch')} "
-             f"({result['versions'].get('torch_threads')} threads), torchvision {result['versions'].get('torchvision')}.",
+             f"({result['versions'].get('torch_threads')} threads), torchvision {result['versions'].get('torchvision')}; "
+             f"{interleave.memory_note(m)}.",
              f"- **Method:** batch {result['batch']}, random weights and images, GAP + Dense(2) head in both; "
              f"{result['warmup']} warm-up steps, then {result['repeats']} rounds alternating the two frameworks; "
              "img/s as median (min–max) over rounds; ratio = median over rounds of torch's step time / JAX's "

@@ -36,10 +36,39 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def vector_isa() -> str:
+    """The widest x86 vector extensions the CPU reports ("avx512f+avx512_bf16", "avx2", ...), or the machine name.
+
+    Ratios to PyTorch move with it: the same "AMD EPYC" name covered an AVX-512 machine (PyTorch on its
+    AVX512 kernels) and an AVX2-only one in this project's tables."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                wide = [f for f in ("avx512f", "avx512_bf16", "amx_tile") if f in flags]
+                return "+".join(wide) if wide else ("avx2" if "avx2" in flags else "sse")
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def machine() -> dict:
-    """CPU model, CPU counts, 1/5/15-min load average now, platform."""
-    return {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "cpus_used": sorted(os.sched_getaffinity(0)),
-            "loadavg": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform()}
+    """CPU model, vector ISA, CPU counts, 1/5/15-min load average now, platform, the malloc settings of
+    `leukax.cpu_memory` and this process's peak resident memory so far (GB)."""
+    import resource
+
+    from leukax import cpu_memory
+    return {"cpu_model": cpu_model(), "isa": vector_isa(), "cpu_count": os.cpu_count(),
+            "cpus_used": sorted(os.sched_getaffinity(0)),
+            "loadavg": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform(),
+            "malloc": cpu_memory.status(),
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)}
+
+
+def memory_note(m: dict) -> str:
+    """One phrase for a table's device line: the malloc mode and the peak RSS of the whole run."""
+    mode = "retained (leukax.cpu_memory)" if m.get("malloc", {}).get("applied") else "glibc default"
+    return f"malloc: {mode}, both frameworks; peak RSS of the process {m.get('peak_rss_gb', '?')} GB"
 
 
 def interleaved(steps: dict, repeats: int, warmup: int) -> dict:

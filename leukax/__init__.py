@@ -9,3 +9,8 @@ __version__ = "0.1.0"
 _FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler"
 if _FLAG not in _os.environ.get("XLA_FLAGS", ""):
     _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + f" {_FLAG}=false").strip()
+
+# XLA:CPU's per-step temporaries otherwise come from fresh mmaps that fault in every step (leukax/cpu_memory.py).
+from leukax import cpu_memory as _cpu_memory  # noqa: E402
+
+_cpu_memory.configure_from_env()

@@ -25,23 +25,20 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
 import pathlib
-import shutil
-import subprocess
-import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from leukax import native_build
+
 log = logging.getLogger(__name__)
 
-SOURCE = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "depthwise.cc"
+SOURCE = native_build.CSRC / "depthwise.cc"
 CXX = os.environ.get("CXX", "g++")
-CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 TARGETS = {"forward": "LeukaxDepthwiseForward", "input_grad": "LeukaxDepthwiseInputGrad",
            "kernel_grad": "LeukaxDepthwiseKernelGrad", "pool_threads": "LeukaxPoolThreads"}
 _PREFIX = "leukax_depthwise_"
@@ -50,62 +47,10 @@ VMAP_METHOD = "broadcast_all"  # one call over all mapped problems (see the modu
 _state: dict = {"ok": None, "reason": "", "lib": None}
 
 
-def cache_dir() -> pathlib.Path:
-    """$LEUKAX_FFI_CACHE, else $XDG_CACHE_HOME/leukax/ffi, else ~/.cache/leukax/ffi."""
-    if os.environ.get("LEUKAX_FFI_CACHE"):
-        return pathlib.Path(os.environ["LEUKAX_FFI_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    return pathlib.Path(base) / "leukax" / "ffi"
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    import platform
-    return platform.machine() + platform.processor()
-
-
-def build_key(cxx: str | None = None) -> str:
-    """sha256 over source, compiler, flags, jaxlib version and CPU flags (first 16 hex digits)."""
-    import jaxlib
-    h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), (cxx or CXX).encode(), " ".join(CXXFLAGS).encode(),
-                 jaxlib.__version__.encode(), _cpu_flags().encode()):
-        h.update(part)
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
 def build(cxx: str | None = None) -> pathlib.Path:
-    """Compiles the handlers (if not cached) and returns the .so path. Raises RuntimeError on failure."""
-    cxx = cxx or CXX
-    exe = shutil.which(cxx)
-    if exe is None:
-        raise RuntimeError(f"C++ compiler {cxx!r} not found")
-    out_dir = cache_dir()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    so = out_dir / f"depthwise-{build_key(cxx)}.so"
-    if so.exists():
-        return so
-    import fcntl
-    with open(out_dir / ".build.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if so.exists():  # another process built it while we waited
-            return so
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
-        os.close(fd)
-        cmd = [exe, *CXXFLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            os.unlink(tmp)
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            raise RuntimeError(f"{' '.join(cmd[:3])} ... failed: {' | '.join(tail)}")
-        os.replace(tmp, so)
-    return so
+    """Compiles the handlers (if not cached; `leukax.native_build`) and returns the .so path. Raises
+    RuntimeError on failure."""
+    return native_build.build(SOURCE, cxx or CXX, includes=(jax.ffi.include_dir(),))
 
 
 def _load_and_register(cxx: str | None = None) -> ctypes.CDLL:

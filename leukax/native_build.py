@@ -1,0 +1,77 @@
+"""Builds leukax's native sources (`leukax/csrc/*.cc`) with g++ at first use and caches the shared libraries.
+
+A library lands in ``$LEUKAX_FFI_CACHE`` (default ``$XDG_CACHE_HOME/leukax/ffi`` or ``~/.cache/leukax/ffi``),
+named ``<source stem>-<key>.so`` where the key hashes the source, the compiler and its flags, the jaxlib version
+and the CPU's feature flags (the build uses ``-march=native``). A file lock keeps concurrent processes
+(pytest-xdist) from building the same library twice. Users: `leukax.models.depthwise_ffi` (the XLA FFI
+depthwise convolution) and `leukax.cpu_memory` (the block cache for XLA:CPU's buffers).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+
+CSRC = pathlib.Path(__file__).resolve().parent / "csrc"
+CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+
+
+def cache_dir() -> pathlib.Path:
+    """$LEUKAX_FFI_CACHE, else $XDG_CACHE_HOME/leukax/ffi, else ~/.cache/leukax/ffi."""
+    if os.environ.get("LEUKAX_FFI_CACHE"):
+        return pathlib.Path(os.environ["LEUKAX_FFI_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(base) / "leukax" / "ffi"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.machine() + platform.processor()
+
+
+def build_key(source: pathlib.Path, cxx: str, flags: tuple[str, ...] = CXXFLAGS) -> str:
+    """sha256 over source, compiler, flags, jaxlib version and CPU flags (first 16 hex digits)."""
+    import jaxlib
+    h = hashlib.sha256()
+    for part in (source.read_bytes(), cxx.encode(), " ".join(flags).encode(), jaxlib.__version__.encode(),
+                 _cpu_flags().encode()):
+        h.update(part)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def build(source: pathlib.Path, cxx: str, includes: tuple[str, ...] = (), libs: tuple[str, ...] = ()) -> pathlib.Path:
+    """Compiles `source` (if not cached) and returns the .so path. Raises RuntimeError on failure."""
+    exe = shutil.which(cxx)
+    if exe is None:
+        raise RuntimeError(f"C++ compiler {cxx!r} not found")
+    out_dir = cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    flags = (*CXXFLAGS, *(f"-I{i}" for i in includes))
+    so = out_dir / f"{source.stem}-{build_key(source, cxx, flags + libs)}.so"
+    if so.exists():
+        return so
+    import fcntl
+    with open(out_dir / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if so.exists():  # another process built it while we waited
+            return so
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+        os.close(fd)
+        cmd = [exe, *flags, str(source), "-o", tmp, *libs]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            os.unlink(tmp)
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            raise RuntimeError(f"{' '.join(cmd[:3])} ... failed: {' | '.join(tail)}")
+        os.replace(tmp, so)
+    return so
