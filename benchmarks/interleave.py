@@ -67,8 +67,9 @@ def machine() -> dict:
 
 def memory_note(m: dict) -> str:
     """One phrase for a table's device line: the malloc mode and the peak RSS of the whole run."""
-    mode = "retained (leukax.cpu_memory)" if m.get("malloc", {}).get("applied") else "glibc default"
-    return f"malloc: {mode}, both frameworks; peak RSS of the process {m.get('peak_rss_gb', '?')} GB"
+    mode = ("leukax block cache for XLA's buffers (leukax.cpu_memory; PyTorch on glibc)"
+            if m.get("malloc", {}).get("installed") else "glibc for both frameworks (LEUKAX_MALLOC=system)")
+    return f"malloc: {mode}; peak RSS of the process {m.get('peak_rss_gb', '?')} GB"
 
 
 def interleaved(steps: dict, repeats: int, warmup: int) -> dict:
