@@ -66,3 +66,17 @@ def test_missing_compiler_leaves_glibc(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     status = json.loads(out.stdout.strip().splitlines()[-1])
     assert not status["installed"] and "not found" in status["reason"], status
+
+
+def test_import_sets_the_xla_cpu_flags_and_keeps_the_users():
+    """`import leukax` adds the scheduler and YNNPACK-convolution flags to XLA_FLAGS; a user's own setting wins."""
+    code = "import os, leukax; print(os.environ['XLA_FLAGS'])"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    flags = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                           timeout=120).stdout.split()
+    assert "--xla_cpu_enable_concurrency_optimized_scheduler=false" in flags, flags
+    assert "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution" in flags, flags
+    mine = "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
+    flags = subprocess.run([sys.executable, "-c", code], env=dict(env, XLA_FLAGS=mine), capture_output=True,
+                           text=True, timeout=120).stdout.split()
+    assert mine in flags and "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution" not in flags, flags
