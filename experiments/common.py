@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from leukax import metrics, uncertainty
+from leukax import cpu_memory, metrics, uncertainty
 from leukax.data.splits import repeated_holdout, stratified_group_kfold
 from leukax.models.classifier import count_params
 from leukax.pretrained import pretrained
@@ -169,11 +169,14 @@ def git_commit() -> str:
 
 
 def environment() -> dict:
-    """Returns the provenance every result records: commit, device, backend, versions, CPU cores."""
+    """Returns the provenance every result records: commit, device, backend, versions, CPU cores, XLA_FLAGS and
+    whether leukax's block cache for XLA:CPU buffers is on (`leukax.cpu_memory`)."""
     dev = jax.devices()[0]
     return dict(commit=git_commit(), device=str(dev), device_kind=getattr(dev, "device_kind", ""),
                 backend=jax.default_backend(), jax=jax.__version__, python=platform.python_version(),
                 cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
+                xla_flags=os.environ.get("XLA_FLAGS", ""),
+                block_cache={k: cpu_memory.status()[k] for k in ("installed", "reason")},
                 argv=" ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]))
 
 

@@ -50,6 +50,7 @@ def test_git_commit_has_dirty_marker():
     assert commit == "unknown" or re.fullmatch(r"[0-9a-f]{40}(\+uncommitted)?", commit)
     env = common.environment()
     assert env["commit"] == commit and {"device", "backend", "jax", "python", "cpu_count"} <= set(env)
+    assert "--xla_cpu_experimental_ynn_fusion_type" in env["xla_flags"] and set(env["block_cache"]) == {"installed", "reason"}
 
 
 def test_splits_by_protocol():
