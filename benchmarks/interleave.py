@@ -41,15 +41,13 @@ def vector_isa() -> str:
 
     Ratios to PyTorch move with it: the same "AMD EPYC" name covered an AVX-512 machine (PyTorch on its
     AVX512 kernels) and an AVX2-only one in this project's tables."""
-    try:
-        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                wide = [f for f in ("avx512f", "avx512_bf16", "amx_tile") if f in flags]
-                return "+".join(wide) if wide else ("avx2" if "avx2" in flags else "sse")
-    except OSError:
-        pass
-    return platform.machine()
+    from leukax import native_build
+    line = native_build.cpu_flags()
+    if not line.startswith("flags"):
+        return platform.machine()
+    flags = set(line.split(":", 1)[1].split())
+    wide = [f for f in ("avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return "+".join(wide) if wide else ("avx2" if "avx2" in flags else "sse")
 
 
 def machine() -> dict:

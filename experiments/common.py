@@ -172,11 +172,12 @@ def environment() -> dict:
     """Returns the provenance every result records: commit, device, backend, versions, CPU cores, XLA_FLAGS and
     whether leukax's block cache for XLA:CPU buffers is on (`leukax.cpu_memory`)."""
     dev = jax.devices()[0]
+    cache = cpu_memory.status()
     return dict(commit=git_commit(), device=str(dev), device_kind=getattr(dev, "device_kind", ""),
                 backend=jax.default_backend(), jax=jax.__version__, python=platform.python_version(),
                 cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
                 xla_flags=os.environ.get("XLA_FLAGS", ""),
-                block_cache={k: cpu_memory.status()[k] for k in ("installed", "reason")},
+                block_cache={k: cache[k] for k in ("installed", "reason")},
                 argv=" ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]))
 
 

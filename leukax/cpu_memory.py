@@ -49,8 +49,7 @@ def install(min_mb: int = MIN_MB, cap_gb: float | None = None, cxx: str | None =
         _state["reason"] = f"not Linux x86-64 ({sys.platform}, {platform.machine()})"
         return False
     try:
-        import jaxlib  # noqa: F401  (loads libjax_common.so, whose GOT is patched)
-        from jax._src.lib import xla_client  # noqa: F401
+        from jax._src.lib import xla_client  # noqa: F401  (loads libjax_common.so, whose GOT is patched)
 
         from leukax import native_build
         so = native_build.build(native_build.CSRC / "block_cache.cc", cxx or os.environ.get("CXX", "g++"),

@@ -28,7 +28,8 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(base) / "leukax" / "ffi"
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+    """The CPU's feature-flags line of /proc/cpuinfo (or the machine name where there is none)."""
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith(("flags", "Features")):
@@ -43,7 +44,7 @@ def build_key(source: pathlib.Path, cxx: str, flags: tuple[str, ...] = CXXFLAGS)
     import jaxlib
     h = hashlib.sha256()
     for part in (source.read_bytes(), cxx.encode(), " ".join(flags).encode(), jaxlib.__version__.encode(),
-                 _cpu_flags().encode()):
+                 cpu_flags().encode()):
         h.update(part)
         h.update(b"\0")
     return h.hexdigest()[:16]

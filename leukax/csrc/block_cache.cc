@@ -37,6 +37,7 @@ constexpr size_t kReserve = size_t{1} << 40;  // 1 TiB of address space
 constexpr size_t kGranule = size_t{2} << 20;  // blocks are multiples of 2 MiB
 std::atomic<uintptr_t> g_lo{0}, g_hi{0};       // the reserved range [lo, hi)
 size_t g_min_bytes = size_t{16} << 20;
+size_t g_page = 4096;  // sysconf(_SC_PAGESIZE), read once by install
 size_t g_cap_bytes = size_t{8} << 30;
 
 struct Block {
@@ -105,7 +106,7 @@ void cache_free(void* p) {
 }
 
 int hooked_posix_memalign(void** out, size_t alignment, size_t size) {
-  if (size >= g_min_bytes && alignment <= static_cast<size_t>(sysconf(_SC_PAGESIZE))) {
+  if (size >= g_min_bytes && alignment <= g_page) {
     if (void* p = cache_alloc(size)) {
       *out = p;
       return 0;
@@ -124,7 +125,6 @@ void hooked_free(void* p) {
 struct PatchRequest {
   const char* lib_substring;
   int patched;
-  int objects;
 };
 
 // Rewrites the GOT slots (JUMP_SLOT and GLOB_DAT relocations) of posix_memalign and free in objects whose path
@@ -132,7 +132,6 @@ struct PatchRequest {
 int patch_object(struct dl_phdr_info* info, size_t, void* data) {
   auto* req = static_cast<PatchRequest*>(data);
   if (info->dlpi_name == nullptr || std::strstr(info->dlpi_name, req->lib_substring) == nullptr) return 0;
-  ++req->objects;
   const ElfW(Addr) base = info->dlpi_addr;
   const ElfW(Dyn)* dyn = nullptr;
   for (int i = 0; i < info->dlpi_phnum; ++i)
@@ -156,7 +155,6 @@ int patch_object(struct dl_phdr_info* info, size_t, void* data) {
     }
   }
   if (symtab == nullptr || strtab == nullptr) return 0;
-  const long page = sysconf(_SC_PAGESIZE);
   auto patch_table = [&](const ElfW(Rela)* table, size_t bytes) {
     if (table == nullptr) return;
     for (size_t i = 0; i < bytes / sizeof(ElfW(Rela)); ++i) {
@@ -168,8 +166,8 @@ int patch_object(struct dl_phdr_info* info, size_t, void* data) {
       else if (std::strcmp(name, "free") == 0) target = reinterpret_cast<void*>(&hooked_free);
       if (target == nullptr) continue;
       auto* slot = reinterpret_cast<void**>(base + table[i].r_offset);
-      auto* pg = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(slot) & ~static_cast<uintptr_t>(page - 1));
-      if (mprotect(pg, static_cast<size_t>(page), PROT_READ | PROT_WRITE) != 0) continue;
+      auto* pg = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(slot) & ~static_cast<uintptr_t>(g_page - 1));
+      if (mprotect(pg, g_page, PROT_READ | PROT_WRITE) != 0) continue;
       __atomic_store_n(slot, target, __ATOMIC_SEQ_CST);
       ++req->patched;
     }
@@ -197,9 +195,10 @@ int leukax_block_cache_install(const char* lib_substring, uint64_t min_bytes, ui
   g_blocks = new std::vector<Block>();
   g_min_bytes = min_bytes;
   g_cap_bytes = cap_bytes;
+  g_page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
   g_lo.store(reinterpret_cast<uintptr_t>(lo));
   g_hi.store(reinterpret_cast<uintptr_t>(lo) + kReserve);
-  PatchRequest req{lib_substring, 0, 0};
+  PatchRequest req{lib_substring, 0};
   dl_iterate_phdr(&patch_object, &req);
   return req.patched;
 }
