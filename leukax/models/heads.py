@@ -66,6 +66,77 @@ class _Weights(nn.Module):
         return kernel, bias
 
 
+def _gru_inputs(x_btc, k_c3u, b_3u):
+    """Returns the input projections x_t W_ig + b_ig (g = r, z, n) of all T steps: three T×B×U arrays, each one
+    B·T×C @ C×U matmul before the recurrence. Three arrays, not one T×B×3U: XLA:CPU vectorises the step's gate
+    loop badly when it slices the gates out of the minor dimension (measured 10× slower per step)."""
+    return tuple(jnp.einsum("btc,cu->tbu", x_btc, k_c3u[:, g]) + b_3u[g] for g in range(3))
+
+
+def _gru_forward(x3_tbu, k_u3u, b_hn_u, mask_bu, save: bool):
+    """The recurrence. Returns (h_T B×U, per step (h_{t-1}, r, z, n, h̃_{t-1} W_hn + b_hn) when `save`)."""
+    def step(h_bu, x3):
+        xr, xz, xn = x3
+        hh_bu = h_bu * mask_bu
+        r = jax.nn.sigmoid(xr + hh_bu @ k_u3u[:, 0])
+        z = jax.nn.sigmoid(xz + hh_bu @ k_u3u[:, 1])
+        hn = hh_bu @ k_u3u[:, 2] + b_hn_u
+        n = jnp.tanh(xn + r * hn)
+        return (1.0 - z) * n + z * h_bu, ((h_bu, r, z, n, hn) if save else None)
+
+    b, u = x3_tbu[0].shape[1], k_u3u.shape[0]
+    return jax.lax.scan(step, jnp.zeros((b, u), x3_tbu[0].dtype), x3_tbu)
+
+
+@jax.custom_vjp
+def gru_sequence(x_btc, k_c3u, b_3u, k_u3u, b_hn_u, mask_bu):
+    """Returns the final GRU state B×U of the sequence x B×T×C (flax GRUCell equations, see `GRU`); mask_bu
+    multiplies h_{t-1} in the recurrent matmuls (variational recurrent dropout; ones for none).
+
+    Its hand-written backward pass (`_gru_bwd`) runs only the B×3U @ 3U×U state gradient inside the reversed
+    scan and keeps each step's gate gradients δ_t; the weight gradients are then single large matmuls over all
+    T·B rows (dW_h = Σ_t h̃_{t-1}ᵀ δ_t, dW_i = Σ_t x_tᵀ δ_t) instead of T small accumulations inside the loop,
+    as autodiff of the scan does. Equal to autodiff (tests/test_heads.py)."""
+    return _gru_forward(_gru_inputs(x_btc, k_c3u, b_3u), k_u3u, b_hn_u, mask_bu, False)[0]
+
+
+def _gru_fwd(x_btc, k_c3u, b_3u, k_u3u, b_hn_u, mask_bu):
+    h_bu, saved = _gru_forward(_gru_inputs(x_btc, k_c3u, b_3u), k_u3u, b_hn_u, mask_bu, True)
+    return h_bu, (x_btc, k_c3u, k_u3u, mask_bu, saved)
+
+
+def _gru_bwd(res, dh_bu):
+    """Backpropagation through time. With h̃ = h_{t-1} ⊙ mask, hn = h̃ W_hn + b_hn, a_n = x W_in + b_in + r ⊙ hn:
+        δn = dh ⊙ (1 − z) ⊙ (1 − n²)     δz = dh ⊙ (h_{t-1} − n) ⊙ z(1 − z)     δr = δn ⊙ hn ⊙ r(1 − r)
+        dh_{t-1} = dh ⊙ z + ([δr δz δn⊙r] W_hᵀ) ⊙ mask"""
+    x_btc, k_c3u, k_u3u, mask_bu, (h_tbu, r, z, n, hn) = res
+    u = k_u3u.shape[0]
+    k_3uu = k_u3u.reshape(u, 3 * u).T
+
+    def step(carry, saved):
+        dh, dmask = carry
+        h_prev, r, z, n, hn = saved
+        d_an = dh * (1.0 - z) * (1.0 - n * n)
+        d_ar = d_an * hn * r * (1.0 - r)
+        d_az = dh * (h_prev - n) * z * (1.0 - z)
+        d_hn = d_an * r
+        dhh = jnp.concatenate([d_ar, d_az, d_hn], -1) @ k_3uu          # d/dh̃_{t-1}: one B×3U @ 3U×U matmul
+        return (dh * z + dhh * mask_bu, dmask + dhh * h_prev), (d_ar, d_az, d_an, d_hn)
+
+    (_, dmask_bu), (d_ar, d_az, d_an, d_hn) = jax.lax.scan(
+        step, (dh_bu, jnp.zeros_like(mask_bu)), (h_tbu, r, z, n, hn), reverse=True)
+    hh_tbu = h_tbu * mask_bu
+    dk_u3u = jnp.stack([jnp.einsum("tbu,tbv->uv", hh_tbu, d) for d in (d_ar, d_az, d_hn)], 1)
+    d_in = (d_ar, d_az, d_an)
+    dk_c3u = jnp.stack([jnp.einsum("btc,tbv->cv", x_btc, d) for d in d_in], 1)
+    db_3u = jnp.stack([d.sum((0, 1)) for d in d_in])
+    dx_btc = sum(jnp.einsum("tbv,cv->btc", d, k_c3u[:, g]) for g, d in enumerate(d_in))
+    return dx_btc.astype(x_btc.dtype), dk_c3u, db_3u, dk_u3u, d_hn.sum((0, 1)), dmask_bu
+
+
+gru_sequence.defvjp(_gru_fwd, _gru_bwd)
+
+
 class GRU(nn.Module):
     """GRU over a sequence, returning the final state B×U. Same equations and parameter names as
     `flax.linen.GRUCell` (ir, iz, in with bias; hr, hz without; hn with bias):
@@ -73,10 +144,11 @@ class GRU(nn.Module):
         r_t = σ(x_t W_ir + b_ir + h_{t-1} W_hr)        z_t = σ(x_t W_iz + b_iz + h_{t-1} W_hz)
         n_t = tanh(x_t W_in + b_in + r_t ⊙ (h_{t-1} W_hn + b_hn))     h_t = (1 − z_t) ⊙ n_t + z_t ⊙ h_{t-1}
 
-    The input projections x_t [W_ir W_iz W_in] of all T steps are ONE B·T×C @ C×3U matmul before the
-    recurrence (the scan carries only the U×3U recurrent matmul): on 7×7×1280 MobileNetV2 maps that projection is
-    most of the head's FLOPs. ``recurrent_dropout`` (traced rate allowed) drops h_{t-1} units with one mask per
-    sequence (variational dropout, Gal & Ghahramani 2016) in the recurrent matmuls when ``rng`` is given.
+    The input projections x_t [W_ir W_iz W_in] of all T steps are computed before the recurrence (the scan
+    carries only the U×3U recurrent matmul): on 7×7×1280 MobileNetV2 maps that projection is most of the
+    head's FLOPs. ``recurrent_dropout`` (traced rate allowed) drops h_{t-1} units with one mask per sequence
+    (variational dropout, Gal & Ghahramani 2016) in the recurrent matmuls when ``rng`` is given. Runs
+    `gru_sequence` (hand-written backward pass).
     """
     units: int
 
@@ -86,27 +158,14 @@ class GRU(nn.Module):
         u = self.units
         w_i = [_Weights(u, True, name=n)(c) for n in ("ir", "iz", "in")]
         w_h = [_Weights(u, n == "hn", nn.initializers.orthogonal(), name=n)(u) for n in ("hr", "hz", "hn")]
-        k_i = jnp.concatenate([k for k, _ in w_i], 1)                      # C×3U
-        b_i = jnp.concatenate([bb for _, bb in w_i], 0)                     # 3U
-        k_h = jnp.concatenate([k for k, _ in w_h], 1)                       # U×3U
-        b_hn = w_h[2][1]
-        xproj_tb3u = jnp.einsum("btc,cg->tbg", seq_btc, k_i.astype(seq_btc.dtype)) + b_i
-        mask_bu = None
+        dt = seq_btc.dtype
+        k_c3u = jnp.stack([k for k, _ in w_i], 1).astype(dt)
+        b_3u = jnp.stack([bb for _, bb in w_i]).astype(dt)
+        k_u3u = jnp.stack([k for k, _ in w_h], 1).astype(dt)
+        mask_bu = jnp.ones((b, u), dt)
         if rng is not None:
-            mask_bu = dropout(jnp.ones((b, u), seq_btc.dtype), recurrent_dropout, rng, True)
-
-        def step(h_bu, xp_b3u):
-            hh_bu = h_bu if mask_bu is None else h_bu * mask_bu
-            hp_b3u = hh_bu @ k_h
-            xr, xz, xn = jnp.split(xp_b3u, 3, -1)
-            hr, hz, hn = jnp.split(hp_b3u, 3, -1)
-            r, z = jax.nn.sigmoid(xr + hr), jax.nn.sigmoid(xz + hz)
-            n = jnp.tanh(xn + r * (hn + b_hn))
-            h_new = (1.0 - z) * n + z * h_bu
-            return h_new, None
-
-        h_bu, _ = jax.lax.scan(step, jnp.zeros((b, u), xproj_tb3u.dtype), xproj_tb3u)
-        return h_bu
+            mask_bu = dropout(mask_bu, recurrent_dropout, rng, True)
+        return gru_sequence(seq_btc, k_c3u, b_3u, k_u3u, w_h[2][1].astype(dt), mask_bu)
 
 
 def sequence_order(h: int, w: int, order: str):
