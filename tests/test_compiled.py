@@ -89,6 +89,22 @@ def test_member_axis_map_equals_vmap(toy):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+def test_traced_optimizer_trials_share_one_program_and_equal_static_optimizers(toy):
+    x, y, xv, yv = toy
+    head = GRUHead(K, units=8, hidden=8, dropout=0.0)
+    traced = compiled.Recipe(**{**RECIPE.__dict__, "optimizer": "traced"})
+    hps = [compiled.default_hparams(learning_rate=lr, momentum=0.5, optimizer_index=i)
+           for i, lr in enumerate((1e-2, 3e-2, 1e-2))]
+    together = compiled.fit(traced, head, K, x, y, xv, yv, hps, seed=2)
+    leaves = [np.asarray(jax.tree.leaves(compiled.trial(together, t).params)[0]) for t in range(3)]
+    assert not np.allclose(leaves[0], leaves[2])  # same learning rate, different optimizer
+    for t, name in enumerate(compiled.TRACED_OPTIMIZERS):
+        alone = compiled.fit(compiled.Recipe(**{**RECIPE.__dict__, "optimizer": name}), head, K, x, y, xv, yv,
+                             hps[t], seed=2)
+        for a, b in zip(jax.tree.leaves(compiled.trial(together, t).params), jax.tree.leaves(alone.params)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
 def test_sgd_momentum_zero_is_plain_sgd():
     rcp = compiled.Recipe(optimizer="sgd", schedule="constant")
     p = {"w": jnp.ones(3)}

@@ -39,7 +39,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from leukax import metrics
 
 HPARAMS = ("learning_rate", "weight_decay", "momentum", "dropout", "input_dropout", "recurrent_dropout")
-OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
+OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "traced")
+# Recipe(optimizer="traced"): each trial's optimizer is TRACED_OPTIMIZERS[hparams["optimizer_index"]], so trials
+# with different optimizers share one compiled program (a BO batch compiles once per GRU width, not per pair).
+TRACED_OPTIMIZERS = ("adamw", "sgd", "rmsprop")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,16 +76,19 @@ def default_hparams(**overrides) -> dict[str, float]:
     """Returns the recipe's traced hyper-parameters (chosen on validation data, results/heads/README.md)."""
     hp = dict(learning_rate=1e-3, weight_decay=1e-2, momentum=0.9, dropout=0.3, input_dropout=0.2,
               recurrent_dropout=0.0)
-    unknown = set(overrides) - set(HPARAMS)
+    unknown = set(overrides) - set(HPARAMS) - {"optimizer_index"}
     if unknown:
         raise ValueError(f"leukax/train/compiled.py: unknown hyper-parameters {sorted(unknown)}; known {HPARAMS}")
-    hp.update({k: float(v) for k, v in overrides.items()})
+    hp.update({k: (int(v) if k == "optimizer_index" else float(v)) for k, v in overrides.items()})
     return hp
 
 
 def stack_trials(hparams: list[dict[str, float]]) -> dict[str, jax.Array]:
-    """Returns {name: float32 T} from T hyper-parameter dicts (the trial axis of `train`)."""
-    return {k: jnp.asarray([float(h[k]) for h in hparams], jnp.float32) for k in HPARAMS}
+    """Returns {name: float32 T} from T hyper-parameter dicts (the trial axis of `train`); "optimizer_index"
+    (used by Recipe(optimizer="traced") only) defaults to 0."""
+    out = {k: jnp.asarray([float(h[k]) for h in hparams], jnp.float32) for k in HPARAMS}
+    out["optimizer_index"] = jnp.asarray([int(h.get("optimizer_index", 0)) for h in hparams], jnp.int32)
+    return out
 
 
 @flax.struct.dataclass
@@ -117,6 +123,9 @@ def _optimizer(recipe: Recipe, hp: dict, steps_per_epoch: int) -> optax.Gradient
         lr = lambda count: hp["learning_rate"] * shape(count)  # noqa: E731  (peak lr traced)
     else:
         lr = lambda count: hp["learning_rate"]  # noqa: E731
+    if recipe.optimizer == "traced":
+        return _select_optimizer([_optimizer(dataclasses.replace(recipe, optimizer=name), hp, steps_per_epoch)
+                                  for name in TRACED_OPTIMIZERS], hp["optimizer_index"])
     if recipe.optimizer == "adamw":
         return optax.adamw(lr, weight_decay=hp["weight_decay"])
     decay = optax.add_decayed_weights(hp["weight_decay"])  # coupled L2 for the papers' optimizers
@@ -125,6 +134,21 @@ def _optimizer(recipe: Recipe, hp: dict, steps_per_epoch: int) -> optax.Gradient
     if recipe.optimizer == "sgd":   # Keras SGD: v = m·v − lr·g; momentum 0 is plain SGD
         return optax.chain(decay, optax.sgd(lr, momentum=hp["momentum"]))
     return optax.chain(decay, optax.rmsprop(lr, decay=0.9, eps=1e-7, eps_in_sqrt=False, momentum=hp["momentum"]))
+
+
+def _select_optimizer(txs: list, index) -> optax.GradientTransformation:
+    """Runs every transformation of `txs` and applies the updates of txs[index] (index traced). The others' states
+    advance too but never touch the parameters, so the result equals running txs[index] alone; their cost is a
+    few elementwise passes over the parameters per step."""
+    def init(params):
+        return tuple(tx.init(params) for tx in txs)
+
+    def update(grads, state, params=None):
+        outs = [tx.update(grads, s, params) for tx, s in zip(txs, state)]
+        updates = jax.tree.map(lambda *us: jnp.select([index == i for i in range(len(us))], us), *[u for u, _ in outs])
+        return updates, tuple(s for _, s in outs)
+
+    return optax.GradientTransformation(init, update)
 
 
 def _rates(hp: dict) -> dict:
