@@ -7,14 +7,18 @@ Command:   python -m experiments.hybrid_gru                          (writes res
            python -m experiments.hybrid_gru --hparams=paper                   (Table 2 per backbone, whole)
            python -m experiments.hybrid_gru --hparams=bo --bo_trials=30       (batched BO on validation only)
            python -m experiments.hybrid_gru --protocol=paper_80_20 --leaky     (the paper's own split)
-Runtime:   (2 CPU cores shared with other jobs; every run writes its times to metrics.json → timing_s)
-           - PBC, 320 cells, 3 backbones × 5 folds, heads probe + GRU (M = 5): 17 min of training; the first run
-             also extracts 8 views per cell: ~0.5 min MobileNetV2, ~8–10 min InceptionV3 (299 px), ~2.5 min Lite2.
-           - PBC with --repeats=5 (25 splits): 90 min of training (100 min in all), beside another job's
-             benchmarks for most of it (results/heads/pbc_5x5).
-           - C-NMC sample, 60 cells, all four heads: 6 min with cached features, 14 min from scratch.
-           - ALL-IDB2 (260 cells) with the defaults: about 14 min of training + ~9 min of feature extraction
-             (estimated from the PBC run: ALL-IDB is not on these machines).
+Runtime:   (2 CPU cores, AVX2 EPYC, quiet, 2026-12-02, commits fd84b3b / 6786b30; every run writes its times to
+           metrics.json → timing_s)
+           - PBC, 320 cells, 3 backbones × 5 folds, heads probe + GRU (M = 5): 8.4 min of training (505 s); the
+             first run also extracts 8 views per cell: 26 s MobileNetV2, 3.7 min InceptionV3 (299 px), 65 s Lite2
+             (results/heads/README.md, rerun at fd84b3b).
+           - PBC, --backbones=mobilenet_v2 --heads=gru: 100–109 s of training for the 5 folds.
+           - PBC, --backbones=mobilenet_v2 --heads=gru --hparams=bo --bo_trials=30 --protocol=paper_80_20: 7.5 min in
+             all, 6.7 min of it the 30-trial search (results/benchmarks/bo_pbc_mobilenet_v2.md).
+           - ALL-IDB2 (260 cells), defaults: ~7 min of training + ~5 min of feature extraction, scaled from the PBC
+             run (ALL-IDB is not on these machines).
+           - Measured before the 2026-12-02 speedups (so upper bounds): PBC with --repeats=5 (25 splits), 90 min of
+             training (results/heads/pbc_5x5); C-NMC sample, 60 cells, all four heads, 6 min with cached features.
 
 What it does (head mode, the default; `--mode=finetune` trains backbone + GRU end to end instead):
 1. loads `--dataset` (cnmc2019 = the embedded sample; all_idb1, all_idb2, all_idb, pbc or any builder name);
