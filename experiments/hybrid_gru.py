@@ -12,7 +12,8 @@ Runtime:   (2 CPU cores, AVX2 EPYC, quiet, 2026-12-02, commits fd84b3b / 6786b30
            - PBC, 320 cells, 3 backbones × 5 folds, heads probe + GRU (M = 5): 8.4 min of training (505 s); the
              first run also extracts 8 views per cell: 26 s MobileNetV2, 3.7 min InceptionV3 (299 px), 65 s Lite2
              (results/heads/README.md, rerun at fd84b3b).
-           - PBC, --backbones=mobilenet_v2 --heads=gru: 100–109 s of training for the 5 folds.
+           - PBC, --backbones=mobilenet_v2 --heads=gru, cached features: 123 s of training for the 5 folds (compiles,
+             predictions and calibration included; 133 s in all).
            - PBC, --backbones=mobilenet_v2 --heads=gru --hparams=bo --bo_trials=30 --protocol=paper_80_20: 7.5 min in
              all, 6.7 min of it the 30-trial search (results/benchmarks/bo_pbc_mobilenet_v2.md).
            - ALL-IDB2 (260 cells), defaults: ~7 min of training + ~5 min of feature extraction, scaled from the PBC
