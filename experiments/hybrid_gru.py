@@ -97,7 +97,7 @@ class Config:
     order: str = field("center_last", "Order the GRU reads the H·W positions: center_last (the cell's centre last) "
                        "| raster (row-major, the flattened map).", choices=("center_last", "raster"))
     hidden: int = field(128, "Width of the dense layer after the GRU.")
-    optimizer: str = field("adamw", "Optimizer (recipe).", choices=compiled.OPTIMIZERS)
+    optimizer: str = field("adamw", "Optimizer (recipe).", choices=compiled.OPTIMIZERS[:-1])  # not "traced"
     learning_rate: float = field(3e-3, "Peak learning rate (recipe).")
     momentum: float = field(0.9, "Momentum of sgd / rmsprop (recipe); 0 means none.")
     weight_decay: float = field(1e-2, "Weight decay (decoupled for adamw).")

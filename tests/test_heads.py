@@ -85,6 +85,12 @@ def test_gru_backward_pass_equals_autodiff_of_flax_gru_cell():
     for a, r in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
         assert a.shape == r.shape and float(jnp.abs(r).max()) > 0
         np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-6)
+    # numpy params (a loaded bundle) vmapped inside jit, as leukax.predict runs them
+    head = heads.GRUHead(2, units=u, hidden=4)
+    v = jax.tree.map(np.asarray, jax.vmap(lambda k: head.init(k, x[:, :, None, :])["params"])(
+        jax.random.split(jax.random.key(4), 2)))
+    out = jax.jit(lambda x: jax.vmap(lambda p: head.apply({"params": p}, x)[0])(v))(x[:, :, None, :])
+    assert out.shape == (2, b, 2) and np.all(np.isfinite(out))
     # vmapped over members (the compiled trainer's axis) as well
     pm = jax.tree.map(lambda a: jnp.stack([a, 2 * a]), p)
     g_m = jax.vmap(jax.grad(loss(ours)), (0, None, None))(pm, x, mask)

@@ -160,12 +160,14 @@ class GRU(nn.Module):
         w_h = [_Weights(u, n == "hn", nn.initializers.orthogonal(), name=n)(u) for n in ("hr", "hz", "hn")]
         dt = seq_btc.dtype
         k_c3u = jnp.stack([k for k, _ in w_i], 1).astype(dt)
-        b_3u = jnp.stack([bb for _, bb in w_i]).astype(dt)
+        # Every argument of gru_sequence comes out of a jnp op: params may be numpy arrays (a loaded bundle), which
+        # a custom_vjp under vmap rejects as non-canonical constants.
+        b_4u = jnp.stack([bb for _, bb in w_i] + [w_h[2][1]]).astype(dt)      # b_ir, b_iz, b_in, b_hn
         k_u3u = jnp.stack([k for k, _ in w_h], 1).astype(dt)
         mask_bu = jnp.ones((b, u), dt)
         if rng is not None:
             mask_bu = dropout(mask_bu, recurrent_dropout, rng, True)
-        return gru_sequence(seq_btc, k_c3u, b_3u, k_u3u, w_h[2][1].astype(dt), mask_bu)
+        return gru_sequence(seq_btc, k_c3u, b_4u[:3], k_u3u, b_4u[3], mask_bu)
 
 
 def sequence_order(h: int, w: int, order: str):

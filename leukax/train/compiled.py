@@ -16,8 +16,9 @@ weights. The paper's optimizers (Akter et al. 2024, Table 2: SGD or RMSprop with
 `optimizer="sgd" | "rmsprop"` with a constant schedule and no smoothing.
 
 Hyper-parameters that do not change shapes are *traced* (``hparams`` arrays with a leading trial axis T):
-learning_rate, weight_decay, momentum, dropout, input_dropout, recurrent_dropout. Changing them never
-recompiles, and T trials of a Bayesian-optimisation batch train together. Shapes (units, batch size,
+learning_rate, weight_decay, momentum, dropout, input_dropout, recurrent_dropout, and with
+``Recipe(optimizer="traced")`` the optimizer itself (AdamW / SGD / RMSprop by "optimizer_index"). Changing them
+never recompiles, and T trials of a Bayesian-optimisation batch can train together. Shapes (units, batch size,
 epochs, M) are static: one compilation per distinct value.
 
 Device mesh: with ``mesh`` (a `jax.sharding.Mesh` with axis "members") the member axis of every state leaf
