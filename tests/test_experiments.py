@@ -139,12 +139,12 @@ def test_mean_std_by_hand():
 
 def test_hybrid_gru_bo_paper_protocol(tmp_path):
     cfg = _parse(hybrid_gru.Config, tmp_path, "--backbones=mobilenet_v2", "--epochs=1", "--members=1", "--hparams=bo",
-                 "--bo_trials=3", "--bo_batch=3", "--bo_vector=2", "--protocol=paper_80_20", "--leaky", "--heads=gru",
+                 "--bo_trials=2", "--bo_batch=2", "--bo_vector=2", "--protocol=paper_80_20", "--leaky", "--heads=gru",
                  "--feature_dim=16", "--views=none")
     m = hybrid_gru.run(cfg)
     assert "ungrouped-leaky" in m["protocol"]["name"] and m["protocol"]["splits"] == 1
     trials = bayes.load_log(tmp_path / "bo" / "mobilenet_v2_r0_f0.json")
-    assert len(trials) == 3 and all(set(t["info"]) >= {"val_acc", "val_nll"} for t in trials)
+    assert len(trials) == 2 and all(set(t["info"]) >= {"val_acc", "val_nll"} for t in trials)
     hp = m["per_hybrid"]["mobilenet_v2"]["gru"]["hparams_per_split"][0]
     best = max(trials, key=lambda t: t["target"])
     assert hp["units"] == best["params"]["units"] and "BO trial" in hp["source"]
