@@ -108,7 +108,7 @@ def run(objective: Callable[[dict[str, Any]], tuple[float, dict[str, Any]]], spa
 # (results/benchmarks/bo_pbc_mobilenet_v2_first_batch_log.json).
 RECIPE_SPACE: dict[str, Any] = {
     "units": (128, 256, 512),
-    "optimizer": ("adamw", "sgd", "rmsprop"),
+    "optimizer": compiled.TRACED_OPTIMIZERS,  # ("adamw", "sgd", "rmsprop")
     "log10_lr": (-5.0, -1.5),
     "momentum": (0.0, 0.99),
     "dropout": (0.0, 0.6),
