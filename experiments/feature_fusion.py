@@ -45,7 +45,6 @@ measures the lab confound of composite datasets; `--noenhance` switches the enha
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import time
 
@@ -56,7 +55,7 @@ from experiments import common
 from experiments import feature_fusion_parts as fp
 from experiments import feature_fusion_report as report
 from experiments.common import field
-from leukax import fusion, imagenet_top, metrics
+from leukax import fusion, imagenet_top, metrics, records
 from leukax.data import load_arrays
 from leukax.data.splits import repeated_holdout
 from leukax.models.heads import DenseHead
@@ -292,8 +291,8 @@ def run(cfg: Config) -> dict:
         timing_s=dict(total=time.perf_counter() - t_start, training=t_train,
                       features={n: m["seconds"] for n, m in models.items()}),
         environment=env, command=common.command_line("experiments.feature_fusion", cfg))
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    records.write_json(out / "metrics.json", result)
+    records.write_json(out / "config.json", dataclasses.asdict(cfg))
     (out / "README.md").write_text(report.readme(result))
     acc = {r: results[r]["test_mean_std"]["accuracy"]["mean"] for r in rows}
     print(f"feature_fusion: {out}: " + ", ".join(f"{r} {a:.3f}" for r, a in acc.items()))

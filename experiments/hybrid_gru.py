@@ -43,7 +43,6 @@ dropout; constant learning rate, no label smoothing, no weight decay) to the GRU
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import time
 
@@ -52,7 +51,7 @@ import numpy as np
 
 from experiments import common
 from experiments.common import field
-from leukax import fusion, metrics, plots, uncertainty
+from leukax import fusion, metrics, plots, records, uncertainty
 from leukax.augment import augment_paper1
 from leukax.data import load_arrays
 from leukax.models.classifier import Classifier
@@ -325,8 +324,8 @@ def run(cfg: Config) -> dict:
         referral_rule=f"refer if predictive entropy > threshold whose validation accuracy >= {cfg.referral_accuracy}",
         timing_s=dict(total=time.perf_counter() - t_start, features=t_features, training=t_train),
         environment=env, command=common.command_line("experiments.hybrid_gru", cfg))
-    (out / "metrics.json").write_text(json.dumps(metrics_json, indent=2))
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    records.write_json(out / "metrics.json", metrics_json)
+    records.write_json(out / "config.json", dataclasses.asdict(cfg))
     print(summary_table(metrics_json))
     print(f"hybrid_gru: wrote {out}/ in {metrics_json['timing_s']['total']:.0f} s")
     return metrics_json

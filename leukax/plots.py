@@ -1,11 +1,9 @@
 """Figures for reports, readable by a hematologist: class names on axes, titled panels, labelled units.
 
 Every function returns a `matplotlib.figure.Figure` (built without pyplot, rendered by Agg) and, when
-`path` is given, also saves it as PNG there.
+`path` is given, also saves it there as a palette PNG (`leukax.records.save_figure`).
 """
 from __future__ import annotations
-
-import pathlib
 
 import matplotlib
 
@@ -14,16 +12,14 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from leukax import metrics, uncertainty  # noqa: E402
+from leukax import metrics, records, uncertainty  # noqa: E402
 
 _COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
 
 
 def _save(fig: Figure, path) -> Figure:
     if path is not None:
-        path = pathlib.Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120, bbox_inches="tight")
+        records.save_figure(fig, path)
     return fig
 
 
