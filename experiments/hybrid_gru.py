@@ -209,7 +209,7 @@ def train_heads(cfg, hybrid: dict, split, labels, num_classes, seed, bo_dir) -> 
                                                         compiled.default_hparams())
         p_va, p_te, info = recipe.train_and_predict(kind, k_rcp, k_hp, num_classes, tr, labels[split.train], va, te,
                                                     labels[split.val], units=units, hidden=cfg.hidden,
-                                                    order=cfg.order, seed=seed)
+                                                    order=cfg.order, seed=seed, mesh=common.member_mesh(cfg.members))
         info["hparams"] = dict(source=source if kind == "gru" else "recipe defaults", units=units if kind == "gru"
                                else None, optimizer=k_rcp.optimizer, **{k: float(v) for k, v in k_hp.items()})
         out[kind] = (p_va, p_te, info)

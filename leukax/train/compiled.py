@@ -22,12 +22,15 @@ never recompiles, and T trials of a Bayesian-optimisation batch can train togeth
 epochs, M) are static: one compilation per distinct value.
 
 Device mesh: with ``mesh`` (a `jax.sharding.Mesh` with axis "members") the member axis of every state leaf
-is sharded over devices (`with_sharding_constraint`); data is replicated. The same code runs on 1 device.
+is sharded over devices (`with_sharding_constraint`); data is replicated. The same code runs on 1 device. The
+mesh may span several processes (`jax.distributed`, `experiments.common.init_distributed`): `fit` then gathers the
+trained members to every process (`tests/test_distributed.py`: two processes equal one).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from typing import Any, Callable
 
 import flax.struct
@@ -35,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from leukax import metrics
@@ -274,6 +278,17 @@ def trial(result: EnsembleResult, t: int) -> EnsembleResult:
     return jax.tree.map(lambda a: a[t], result)
 
 
+_BARRIERS = itertools.count()
+
+
+def _await_all_processes(timeout_s: int = 3600) -> None:
+    """Blocks until every process of a `jax.distributed` run arrives here (the coordination service's barrier,
+    as jax's own checkpoint serialisation uses). Gloo gives processes only 30 s to meet at a program's first
+    collective; processes that compile or extract features at different speeds arrive further apart than that."""
+    from jax._src import distributed
+    distributed.global_state.client.wait_at_barrier(f"leukax_fit_{next(_BARRIERS)}", timeout_in_ms=timeout_s * 1000)
+
+
 def fit(recipe: Recipe, head, num_classes: int, train_x, train_y, val_x, val_y, hparams: dict | list[dict],
         seed: int = 0, mesh=None) -> EnsembleResult:
     """Trains one (dict) or T (list) hyper-parameter settings; returns the T×M (or M) `EnsembleResult`.
@@ -287,5 +302,9 @@ def fit(recipe: Recipe, head, num_classes: int, train_x, train_y, val_x, val_y, 
     data = dict(train_x=as_views(train_x), train_y=jnp.asarray(train_y, jnp.int32),
                 val_x=as_views(val_x), val_y=jnp.asarray(val_y, jnp.int32))
     keys_t = jnp.broadcast_to(jax.random.PRNGKey(seed), (len(hps), 2))
+    if mesh is not None and jax.process_count() > 1:
+        _await_all_processes()
     out = make_train(recipe, head, num_classes, mesh)(keys_t, stack_trials(hps), data)
+    if any(not a.is_fully_addressable for a in jax.tree.leaves(out)):  # a mesh over several processes
+        out = multihost_utils.process_allgather(out, tiled=True)  # every process gets every member (numpy)
     return trial(out, 0) if single else out
