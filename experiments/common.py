@@ -246,6 +246,18 @@ def environment() -> dict:
                 argv=" ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]))
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (getrusage's ru_maxrss: KiB on Linux)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def progress(total: int, desc: str, quiet: bool = False):
+    """A progress bar with rate and ETA on stderr for a long phase (tqdm); `quiet` hides it."""
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, file=sys.stderr, disable=quiet, dynamic_ncols=True)
+
+
 # ------------------------------------------------------------------------------------------------- splits
 PROTOCOLS = ("grouped_kfold", "paper_80_20")
 

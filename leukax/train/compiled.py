@@ -167,9 +167,10 @@ def view_mean_probs(head, params, x_vntc, chunk: int):
     total = v * n
     size = min(chunk, total)
     num = -(-total // size)
-    flat = x_vntc.reshape((total,) + x_vntc.shape[2:])
+    flat = x_vntc.reshape((total,) + x_vntc.shape[2:])  # 16-bit features are cast per chunk below
     flat = jnp.concatenate([flat, jnp.zeros((num * size - total,) + flat.shape[1:], flat.dtype)])
-    logits = jax.lax.map(lambda xb: head.apply({"params": params}, xb)[0], flat.reshape((num, size) + flat.shape[1:]))
+    logits = jax.lax.map(lambda xb: head.apply({"params": params}, xb.astype(jnp.float32))[0],
+                         flat.reshape((num, size) + flat.shape[1:]))
     return jnp.mean(jax.nn.softmax(logits.reshape(num * size, -1)[:total].reshape(v, n, -1), -1), 0)
 
 
@@ -177,7 +178,8 @@ def view_mean_probs(head, params, x_vntc, chunk: int):
 def make_train(recipe: Recipe, head, num_classes: int, mesh=None) -> Callable:
     """Returns the pure, jit-compiled ``train(key_t, hparams_t, data) -> EnsembleResult`` (leaves T×M×...).
 
-    data: {"train_x": V×N×T×C float, "train_y": N int, "val_x": V'×N'×T×C, "val_y": N'} (device arrays).
+    data: {"train_x": V×N×T×C float (float32, or 16-bit: cast per batch), "train_y": N int, "val_x": V'×N'×T×C,
+    "val_y": N'} (device arrays).
     key_t: T PRNG keys (one per trial); hparams_t: `stack_trials(...)` (every value a length-T vector).
     """
     r = recipe
@@ -190,7 +192,7 @@ def make_train(recipe: Recipe, head, num_classes: int, mesh=None) -> Callable:
 
     def init_member(key, hp, data, steps):
         k_init, k_run = jax.random.split(key)
-        params = head.init({"params": k_init, "dropout": k_init}, data["train_x"][0, :1])["params"]
+        params = head.init({"params": k_init, "dropout": k_init}, data["train_x"][0, :1].astype(jnp.float32))["params"]
         nan_e = jnp.full((r.num_epochs,), jnp.nan, jnp.float32)
         return MemberState(
             params=params, opt_state=_optimizer(r, hp, steps).init(params), best_params=params,
@@ -208,7 +210,7 @@ def make_train(recipe: Recipe, head, num_classes: int, mesh=None) -> Callable:
         def step(carry, inp):
             params, opt_state = carry
             idx_b, view_b, k = inp
-            x, y = data["train_x"][view_b, idx_b], data["train_y"][idx_b]
+            x, y = data["train_x"][view_b, idx_b].astype(jnp.float32), data["train_y"][idx_b]
             (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y, k, hp)
             updates, opt_state = tx.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), (loss, acc)
@@ -279,6 +281,14 @@ def trial(result: EnsembleResult, t: int) -> EnsembleResult:
 
 
 _BARRIERS = itertools.count()
+FEATURE_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
+
+
+def _features(x) -> jax.Array:
+    """Features on the device in their own precision when it is float32 or 16-bit (the reduced features of a
+    large set stay 16-bit: half the memory; the trainer casts each batch), else as float32."""
+    dtype = np.dtype(getattr(x, "dtype", np.float32))
+    return jnp.asarray(x, dtype if dtype in [np.dtype(d) for d in FEATURE_DTYPES] else jnp.float32)
 
 
 def _await_all_processes(timeout_s: int = 3600) -> None:
@@ -298,7 +308,7 @@ def fit(recipe: Recipe, head, num_classes: int, train_x, train_y, val_x, val_y, 
     """
     single = isinstance(hparams, dict)
     hps = [hparams] if single else list(hparams)
-    as_views = lambda x: jnp.asarray(x, jnp.float32)[None] if np.ndim(x) == 3 else jnp.asarray(x, jnp.float32)  # noqa: E731
+    as_views = lambda x: _features(x)[None] if np.ndim(x) == 3 else _features(x)  # noqa: E731
     data = dict(train_x=as_views(train_x), train_y=jnp.asarray(train_y, jnp.int32),
                 val_x=as_views(val_x), val_y=jnp.asarray(val_y, jnp.int32))
     keys_t = jnp.broadcast_to(jax.random.PRNGKey(seed), (len(hps), 2))

@@ -74,9 +74,9 @@ def view_features(backbone, variables, images_nhwc, normalization, views: str = 
 def stream_view_features(backbone, variables, source, image_size: int, normalization, path, *,
                          views: str = "dihedral", num_affine: int = 0, seed: int = 0, batch_size: int = 32,
                          dtype=np.float16, num_threads: int = 2, max_pixels: int | None = None,
-                         progress: bool = True, desc: str = "features") -> np.ndarray:
+                         progress: bool = True, desc: str = "features") -> "FeatureFile":
     """Returns the frozen feature maps of every view of every image of `source`, V×N×h·w×C in `dtype` (16-bit),
-    as a read-only memory map of the `.npy` file `path`, computed if it does not exist.
+    as the `FeatureFile` at `path` (a `.npy` file), computed if it does not exist.
 
     Streaming: a grain pipeline (`leukax.data.pipeline.epoch_dataset`, `num_threads` readers, in dataset
     order) decodes and resizes `batch_size` images at a time; their V views go through the backbone in V
@@ -97,7 +97,7 @@ def stream_view_features(backbone, variables, source, image_size: int, normaliza
 
     path = pathlib.Path(path)
     if path.exists():
-        return np.load(path, mmap_mode="r")
+        return FeatureFile(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial, state = path.with_name(path.name + ".partial"), path.with_name(path.name + ".progress.json")
     n, v = len(source), num_views(views, num_affine)
@@ -130,4 +130,40 @@ def stream_view_features(backbone, variables, source, image_size: int, normaliza
     del mm
     os.replace(partial, path)
     state.unlink(missing_ok=True)
-    return np.load(path, mmap_mode="r")
+    return FeatureFile(path)
+
+
+class FeatureFile:
+    """V×N×T×C features in a `.npy` file, read a few images at a time: `take(indices)` maps the file, copies
+    those images' rows and unmaps it again, so the process's resident memory holds what was taken, not the
+    file (pages of a long-lived memory map count as resident once touched). `np.asarray(f)` reads it all."""
+
+    def __init__(self, path):
+        self.path = path
+        mm = np.load(path, mmap_mode="r")
+        self.shape, self.dtype = mm.shape, mm.dtype
+        del mm
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def take(self, indices) -> np.ndarray:
+        """Returns V×k×T×C for images `indices` (an array or a slice)."""
+        return self[:, indices]
+
+    def __getitem__(self, key) -> np.ndarray:
+        """A copy of `array[key]` (e.g. `f[:, split.train]`), read through a short-lived memory map."""
+        mm = np.load(self.path, mmap_mode="r")
+        try:
+            return np.array(mm[key])
+        finally:
+            del mm
+
+    def rows(self, v_r, n_r, t_r) -> np.ndarray:
+        """Returns R×C: the rows (view, image, position) = (v_r[i], n_r[i], t_r[i])."""
+        return self[v_r, n_r, t_r]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.take(slice(None))
+        return out if dtype is None else out.astype(dtype)
