@@ -285,9 +285,9 @@ def run(cfg: Config) -> dict:
         seed = cfg.seed + 1000 * split.repeat + split.fold
         by_kind = {kind: ([], []) for kind in kinds}
         for h in hybrids:
+            bar.set_postfix_str(f"repeat {split.repeat} fold {split.fold} {h['name']}")
             trained = ({"gru": train_finetune(cfg, h, split, labels, k, seed)} if cfg.mode == "finetune"
                        else train_heads(cfg, h, split, labels, k, seed, out / "bo"))
-            bar.set_postfix_str(f"repeat {split.repeat} fold {split.fold} {h['name']}")
             bar.update(1)
             for kind, (p_va, p_te, info) in trained.items():
                 _record(per[(h["name"], kind)], y_va, p_va, y_te, p_te, names, cfg, dict(split=sid, **info.get("hparams", {})))
