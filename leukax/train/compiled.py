@@ -275,15 +275,18 @@ def trial(result: EnsembleResult, t: int) -> EnsembleResult:
 
 
 def fit(recipe: Recipe, head, num_classes: int, train_x, train_y, val_x, val_y, hparams: dict | list[dict],
-        seed: int = 0, mesh=None) -> EnsembleResult:
+        seed: int = 0, mesh=None, views: bool | None = None) -> EnsembleResult:
     """Trains one (dict) or T (list) hyper-parameter settings; returns the T×M (or M) `EnsembleResult`.
 
-    train_x: V×N×T×C (or N×T×C, one view); val_x likewise. Member keys derive from `seed` alone, the same for
-    every trial (common random numbers): trials differ only by their hyper-parameters.
+    train_x: V×N×... head inputs of V views (views=True) or N×... of one view (views=False); views=None takes
+    rank 3 (N×T×C sequences) as one view and anything else as V×N×...; val_x likewise. Member keys derive
+    from `seed` alone, the same for every trial (common random numbers): trials differ only by their
+    hyper-parameters.
     """
     single = isinstance(hparams, dict)
     hps = [hparams] if single else list(hparams)
-    as_views = lambda x: jnp.asarray(x, jnp.float32)[None] if np.ndim(x) == 3 else jnp.asarray(x, jnp.float32)  # noqa: E731
+    one_view = (lambda x: np.ndim(x) == 3) if views is None else (lambda x: not views)  # noqa: E731
+    as_views = lambda x: jnp.asarray(x, jnp.float32)[None] if one_view(x) else jnp.asarray(x, jnp.float32)  # noqa: E731
     data = dict(train_x=as_views(train_x), train_y=jnp.asarray(train_y, jnp.int32),
                 val_x=as_views(val_x), val_y=jnp.asarray(val_y, jnp.int32))
     keys_t = jnp.broadcast_to(jax.random.PRNGKey(seed), (len(hps), 2))
