@@ -19,7 +19,6 @@ normalisation as one static tuple, so equal configs share one compilation. Optim
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import logging
@@ -39,10 +38,6 @@ from leukax.train import optim
 
 log = logging.getLogger(__name__)
 HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc")
-
-# Counts traces of the member functions (incremented at trace time only); tests use it to prove that equal
-# configs share one compilation.
-TRACES: collections.Counter = collections.Counter()
 
 # Member-axis choice per backend, from results/benchmarks/ensemble_axis.md (2 quiet CPU cores): finetune
 # MobileNetV2-0.35 at 96 px, M=3: lax.map 1.61, sequential 1.29, vmap 1.16 ensemble steps/s (the tiny test net
@@ -177,7 +172,6 @@ def member_train_step(member: Members, idx_b, shared_args, static):
     shared_args = (data_x, data_y, dropout_rate); static = (model, tx, augment_fn, normalization).
     A member with active == False is returned unchanged. Returns (new member, {"loss", "acc"}).
     """
-    TRACES["train_step"] += 1
     data_x, data_y, dropout_rate = shared_args
     model, tx, augment_fn, normalization = static
     key, aug_key, drop_key = jax.random.split(member.key, 3)
@@ -202,7 +196,6 @@ def member_train_step(member: Members, idx_b, shared_args, static):
 
 def member_probs(params, batch_stats, shared_args, static):
     """Returns softmax probabilities B×K of one member."""
-    TRACES["probs"] += 1
     (x,) = shared_args
     model, normalization = static
     logits, _ = apply_model(model, params, batch_stats, normalize(x, normalization), False, None, None)
@@ -406,16 +399,6 @@ def history(state: EnsembleState) -> dict[str, np.ndarray]:
     """Returns {"train_loss", "train_acc", "val_loss", "val_acc"}: M×epochs_done float32 (nan after a stop)."""
     e = int(state.epoch)
     return {k: np.asarray(v)[:, :e] for k, v in state.history.items()}
-
-
-def member_variables(state: EnsembleState, m: int, use_best: bool = True) -> dict[str, Any]:
-    """Returns member m's flax variables {"params", "batch_stats"?} (e.g. for Grad-CAM or export)."""
-    params = state.best_params if use_best else state.members.params
-    bstats = state.best_batch_stats if use_best else state.members.batch_stats
-    out = {"params": jax.tree.map(lambda v: v[m], params)}
-    if bstats:
-        out["batch_stats"] = jax.tree.map(lambda v: v[m], bstats)
-    return out
 
 
 # ---------------------------------------------------------------- the loop (I/O lives here)
