@@ -59,8 +59,8 @@ from leukax.models.classifier import Classifier
 from leukax.models import registry as model_registry
 from leukax.models.heads import make_head
 from leukax.train import bayes, compiled, recipe
-from leukax.train.ensemble import TrainConfig, make_train
 from leukax.train import features
+from leukax.train.finetune import TrainConfig, make_train
 from leukax.train.views import stream_view_features
 
 # Akter et al. 2024, as reported in the paper (their protocol: a random per-image split, i.e. `--leaky`).
@@ -188,7 +188,7 @@ def train_finetune(cfg, hybrid: dict, split, labels, num_classes, seed):
     (probs_val_mnk, probs_test_mnk, info)."""
     head = make_head("gru", num_classes, units=cfg.units, dropout=cfg.dropout, hidden=cfg.hidden, order=cfg.order)
     x = hybrid["inputs"]
-    tcfg = TrainConfig(num_members=cfg.members, mode="finetune", optimizer="adam" if cfg.optimizer == "adamw"
+    tcfg = TrainConfig(num_members=cfg.members, optimizer="adam" if cfg.optimizer == "adamw"
                        else cfg.optimizer, learning_rate=cfg.learning_rate, momentum=cfg.momentum,
                        dropout_rate=cfg.dropout, batch_size=cfg.batch_size, num_epochs=cfg.epochs,
                        patience=cfg.patience, monitor="val_loss", seed=seed,

@@ -42,9 +42,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from leukax import metrics
+from leukax.train import optim
 
 HPARAMS = ("learning_rate", "weight_decay", "momentum", "dropout", "input_dropout", "recurrent_dropout")
-OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "traced")
+OPTIMIZERS = optim.OPTIMIZERS + ("traced",)
 # Recipe(optimizer="traced"): each trial's optimizer is TRACED_OPTIMIZERS[hparams["optimizer_index"]], so trials
 # with different optimizers share one compiled program (a BO batch compiles once per GRU width, not per pair).
 TRACED_OPTIMIZERS = ("adamw", "sgd", "rmsprop")
@@ -120,7 +121,8 @@ class EnsembleResult:
 
 
 def _optimizer(recipe: Recipe, hp: dict, steps_per_epoch: int) -> optax.GradientTransformation:
-    """Builds the optax transformation with traced hyper-parameters (inside the traced program)."""
+    """Returns `optim.make` of the recipe's optimizer with the trial's traced hyper-parameters and the recipe's
+    schedule (linear warm-up then cosine decay of the peak rate, or constant); "traced": `optim.select`."""
     total = recipe.num_epochs * steps_per_epoch
     if recipe.schedule == "warmup_cosine":
         shape = optax.warmup_cosine_decay_schedule(0.0, 1.0, recipe.warmup_epochs * steps_per_epoch,
@@ -129,31 +131,9 @@ def _optimizer(recipe: Recipe, hp: dict, steps_per_epoch: int) -> optax.Gradient
     else:
         lr = lambda count: hp["learning_rate"]  # noqa: E731
     if recipe.optimizer == "traced":
-        return _select_optimizer([_optimizer(dataclasses.replace(recipe, optimizer=name), hp, steps_per_epoch)
-                                  for name in TRACED_OPTIMIZERS], hp["optimizer_index"])
-    if recipe.optimizer == "adamw":
-        return optax.adamw(lr, weight_decay=hp["weight_decay"])
-    decay = optax.add_decayed_weights(hp["weight_decay"])  # coupled L2 for the papers' optimizers
-    if recipe.optimizer == "adam":  # Keras defaults
-        return optax.chain(decay, optax.adam(lr, b1=0.9, b2=0.999, eps=1e-7))
-    if recipe.optimizer == "sgd":   # Keras SGD: v = m·v − lr·g; momentum 0 is plain SGD
-        return optax.chain(decay, optax.sgd(lr, momentum=hp["momentum"]))
-    return optax.chain(decay, optax.rmsprop(lr, decay=0.9, eps=1e-7, eps_in_sqrt=False, momentum=hp["momentum"]))
-
-
-def _select_optimizer(txs: list, index) -> optax.GradientTransformation:
-    """Runs every transformation of `txs` and applies the updates of txs[index] (index traced). The others' states
-    advance too but never touch the parameters, so the result equals running txs[index] alone; their cost is a
-    few elementwise passes over the parameters per step."""
-    def init(params):
-        return tuple(tx.init(params) for tx in txs)
-
-    def update(grads, state, params=None):
-        outs = [tx.update(grads, s, params) for tx, s in zip(txs, state)]
-        updates = jax.tree.map(lambda *us: jnp.select([index == i for i in range(len(us))], us), *[u for u, _ in outs])
-        return updates, tuple(s for _, s in outs)
-
-    return optax.GradientTransformation(init, update)
+        return optim.select([_optimizer(dataclasses.replace(recipe, optimizer=name), hp, steps_per_epoch)
+                             for name in TRACED_OPTIMIZERS], hp["optimizer_index"])
+    return optim.make(recipe.optimizer, lr, weight_decay=hp["weight_decay"], momentum=hp["momentum"])
 
 
 def _rates(hp: dict) -> dict:
@@ -223,15 +203,15 @@ def make_train(recipe: Recipe, head, num_classes: int, mesh=None) -> Callable:
         val_nll = metrics.nll(y_val, probs_nk)
         val_acc = jnp.mean(jnp.argmax(probs_nk, -1) == y_val)
         score = -val_nll if r.monitor == "val_nll" else val_acc
-        improved = s.active & (score > s.best_score)
-        bad = jnp.where(improved, 0, s.bad_epochs + s.active.astype(jnp.int32))
+        improved, best_score, bad, active = optim.early_stopping(score, s.best_score, s.bad_epochs, s.active,
+                                                                 r.patience)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(s.active, a, b), new, old)  # noqa: E731
         record = lambda h, val: h.at[epoch].set(jnp.where(s.active, val, jnp.nan))  # noqa: E731
         return MemberState(
             params=keep(params, s.params), opt_state=keep(opt_state, s.opt_state),
             best_params=jax.tree.map(lambda a, b: jnp.where(improved, a, b), params, s.best_params),
-            best_score=jnp.where(improved, score, s.best_score), best_epoch=jnp.where(improved, epoch, s.best_epoch),
-            bad_epochs=bad, active=s.active & (bad < r.patience), key=key,
+            best_score=best_score, best_epoch=jnp.where(improved, epoch, s.best_epoch),
+            bad_epochs=bad, active=active, key=key,
             history=dict(train_loss=record(s.history["train_loss"], loss_s.mean()),
                          train_acc=record(s.history["train_acc"], acc_s.mean()),
                          val_loss=record(s.history["val_loss"], val_nll), val_acc=record(s.history["val_acc"], val_acc)))
@@ -300,15 +280,18 @@ def _await_all_processes(timeout_s: int = 3600) -> None:
 
 
 def fit(recipe: Recipe, head, num_classes: int, train_x, train_y, val_x, val_y, hparams: dict | list[dict],
-        seed: int = 0, mesh=None) -> EnsembleResult:
+        seed: int = 0, mesh=None, views: bool | None = None) -> EnsembleResult:
     """Trains one (dict) or T (list) hyper-parameter settings; returns the T×M (or M) `EnsembleResult`.
 
-    train_x: V×N×T×C (or N×T×C, one view); val_x likewise. Member keys derive from `seed` alone, the same for
-    every trial (common random numbers): trials differ only by their hyper-parameters.
+    train_x: V×N×... head inputs of V views (views=True) or N×... of one view (views=False); views=None takes
+    rank 3 (N×T×C sequences) as one view and anything else as V×N×...; val_x likewise. Member keys derive
+    from `seed` alone, the same for every trial (common random numbers): trials differ only by their
+    hyper-parameters.
     """
     single = isinstance(hparams, dict)
     hps = [hparams] if single else list(hparams)
-    as_views = lambda x: _features(x)[None] if np.ndim(x) == 3 else _features(x)  # noqa: E731
+    one_view = (lambda x: np.ndim(x) == 3) if views is None else (lambda x: not views)  # noqa: E731
+    as_views = lambda x: _features(x)[None] if one_view(x) else _features(x)  # noqa: E731
     data = dict(train_x=as_views(train_x), train_y=jnp.asarray(train_y, jnp.int32),
                 val_x=as_views(val_x), val_y=jnp.asarray(val_y, jnp.int32))
     keys_t = jnp.broadcast_to(jax.random.PRNGKey(seed), (len(hps), 2))
