@@ -52,7 +52,8 @@ import numpy as np
 
 from experiments import common
 from experiments.common import field
-from leukax import fusion, metrics, plots, uncertainty
+from leukax import bundle as bundle_lib
+from leukax import calibration, fusion, metrics, plots, uncertainty
 from leukax.augment import augment_paper1
 from leukax.data import load_arrays
 from leukax.models.classifier import Classifier
@@ -60,6 +61,7 @@ from leukax.models import registry as model_registry
 from leukax.models.heads import make_head
 from leukax.train import bayes, compiled, recipe
 from leukax.train.ensemble import TrainConfig, make_train
+from leukax.data.splits import repeated_holdout
 from leukax.train.views import view_features
 
 # Akter et al. 2024, as reported in the paper (their protocol: a random per-image split, i.e. `--leaky`).
@@ -122,6 +124,12 @@ class Config:
     referral_accuracy: float = field(0.95, "Refer above the largest entropy cut whose validation accuracy reaches "
                                      "this.")
     feature_cache: str | None = field(None, "Folder to keep frozen features as .npy between runs.")
+    groups_csv: str | None = field(None, "--dataset=image_folder: CSV with columns file,subject (default: "
+                                   "<manual_dir>/subjects.csv when present); splits keep a subject on one side.")
+    save_model: bool = field(True, "After cross-validation, train the final fused model on all images (grouped "
+                             "validation part) and save it to <out_dir>/model for leukax.predict and leukax.app.")
+    ood_alpha: float = field(0.05, "The saved model's mutual-information and OOD rules refer at most this fraction "
+                             "of in-distribution cells (conformal quantile of validation scores).")
     seed: int = field(0, "Seed of everything.")
 
 
@@ -229,6 +237,11 @@ def run(cfg: Config) -> dict:
     unknown = set(kinds) - set(recipe.HEAD_KINDS)
     if unknown:
         raise common.InputError(f"experiments/hybrid_gru.py: --heads: unknown {sorted(unknown)}; known {recipe.HEAD_KINDS}")
+    if cfg.save_model and (cfg.mode != "head" or cfg.head == "probe"):
+        raise common.InputError(f"experiments/hybrid_gru.py: --save_model needs --mode=head and a trained head "
+                                f"(--head={cfg.head}, --mode={cfg.mode}); pass --nosave_model")
+    if cfg.groups_csv and cfg.dataset != "image_folder":
+        raise common.InputError("experiments/hybrid_gru.py: --groups_csv is for --dataset=image_folder")
     if cfg.hparams == "paper" and set(cfg.backbones) - set(recipe.PAPER_TABLE2):
         raise common.InputError(f"experiments/hybrid_gru.py: --hparams=paper: Table 2 has no row for "
                                 f"{sorted(set(cfg.backbones) - set(recipe.PAPER_TABLE2))}; use --hparams=recipe")
@@ -237,9 +250,14 @@ def run(cfg: Config) -> dict:
             model_registry.get_spec(name)
         except KeyError as e:
             raise common.InputError(f"experiments/hybrid_gru.py: --backbones: {e.args[0]}") from None
-    ds = load_arrays(cfg.dataset, cfg.image_size or 224, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir)
+    ds = load_arrays(cfg.dataset, cfg.image_size or 224, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir,
+                     **_data_kwargs(cfg))
     splits = common.make_splits(cfg.protocol, np.asarray(ds.labels), ds.groups, list(ds.class_names), folds=cfg.folds,
                                 repeats=cfg.repeats, val_fraction=cfg.val_fraction, seed=cfg.seed, leaky=cfg.leaky)
+    smallest = min(len(s.train) for s in splits)
+    if cfg.mode == "head" and smallest < cfg.batch_size:
+        raise common.InputError(f"experiments/hybrid_gru.py: a training part holds only {smallest} images, fewer "
+                                f"than --batch_size={cfg.batch_size}; lower --batch_size or --folds, or add images")
     for sub in ("figures", "splits"):
         (out / sub).mkdir(parents=True, exist_ok=True)
 
@@ -249,7 +267,7 @@ def run(cfg: Config) -> dict:
         module, variables, spec, record = common.load_backbone(
             name, cfg.weights, cfg.weights_dir, cfg.b3_substitute if name == "efficientnet_b3" else "", cfg.seed)
         size = cfg.image_size or spec.input_size
-        ds = load_arrays(cfg.dataset, size, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir)
+        ds = load_arrays(cfg.dataset, size, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir, **_data_kwargs(cfg))
         inputs = ds.images if cfg.mode == "finetune" else view_features(
             module, variables, ds.images, spec.normalization, cfg.views, cfg.num_affine, cfg.seed,
             cache_dir=cfg.feature_cache, cache_tag=f"{cfg.dataset}_{record['used']}_{size}")
@@ -310,6 +328,20 @@ def run(cfg: Config) -> dict:
     main = {h: oof[(h, cfg.head)][oof_mask] for h in [x["name"] for x in hybrids] + ["fused"]}
     _figures(out / "figures", labels[oof_mask], main, names, history0)
 
+    t_final = time.perf_counter()
+    model_dir = None
+    if cfg.save_model:
+        cv = {"accuracy": results["fused"][cfg.head]["test_mean_std"]["accuracy"],
+              "macro_f1" if k > 2 else "binary.f1": results["fused"][cfg.head]["test_mean_std"][common.metric_keys(k)[3]],
+              "ece_after_temperature": results["fused"][cfg.head]["calibration_mean_std"]["ece_after"],
+              "protocol": splits[0].protocol, "splits": len(splits)}
+        data = dict(dataset=cfg.dataset, manual_dir=cfg.manual_dir, n=len(labels), counts=ds.counts)
+        model_dir = save_final_model(cfg, hybrids, ds, out / "model", dict(
+            data=data, commit=env["commit"], cv_fused_test=cv, command=common.command_line("experiments.hybrid_gru", cfg)))
+        print(f"hybrid_gru: saved the fused model to {model_dir}/ (python -m leukax.predict --model {model_dir} "
+              f"--images <folder>)", flush=True)
+    t_final = time.perf_counter() - t_final
+
     metrics_json = dict(
         study="Akter et al. 2024: hybrid CNN-GRU deep ensembles, sum-rule fusion (with linear/dense baselines, "
               "views + TTA, temperature scaling)",
@@ -323,13 +355,83 @@ def run(cfg: Config) -> dict:
         per_hybrid={h["name"]: results[h["name"]] for h in hybrids}, fused=results["fused"],
         paper_reported=PAPER_REPORTED,
         referral_rule=f"refer if predictive entropy > threshold whose validation accuracy >= {cfg.referral_accuracy}",
-        timing_s=dict(total=time.perf_counter() - t_start, features=t_features, training=t_train),
+        saved_model=str(model_dir) if model_dir else None,
+        timing_s=dict(total=time.perf_counter() - t_start, features=t_features, training=t_train,
+                      final_model=t_final),
         environment=env, command=common.command_line("experiments.hybrid_gru", cfg))
     (out / "metrics.json").write_text(json.dumps(metrics_json, indent=2))
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     print(summary_table(metrics_json))
     print(f"hybrid_gru: wrote {out}/ in {metrics_json['timing_s']['total']:.0f} s")
     return metrics_json
+
+
+def _data_kwargs(cfg) -> dict:
+    """Builder arguments beyond the dataset's name (image_folder's subjects CSV)."""
+    return {"groups_csv": cfg.groups_csv} if cfg.groups_csv else {}
+
+
+def save_final_model(cfg, hybrids: list[dict], ds, model_dir, provenance: dict) -> pathlib.Path:
+    """Trains every hybrid's `--head` ensemble on all images (a grouped validation part of `--val_fraction` for
+    early stopping) and saves ONE fused bundle (`leukax.bundle.save_fused`). On the validation part, for the
+    fused ensemble (sum rule = mean of all H·M members): the temperature T (`calibration.fit_temperature`), the
+    entropy referral threshold (`--referral_accuracy`), and conformal thresholds (`--ood_alpha`) on the mutual
+    information and on the mean over hybrids of the Mahalanobis OOD scores; each hybrid's sub-bundle gets
+    its own thresholds the same way, so it can be used alone."""
+    labels, k = np.asarray(ds.labels), len(ds.class_names)
+    split = repeated_holdout(labels, ds.groups, test_fraction=0.0, val_fraction=cfg.val_fraction, repeats=1,
+                             seed=cfg.seed, class_names=ds.class_names)[0]
+    split.check_disjoint(ds.groups)
+    y_va = labels[split.val]
+    subs, probs_va, ood_va = {}, [], []
+    for h in hybrids:
+        views = h["inputs"]
+        tf = recipe.fit_transform(views[:, split.train], cfg.feature_dim, seed=cfg.seed)
+        tr, va = tf.apply(views[:, split.train]), tf.apply(views[:, split.val])
+        rcp, hp, units, source = split_hparams(cfg, h["name"], tr, va, split, labels, k,
+                                               pathlib.Path(model_dir).parent / "bo" / "final")
+        if cfg.head != "gru":
+            rcp, hp = dataclasses.replace(rcp, optimizer="adamw", schedule="warmup_cosine"), compiled.default_hparams()
+        head = recipe.make_model(cfg.head, k, units, cfg.hidden, order=cfg.order)
+        res = compiled.fit(rcp, head, k, tr, labels[split.train], va, y_va, hp, seed=cfg.seed + 999)
+        p_va = np.asarray(compiled.make_predict(head)(res.params, jnp.asarray(va, jnp.float32)))
+        pooled = lambda idx: tf.standardize(views[:, idx]).mean((0, 2))  # noqa: E731  (N×C, as predict pools)
+        ood_model = uncertainty.fit_mahalanobis(pooled(split.train), labels[split.train], k)
+        ood = np.asarray(uncertainty.mahalanobis_score(ood_model, jnp.asarray(pooled(split.val))))
+        thr = _thresholds(cfg, p_va, y_va, ood)
+        spec = h["spec"]
+        head_kwargs = (dict(units=units, hidden=cfg.hidden, dropout=0.0, order=cfg.order) if cfg.head == "gru"
+                       else dict(features=256, dropout=0.0) if cfg.head == "dense" else {})
+        weights = cfg.weights if cfg.weights not in ("none", "random", "") else "none"
+        bb_kwargs = ({"weights_dir": cfg.weights_dir} if cfg.weights_dir and weights != "none" else {}) | (
+            {"seed": cfg.seed} if weights == "none" else {})
+        bcfg = bundle_lib.BundleConfig(
+            backbone=h["record"]["used"], weights=weights, image_size=h["record"]["image_size"],
+            normalization=spec.normalization, head=cfg.head, head_kwargs=head_kwargs,
+            class_names=list(ds.class_names), mode="head", num_members=cfg.members, views=cfg.views,
+            backbone_kwargs=bb_kwargs, provenance=dict(provenance, hybrid=h["record"], hparams=source), **thr)
+        transform = {"mean_c": tf.mean_c, "std_c": tf.std_c, **({"proj_cd": tf.proj_cd} if tf.proj_cd is not None else {})}
+        subs[h["name"]] = (bcfg, {"params": res.params, "transform": transform, "ood": ood_model})
+        probs_va.append(p_va)
+        ood_va.append(ood)
+    fused_va_mnk = np.concatenate(probs_va, 0)  # sum rule = mean of all H·M members (equal M)
+    fcfg = bundle_lib.FusedConfig(
+        hybrids=list(subs), class_names=list(ds.class_names), image_sizes=[c.image_size for c, _ in subs.values()],
+        fusion="sum", num_members=cfg.members, provenance=dict(provenance, validation_n=int(len(split.val))),
+        **_thresholds(cfg, fused_va_mnk, y_va, np.mean(np.stack(ood_va), 0)))
+    return bundle_lib.save_fused(model_dir, fcfg, subs)
+
+
+def _thresholds(cfg, probs_val_mnk, labels_val, ood_val_n) -> dict:
+    """Returns the bundle's temperature and referral thresholds, all fitted on the validation part."""
+    ens = uncertainty.deep_ensemble(jnp.asarray(probs_val_mnk))
+    t = calibration.fit_temperature(jnp.asarray(labels_val, jnp.int32), ens["mean"])
+    ref = uncertainty.fit_referral_threshold(np.asarray(ens["predictive_entropy"]),
+                                             np.asarray(ens["pred"]) == labels_val, "accuracy", cfg.referral_accuracy)
+    return dict(temperature=float(t), uncertainty="predictive_entropy",
+                referral_threshold=float(ref) if np.isfinite(ref) else None,
+                mi_threshold=uncertainty.conformal_threshold(ens["mutual_information"], cfg.ood_alpha),
+                ood_threshold=uncertainty.conformal_threshold(ood_val_n, cfg.ood_alpha))
 
 
 def _record(d: dict, y_va, p_va, y_te, p_te, names, cfg, hparams) -> None:
