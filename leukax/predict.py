@@ -188,6 +188,39 @@ def _load_fused(directory: pathlib.Path, cfg: bundle_lib.FusedConfig) -> Callabl
     return probs_fn
 
 
+def load_gradcam(directory) -> tuple[int, Callable] | None:
+    """Returns (input size, fn) where fn(uint8 N×S×S×3, class_index N) -> Grad-CAM heatmaps N×S×S in [0, 1]
+    (`leukax.gradcam`) of member 0 of the bundle's (for a fused bundle: its first hybrid's) backbone + feature
+    transform + head; None for a finetune-mode bundle."""
+    from leukax.gradcam import gradcam_classifier
+    from leukax.train.recipe import TransformedHead
+    directory = pathlib.Path(directory)
+    top = bundle_lib.read_config(directory)
+    if isinstance(top, bundle_lib.FusedConfig):
+        directory = directory / "hybrids" / top.hybrids[0]
+    cfg, variables_m = bundle_lib.load(directory)
+    if cfg.mode != "head":
+        return None
+    weights = None if cfg.weights in (None, "none") else cfg.weights
+    backbone, bb_vars, _ = pretrained(cfg.backbone, weights=weights, **cfg.backbone_kwargs)
+    head = make_head(cfg.head, len(cfg.class_names), **cfg.head_kwargs)
+    member0 = jax.tree.map(lambda a: jnp.asarray(a[0]), variables_m["params"])
+    tf = variables_m.get("transform")
+    if tf is None:
+        model, head_vars = Classifier(backbone, head), member0
+    else:
+        proj = tf.get("proj_cd")
+        model = Classifier(backbone, TransformedHead(head, int(tf["mean_c"].shape[0]), 0 if proj is None else proj.shape[1]))
+        head_vars = {"head": member0, **{k: jnp.asarray(v) for k, v in tf.items()}}
+    variables = {"params": {"backbone": bb_vars["params"], "head": head_vars},
+                 "batch_stats": {"backbone": bb_vars.get("batch_stats", {})}}
+
+    def fn(images_nhwc, class_index):
+        x = normalize(jnp.asarray(images_nhwc), cfg.normalization)
+        return np.asarray(gradcam_classifier(model, variables, x, jnp.asarray(class_index, jnp.int32)))
+    return cfg.image_size, fn
+
+
 # ------------------------------------------------------------------------------------- per-image rows
 def columns(cfg: bundle_lib.BundleConfig) -> list[str]:
     """The output columns, in order (the same for ok and error rows)."""
@@ -219,13 +252,20 @@ def measure(cfg: bundle_lib.BundleConfig) -> str:
     return _MEASURE_ALIASES.get(cfg.uncertainty, cfg.uncertainty)
 
 
-def refer(cfg: bundle_lib.BundleConfig, unc_row: dict[str, float]) -> bool:
-    """The referral rule: refer to an expert when the bundle's uncertainty measure is above its threshold, or
-    the members disagree (mutual information, the epistemic part) above theirs, or the image is far from every
-    training class (Mahalanobis OOD score above its threshold). All thresholds were fitted on validation data."""
-    rules = ((cfg.referral_threshold, unc_row[measure(cfg)]), (cfg.mi_threshold, unc_row["mutual_information"]),
-             (cfg.ood_threshold, unc_row["ood_score"]))
-    return any(thr is not None and val is not None and np.isfinite(val) and val > thr for thr, val in rules)
+def referral_reasons(cfg, unc_row: dict[str, float]) -> list[str]:
+    """The referral rule, with its reasons: refer to an expert when the bundle's uncertainty measure is above its
+    threshold, or the members disagree (mutual information, the epistemic part) above theirs, or the image is
+    far from every training class (Mahalanobis OOD score above its threshold). All thresholds were fitted on
+    validation data. Returns one "<column> <value> > <threshold>" per rule that fires (empty: no referral)."""
+    rules = ((measure(cfg), cfg.referral_threshold), ("mutual_information", cfg.mi_threshold),
+             ("ood_score", cfg.ood_threshold))
+    return [f"{col} {unc_row[col]:.3g} > {thr:.3g}" for col, thr in rules
+            if thr is not None and unc_row[col] is not None and np.isfinite(unc_row[col]) and unc_row[col] > thr]
+
+
+def refer(cfg, unc_row: dict[str, float]) -> bool:
+    """True when any referral rule fires (`referral_reasons`)."""
+    return bool(referral_reasons(cfg, unc_row))
 
 
 def ok_row(cfg, file, mean_k: np.ndarray, pred: int, unc_row: dict[str, float], size: str) -> dict:
