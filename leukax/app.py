@@ -124,7 +124,8 @@ def _page(body: str, predictor: Predictor) -> str:
             f"a research tool, not a medical device</p></header><main>{body}"
             f"<p class='foot'>Model: {html.escape(predictor.model_dir)}. REFER means: send this cell to a "
             f"haematologist (uncertainty or out-of-distribution score above a threshold fitted on validation "
-            f"data). Grad-CAM: where member 0 of the first hybrid looked for the predicted class.</p>"
+            f"data). Grad-CAM: where ensemble member 0 (of the first hybrid, in a fused model) looked for the "
+            f"predicted class.</p>"
             f"</main></body></html>")
 
 
@@ -158,7 +159,7 @@ def _card(cfg, row: dict, view: dict) -> str:
     if "gradcam" in view:
         figs += f"<figure><img src='{view['gradcam']}' alt='Grad-CAM'><figcaption>Grad-CAM</figcaption></figure>"
     return (f"<div class='card'>{figs}<div class='info'><h2>{name}</h2><div class='pred'>"
-            f"{html.escape(row['prediction'])}{badge}</div><div class='reason'>{html.escape(reason)}</div>"
+            f"<span class='cls'>{html.escape(row['prediction'])}</span> {badge}</div><div class='reason'>{html.escape(reason)}</div>"
             f"<table class='p'>{probs}</table><table class='u'>{u}</table></div></div>")
 
 

@@ -193,7 +193,8 @@ def test_in_headless_chromium(server, model_dir, tmp_path):
         for card, row in zip(cards, rows):
             t = card.text
             badge = "REFER" if row["refer"] else "OK"
-            assert card.find_element(By.CSS_SELECTOR, ".pred").text.split() == [row["prediction"], badge]
+            assert card.find_element(By.CSS_SELECTOR, ".pred .cls").text == row["prediction"]
+            assert card.find_element(By.CSS_SELECTOR, ".pred .badge").text == badge
             assert f"{row['p_hem']:.3f}" in t and f"{row['p_all']:.3f}" in t
             assert f"{row['mutual_information']:.3f}" in t and f"{row['variance']:.3f}" in t
             assert len(card.find_elements(By.TAG_NAME, "img")) == 2  # the cell and its Grad-CAM overlay

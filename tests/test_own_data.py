@@ -11,7 +11,6 @@ import sys
 import numpy as np
 import pytest
 import tifffile
-from PIL import Image
 
 from experiments import common, hybrid_gru
 from leukax import bundle as bundle_lib
