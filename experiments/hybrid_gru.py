@@ -7,6 +7,8 @@ Command:   python -m experiments.hybrid_gru                          (writes res
            python -m experiments.hybrid_gru --hparams=paper                   (Table 2 per backbone, whole)
            python -m experiments.hybrid_gru --hparams=bo --bo_trials=30       (batched BO on validation only)
            python -m experiments.hybrid_gru --protocol=paper_80_20 --leaky     (the paper's own split)
+           python -m experiments.hybrid_gru --dataset=image_folder --manual_dir=<one subfolder per class>
+                                                                               (a lab's own cells; subjects.csv optional)
 Runtime:   (2 CPU cores, AVX2 EPYC, quiet, 2026-12-02, commits fd84b3b / 6786b30; every run writes its times to
            metrics.json → timing_s)
            - PBC, 320 cells, 3 backbones × 5 folds, heads probe + GRU (M = 5): 8.4 min of training (505 s); the
@@ -37,6 +39,9 @@ What it does (head mode, the default; `--mode=finetune` trains backbone + GRU en
 5. fuses the backbones' `--head` ensembles with the sum rule (and every other head kind likewise); reports
    per head and fused test metrics as mean ± std over splits, before/after temperature scaling, deep-ensemble
    uncertainty (Akter's two-term variance) and referral, with the paper's reported numbers beside ours.
+6. (`--save_model`, on by default) trains every hybrid's `--head` ensemble once more on all images, with a grouped
+   validation part for early stopping, temperature and referral thresholds, and saves ONE fused bundle to
+   <out_dir>/model (`save_final_model`) for `python -m leukax.predict` and `python -m leukax.app`.
 `--hparams=paper` applies the whole of Table 2 per backbone (units, optimizer, learning rate, momentum,
 dropout; constant learning rate, no label smoothing, no weight decay) to the GRU head.
 """
@@ -237,9 +242,10 @@ def run(cfg: Config) -> dict:
     unknown = set(kinds) - set(recipe.HEAD_KINDS)
     if unknown:
         raise common.InputError(f"experiments/hybrid_gru.py: --heads: unknown {sorted(unknown)}; known {recipe.HEAD_KINDS}")
-    if cfg.save_model and (cfg.mode != "head" or cfg.head == "probe"):
-        raise common.InputError(f"experiments/hybrid_gru.py: --save_model needs --mode=head and a trained head "
-                                f"(--head={cfg.head}, --mode={cfg.mode}); pass --nosave_model")
+    save_model = cfg.save_model and cfg.mode == "head" and cfg.head != "probe"
+    if cfg.save_model and not save_model:
+        print(f"hybrid_gru: no model will be saved: bundles hold head-mode ensembles (--mode={cfg.mode}, "
+              f"--head={cfg.head})", flush=True)
     if cfg.groups_csv and cfg.dataset != "image_folder":
         raise common.InputError("experiments/hybrid_gru.py: --groups_csv is for --dataset=image_folder")
     if cfg.hparams == "paper" and set(cfg.backbones) - set(recipe.PAPER_TABLE2):
@@ -330,7 +336,7 @@ def run(cfg: Config) -> dict:
 
     t_final = time.perf_counter()
     model_dir = None
-    if cfg.save_model:
+    if save_model:
         cv = {"accuracy": results["fused"][cfg.head]["test_mean_std"]["accuracy"],
               "macro_f1" if k > 2 else "binary.f1": results["fused"][cfg.head]["test_mean_std"][common.metric_keys(k)[3]],
               "ece_after_temperature": results["fused"][cfg.head]["calibration_mean_std"]["ece_after"],
