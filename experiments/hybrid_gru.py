@@ -7,6 +7,8 @@ Command:   python -m experiments.hybrid_gru                          (writes res
            python -m experiments.hybrid_gru --hparams=paper                   (Table 2 per backbone, whole)
            python -m experiments.hybrid_gru --hparams=bo --bo_trials=30       (batched BO on validation only)
            python -m experiments.hybrid_gru --protocol=paper_80_20 --leaky     (the paper's own split)
+           python -m experiments.hybrid_gru --dataset=image_folder --manual_dir=<one subfolder per class>
+                                                                               (a lab's own cells; subjects.csv optional)
 Runtime:   (2 CPU cores, AVX2 EPYC, quiet, 2026-12-02, commits fd84b3b / 6786b30; every run writes its times to
            metrics.json → timing_s)
            - PBC, 320 cells, 3 backbones × 5 folds, heads probe + GRU (M = 5): 8.4 min of training (505 s); the
@@ -37,6 +39,9 @@ What it does (head mode, the default; `--mode=finetune` trains backbone + GRU en
 5. fuses the backbones' `--head` ensembles with the sum rule (and every other head kind likewise); reports
    per head and fused test metrics as mean ± std over splits, before/after temperature scaling, deep-ensemble
    uncertainty (Akter's two-term variance) and referral, with the paper's reported numbers beside ours.
+6. (`--save_model`, on by default) trains every hybrid's `--head` ensemble once more on all images, with a grouped
+   validation part for early stopping, temperature and referral thresholds, and saves ONE fused bundle to
+   <out_dir>/model (`save_final_model`) for `python -m leukax.predict` and `python -m leukax.app`.
 `--hparams=paper` applies the whole of Table 2 per backbone (units, optimizer, learning rate, momentum,
 dropout; constant learning rate, no label smoothing, no weight decay) to the GRU head.
 """
@@ -52,13 +57,15 @@ import numpy as np
 
 from experiments import common
 from experiments.common import field
-from leukax import fusion, metrics, plots, records, uncertainty
+from leukax import bundle as bundle_lib
+from leukax import calibration, fusion, metrics, plots, records, uncertainty
 from leukax.augment import augment_paper1
 from leukax.data import load_arrays, load_index
 from leukax.models.classifier import Classifier
 from leukax.models import registry as model_registry
 from leukax.models.heads import make_head
 from leukax.train import bayes, compiled, recipe
+from leukax.data.splits import repeated_holdout
 from leukax.train import features
 from leukax.train.finetune import TrainConfig, make_train
 from leukax.train.views import stream_view_features
@@ -125,6 +132,12 @@ class Config:
     feature_cache: str | None = field(None, "Folder to keep frozen features (float16 .npy, resumable) between runs; "
                                       "unset = a temporary folder deleted at the end.")
     quiet: bool = field(False, "No progress bars or per-phase lines on stderr.")
+    groups_csv: str | None = field(None, "--dataset=image_folder: CSV with columns file,subject (default: "
+                                   "<manual_dir>/subjects.csv when present); splits keep a subject on one side.")
+    save_model: bool = field(True, "After cross-validation, train the final fused model on all images (grouped "
+                             "validation part) and save it to <out_dir>/model for leukax.predict and leukax.app.")
+    ood_alpha: float = field(0.05, "The saved model's mutual-information and OOD rules refer at most this fraction "
+                             "of in-distribution cells (conformal quantile of validation scores).")
     seed: int = field(0, "Seed of everything.")
 
 
@@ -233,6 +246,12 @@ def run(cfg: Config) -> dict:
     unknown = set(kinds) - set(recipe.HEAD_KINDS)
     if unknown:
         raise common.InputError(f"experiments/hybrid_gru.py: --heads: unknown {sorted(unknown)}; known {recipe.HEAD_KINDS}")
+    save_model = cfg.save_model and cfg.mode == "head" and cfg.head != "probe"
+    if cfg.save_model and not save_model:
+        print(f"hybrid_gru: no model will be saved: bundles hold head-mode ensembles (--mode={cfg.mode}, "
+              f"--head={cfg.head})", flush=True)
+    if cfg.groups_csv and cfg.dataset != "image_folder":
+        raise common.InputError("experiments/hybrid_gru.py: --groups_csv is for --dataset=image_folder")
     if cfg.hparams == "paper" and set(cfg.backbones) - set(recipe.PAPER_TABLE2):
         raise common.InputError(f"experiments/hybrid_gru.py: --hparams=paper: Table 2 has no row for "
                                 f"{sorted(set(cfg.backbones) - set(recipe.PAPER_TABLE2))}; use --hparams=recipe")
@@ -243,10 +262,15 @@ def run(cfg: Config) -> dict:
             raise common.InputError(f"experiments/hybrid_gru.py: --backbones: {e.args[0]}") from None
     # Head mode streams the images from the TFDS source (labels, groups and names in memory, no pixels);
     # finetune mode trains on them in memory.
-    ds = (load_index(cfg.dataset, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir) if cfg.mode == "head" else
-          load_arrays(cfg.dataset, cfg.image_size or 224, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir))
+    ds = (load_index(cfg.dataset, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir, **_data_kwargs(cfg))
+          if cfg.mode == "head" else load_arrays(cfg.dataset, cfg.image_size or 224, data_dir=cfg.data_dir,
+                                                 manual_dir=cfg.manual_dir, **_data_kwargs(cfg)))
     splits = common.make_splits(cfg.protocol, np.asarray(ds.labels), ds.groups, list(ds.class_names), folds=cfg.folds,
                                 repeats=cfg.repeats, val_fraction=cfg.val_fraction, seed=cfg.seed, leaky=cfg.leaky)
+    smallest = min(len(s.train) for s in splits)
+    if cfg.mode == "head" and smallest < cfg.batch_size:
+        raise common.InputError(f"experiments/hybrid_gru.py: a training part holds only {smallest} images, fewer "
+                                f"than --batch_size={cfg.batch_size}; lower --batch_size or --folds, or add images")
     for sub in ("figures", "splits"):
         (out / sub).mkdir(parents=True, exist_ok=True)
 
@@ -258,7 +282,8 @@ def run(cfg: Config) -> dict:
             name, cfg.weights, cfg.weights_dir, cfg.b3_substitute if name == "efficientnet_b3" else "", cfg.seed)
         size = cfg.image_size or spec.input_size
         if cfg.mode == "finetune":
-            inputs = load_arrays(cfg.dataset, size, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir).images
+            inputs = load_arrays(cfg.dataset, size, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir,
+                                 **_data_kwargs(cfg)).images
         else:  # V×N×T×C float16 on disk, extracted batch by batch (resumable), read a few images at a time
             key = features.stream_key(module, variables, spec.normalization, ds.fingerprint, size, cfg.views,
                                       cfg.num_affine, cfg.seed, "float16")
@@ -328,6 +353,20 @@ def run(cfg: Config) -> dict:
     main = {h: oof[(h, cfg.head)][oof_mask] for h in [x["name"] for x in hybrids] + ["fused"]}
     _figures(out / "figures", labels[oof_mask], main, names, history0)
 
+    t_final = time.perf_counter()
+    model_dir = None
+    if save_model:
+        cv = {"accuracy": results["fused"][cfg.head]["test_mean_std"]["accuracy"],
+              "macro_f1" if k > 2 else "binary.f1": results["fused"][cfg.head]["test_mean_std"][common.metric_keys(k)[3]],
+              "ece_after_temperature": results["fused"][cfg.head]["calibration_mean_std"]["ece_after"],
+              "protocol": splits[0].protocol, "splits": len(splits)}
+        data = dict(dataset=cfg.dataset, manual_dir=cfg.manual_dir, n=len(labels), counts=ds.counts)
+        model_dir = save_final_model(cfg, hybrids, ds, out / "model", dict(
+            data=data, commit=env["commit"], cv_fused_test=cv, command=common.command_line("experiments.hybrid_gru", cfg)))
+        print(f"hybrid_gru: saved the fused model to {model_dir}/ (python -m leukax.predict --model {model_dir} "
+              f"--images <folder>)", flush=True)
+    t_final = time.perf_counter() - t_final
+
     metrics_json = dict(
         study="Akter et al. 2024: hybrid CNN-GRU deep ensembles, sum-rule fusion (with linear/dense baselines, "
               "views + TTA, temperature scaling)",
@@ -341,7 +380,9 @@ def run(cfg: Config) -> dict:
         per_hybrid={h["name"]: results[h["name"]] for h in hybrids}, fused=results["fused"],
         paper_reported=PAPER_REPORTED,
         referral_rule=f"refer if predictive entropy > threshold whose validation accuracy >= {cfg.referral_accuracy}",
-        timing_s=dict(total=time.perf_counter() - t_start, features=t_features, training=t_train),
+        saved_model=str(model_dir) if model_dir else None,
+        timing_s=dict(total=time.perf_counter() - t_start, features=t_features, training=t_train,
+                      final_model=t_final),
         peak_rss_mb=common.peak_rss_mb(),
         environment=env, command=common.command_line("experiments.hybrid_gru", cfg))
     records.write_json(out / "metrics.json", metrics_json)
@@ -351,6 +392,74 @@ def run(cfg: Config) -> dict:
           f"{metrics_json['peak_rss_mb']:.0f} MB)")
     scratch.cleanup()
     return metrics_json
+
+
+def _data_kwargs(cfg) -> dict:
+    """Builder arguments beyond the dataset's name (image_folder's subjects CSV)."""
+    return {"groups_csv": cfg.groups_csv} if cfg.groups_csv else {}
+
+
+def save_final_model(cfg, hybrids: list[dict], ds, model_dir, provenance: dict) -> pathlib.Path:
+    """Trains every hybrid's `--head` ensemble on all images (a grouped validation part of `--val_fraction` for
+    early stopping) and saves ONE fused bundle (`leukax.bundle.save_fused`). On the validation part, for the
+    fused ensemble (sum rule = mean of all H·M members): the temperature T (`calibration.fit_temperature`), the
+    entropy referral threshold (`--referral_accuracy`), and conformal thresholds (`--ood_alpha`) on the mutual
+    information and on the mean over hybrids of the Mahalanobis OOD scores; each hybrid's sub-bundle gets
+    its own thresholds the same way, so it can be used alone."""
+    labels, k = np.asarray(ds.labels), len(ds.class_names)
+    split = repeated_holdout(labels, ds.groups, test_fraction=0.0, val_fraction=cfg.val_fraction, repeats=1,
+                             seed=cfg.seed, class_names=ds.class_names)[0]
+    split.check_disjoint(ds.groups)
+    y_va = labels[split.val]
+    subs, probs_va, ood_va = {}, [], []
+    for h in hybrids:
+        views = h["inputs"]
+        tf = recipe.fit_transform(views, cfg.feature_dim, seed=cfg.seed, indices=split.train)
+        tr, va = recipe.transform(tf, views, split.train), recipe.transform(tf, views, split.val)
+        rcp, hp, units, source = split_hparams(cfg, h["name"], tr, va, split, labels, k,
+                                               pathlib.Path(model_dir).parent / "bo" / "final")
+        if cfg.head != "gru":
+            rcp, hp = dataclasses.replace(rcp, optimizer="adamw", schedule="warmup_cosine"), compiled.default_hparams()
+        head = recipe.make_model(cfg.head, k, units, cfg.hidden, order=cfg.order)
+        res = compiled.fit(rcp, head, k, tr, labels[split.train], va, y_va, hp, seed=cfg.seed + 999)
+        p_va = np.asarray(compiled.make_predict(head)(res.params, jnp.asarray(va)))
+        pooled = lambda idx: recipe.pooled_standardized(tf, views, idx)  # noqa: E731  (N×C, as predict pools)
+        ood_model = uncertainty.fit_mahalanobis(pooled(split.train), labels[split.train], k)
+        ood = np.asarray(uncertainty.mahalanobis_score(ood_model, jnp.asarray(pooled(split.val))))
+        thr = _thresholds(cfg, p_va, y_va, ood)
+        spec = h["spec"]
+        head_kwargs = (dict(units=units, hidden=cfg.hidden, dropout=0.0, order=cfg.order) if cfg.head == "gru"
+                       else dict(features=256, dropout=0.0) if cfg.head == "dense" else {})
+        weights = cfg.weights if cfg.weights not in ("none", "random", "") else "none"
+        bb_kwargs = ({"weights_dir": cfg.weights_dir} if cfg.weights_dir and weights != "none" else {}) | (
+            {"seed": cfg.seed} if weights == "none" else {})
+        bcfg = bundle_lib.BundleConfig(
+            backbone=h["record"]["used"], weights=weights, image_size=h["record"]["image_size"],
+            normalization=spec.normalization, head=cfg.head, head_kwargs=head_kwargs,
+            class_names=list(ds.class_names), mode="head", num_members=cfg.members, views=cfg.views,
+            backbone_kwargs=bb_kwargs, provenance=dict(provenance, hybrid=h["record"], hparams=source), **thr)
+        transform = {"mean_c": tf.mean_c, "std_c": tf.std_c, **({"proj_cd": tf.proj_cd} if tf.proj_cd is not None else {})}
+        subs[h["name"]] = (bcfg, {"params": res.params, "transform": transform, "ood": ood_model})
+        probs_va.append(p_va)
+        ood_va.append(ood)
+    fused_va_mnk = np.concatenate(probs_va, 0)  # sum rule = mean of all H·M members (equal M)
+    fcfg = bundle_lib.FusedConfig(
+        hybrids=list(subs), class_names=list(ds.class_names), image_sizes=[c.image_size for c, _ in subs.values()],
+        fusion="sum", num_members=cfg.members, provenance=dict(provenance, validation_n=int(len(split.val))),
+        **_thresholds(cfg, fused_va_mnk, y_va, np.mean(np.stack(ood_va), 0)))
+    return bundle_lib.save_fused(model_dir, fcfg, subs)
+
+
+def _thresholds(cfg, probs_val_mnk, labels_val, ood_val_n) -> dict:
+    """Returns the bundle's temperature and referral thresholds, all fitted on the validation part."""
+    ens = uncertainty.deep_ensemble(jnp.asarray(probs_val_mnk))
+    t = calibration.fit_temperature(jnp.asarray(labels_val, jnp.int32), ens["mean"])
+    ref = uncertainty.fit_referral_threshold(np.asarray(ens["predictive_entropy"]),
+                                             np.asarray(ens["pred"]) == labels_val, "accuracy", cfg.referral_accuracy)
+    return dict(temperature=float(t), uncertainty="predictive_entropy",
+                referral_threshold=float(ref) if np.isfinite(ref) else None,
+                mi_threshold=uncertainty.conformal_threshold(ens["mutual_information"], cfg.ood_alpha),
+                ood_threshold=uncertainty.conformal_threshold(ood_val_n, cfg.ood_alpha))
 
 
 def _record(d: dict, y_va, p_va, y_te, p_te, names, cfg, hparams) -> None:

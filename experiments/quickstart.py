@@ -97,13 +97,6 @@ def _train(cfg: Config, views, labels, train_idx, val_idx, seed):
     return tf, head, res, va
 
 
-def conformal_threshold(scores_val, alpha: float) -> float:
-    """Returns the ⌈(n+1)(1−α)⌉-th smallest validation score (its maximum when n is small): an in-distribution
-    cell's score exceeds it with probability ≤ α (split conformal, exchangeable scores)."""
-    s = np.sort(np.asarray(scores_val, float))
-    return float(s[min(len(s) - 1, int(np.ceil((len(s) + 1) * (1 - alpha))) - 1)])
-
-
 def run(cfg: Config) -> dict:
     """Runs the quickstart; writes <out_dir>/metrics.json, config.json, figures/, splits/, model/."""
     logging.set_verbosity(logging.WARNING)  # Orbax and TFDS log every step at INFO; progress is printed below
@@ -177,8 +170,8 @@ def run(cfg: Config) -> dict:
         normalization=spec.normalization, head="gru", head_kwargs=dict(units=cfg.units, dropout=0.0, hidden=cfg.hidden, order=cfg.order),
         class_names=list(ds.class_names), mode="head", num_members=cfg.members, views=cfg.views,
         uncertainty="predictive_entropy", referral_threshold=None if not np.isfinite(final_thr) else final_thr,
-        mi_threshold=conformal_threshold(ens_val["mutual_information"], cfg.ood_alpha),
-        ood_threshold=conformal_threshold(ood_val, cfg.ood_alpha),
+        mi_threshold=uncertainty.conformal_threshold(ens_val["mutual_information"], cfg.ood_alpha),
+        ood_threshold=uncertainty.conformal_threshold(ood_val, cfg.ood_alpha),
         provenance=dict(trained_on="cnmc2019 embedded sample (60 images)", commit=common.git_commit()))
     bundle_lib.save(out / "model", bcfg, {"params": res.params, "transform": transform, "ood": ood_model})
 

@@ -16,6 +16,12 @@ written to --out (.csv, .json or .jsonl) as each batch finishes. Large images, s
 (aspect ratio not kept, not tiled); `size` records the original width×height. A smear holding many cells
 thus gets one prediction for the whole field: crop single cells first for per-cell predictions.
 
+A fused bundle (`experiments.hybrid_gru`: one hybrid per backbone, sum rule) is read the same way: each image
+is resized to every hybrid's input size, the hybrids' members are pooled (sum rule = mean of all members), the
+`p_<class>` columns are temperature-calibrated (T in the bundle; T = 1 for quickstart bundles), the uncertainty
+columns are of the members themselves (what the referral thresholds were fitted on), and `ood_score` is the
+mean of the hybrids' Mahalanobis scores.
+
 Exit status: 0 every image was classified; 1 some inputs failed (their rows say why; the others were still
 classified and written); 2 usage error (no images, bad option, unsupported --out suffix) or the model bundle
 is missing or unreadable. A research tool, not a medical device: every prediction is a second opinion.
@@ -36,7 +42,7 @@ import numpy as np
 from tqdm import tqdm
 
 from leukax import bundle as bundle_lib
-from leukax import uncertainty
+from leukax import calibration, uncertainty
 from leukax.data import imageio
 from leukax.models.classifier import Classifier
 from leukax.models.heads import make_head
@@ -84,9 +90,40 @@ def list_images(paths, strict: bool = True) -> list[pathlib.Path]:
     return files
 
 
-def load_model(directory) -> tuple[bundle_lib.BundleConfig, Callable]:
-    """Returns (config, probs_fn) for a bundle directory: probs_fn(uint8 N×S×S×3) -> (member probabilities
-    M×N×K averaged over the bundle's views, Mahalanobis OOD score N (NaN without an OOD model))."""
+def image_sizes(cfg) -> tuple[int, ...]:
+    """The input sizes (pixels) a bundle's backbones need: one for a single backbone, one per size when fused."""
+    if isinstance(cfg, bundle_lib.FusedConfig):
+        return tuple(sorted(set(int(x) for x in cfg.image_sizes)))
+    return (int(cfg.image_size),)
+
+
+def _at_size(images, size: int) -> np.ndarray:
+    """Returns uint8 N×size×size×3 from `images`: a dict {size: N×S×S×3} (each resized from the original) or
+    one N×S×S×3 array (resized again when S differs)."""
+    if isinstance(images, dict):
+        return images[size]
+    images = np.asarray(images)
+    if images.shape[1] == size:
+        return images
+    return np.stack([imageio.resize_image(x, size) for x in images])
+
+
+def describe(cfg) -> str:
+    """One line naming the model: backbone(s), head and members."""
+    if isinstance(cfg, bundle_lib.FusedConfig):
+        return (f"{cfg.fusion}-rule fusion of {len(cfg.hybrids)} hybrids ({', '.join(cfg.hybrids)}), "
+                f"{cfg.num_members} members each")
+    return f"{cfg.backbone} + {cfg.head} head, {cfg.num_members} members"
+
+
+def load_model(directory) -> tuple[bundle_lib.BundleConfig | bundle_lib.FusedConfig, Callable]:
+    """Returns (config, probs_fn) for a bundle directory, single-backbone or fused: probs_fn(images) ->
+    (member probabilities M×N×K averaged over the bundle's views, Mahalanobis OOD score N (NaN without an
+    OOD model)); `images` is uint8 N×S×S×3 or {size: N×S×S×3} (see `image_sizes`). A fused bundle's M is H·M
+    (every hybrid's members, in the order of `cfg.hybrids`) and its OOD score the mean over hybrids."""
+    cfg = bundle_lib.read_config(directory)
+    if isinstance(cfg, bundle_lib.FusedConfig):
+        return cfg, _load_fused(pathlib.Path(directory), cfg)
     cfg, variables_m = bundle_lib.load(directory)
     head = make_head(cfg.head, len(cfg.class_names), **cfg.head_kwargs)
     if cfg.mode == "head":
@@ -112,6 +149,7 @@ def load_model(directory) -> tuple[bundle_lib.BundleConfig, Callable]:
             return probs, score
 
         def probs_fn(images):
+            images = _at_size(images, cfg.image_size)
             views_vnhwc = make_views(images, cfg.views)
             v, n = views_vnhwc.shape[:2]
             fm = compute_features(backbone, bb_vars, views_vnhwc.reshape((v * n,) + images.shape[1:]),
@@ -128,8 +166,59 @@ def load_model(directory) -> tuple[bundle_lib.BundleConfig, Callable]:
             return jax.lax.map(lambda v: jax.nn.softmax(model.apply(v, x, train=False)[0], -1), variables_m)
 
         def probs_fn(images):
+            images = _at_size(images, cfg.image_size)
             return np.asarray(probs_fn_j(jnp.asarray(images))), np.full(len(images), np.nan)
     return cfg, probs_fn
+
+
+def _load_fused(directory: pathlib.Path, cfg: bundle_lib.FusedConfig) -> Callable:
+    """The probs_fn of a fused bundle: every hybrid's members stacked (H·M)×N×K, OOD score = mean over hybrids."""
+    if cfg.fusion != "sum":
+        raise ValueError(f"{directory}: fusion rule {cfg.fusion!r} is not supported (sum)")
+    subs = [load_model(directory / "hybrids" / name) for name in cfg.hybrids]
+    for name, (sub, _) in zip(cfg.hybrids, subs):
+        if list(sub.class_names) != list(cfg.class_names) or sub.num_members != cfg.num_members:
+            raise ValueError(f"{directory}: hybrid {name} has classes {sub.class_names} and {sub.num_members} "
+                             f"members; the fused bundle says {cfg.class_names} and {cfg.num_members}")
+
+    def probs_fn(images):
+        outs = [fn(images) for _, fn in subs]
+        # Sum rule: (1/H) Σ_h (1/M) Σ_m p_hm = the mean over all H·M members (equal M, checked above).
+        return np.concatenate([p for p, _ in outs], 0), np.mean(np.stack([o for _, o in outs]), 0)
+    return probs_fn
+
+
+def load_gradcam(directory) -> tuple[int, Callable] | None:
+    """Returns (input size, fn) where fn(uint8 N×S×S×3, class_index N) -> Grad-CAM heatmaps N×S×S in [0, 1]
+    (`leukax.gradcam`) of member 0 of the bundle's (for a fused bundle: its first hybrid's) backbone + feature
+    transform + head; None for a finetune-mode bundle."""
+    from leukax.gradcam import gradcam_classifier
+    from leukax.train.recipe import TransformedHead
+    directory = pathlib.Path(directory)
+    top = bundle_lib.read_config(directory)
+    if isinstance(top, bundle_lib.FusedConfig):
+        directory = directory / "hybrids" / top.hybrids[0]
+    cfg, variables_m = bundle_lib.load(directory)
+    if cfg.mode != "head":
+        return None
+    weights = None if cfg.weights in (None, "none") else cfg.weights
+    backbone, bb_vars, _ = pretrained(cfg.backbone, weights=weights, **cfg.backbone_kwargs)
+    head = make_head(cfg.head, len(cfg.class_names), **cfg.head_kwargs)
+    member0 = jax.tree.map(lambda a: jnp.asarray(a[0]), variables_m["params"])
+    tf = variables_m.get("transform")
+    if tf is None:
+        model, head_vars = Classifier(backbone, head), member0
+    else:
+        proj = tf.get("proj_cd")
+        model = Classifier(backbone, TransformedHead(head, int(tf["mean_c"].shape[0]), 0 if proj is None else proj.shape[1]))
+        head_vars = {"head": member0, **{k: jnp.asarray(v) for k, v in tf.items()}}
+    variables = {"params": {"backbone": bb_vars["params"], "head": head_vars},
+                 "batch_stats": {"backbone": bb_vars.get("batch_stats", {})}}
+
+    def fn(images_nhwc, class_index):
+        x = normalize(jnp.asarray(images_nhwc), cfg.normalization)
+        return np.asarray(gradcam_classifier(model, variables, x, jnp.asarray(class_index, jnp.int32)))
+    return cfg.image_size, fn
 
 
 # ------------------------------------------------------------------------------------- per-image rows
@@ -146,10 +235,13 @@ def error_row(cfg, file, reason: str, size: str = "") -> dict:
     return row
 
 
-def uncertainties(probs_mnk: np.ndarray) -> dict[str, np.ndarray]:
-    """Returns the deep-ensemble summaries of M×N×K member probabilities, each over N images: the mean N×K,
-    pred, and the uncertainty columns (see `leukax.uncertainty.deep_ensemble`)."""
+def uncertainties(probs_mnk: np.ndarray, temperature: float = 1.0) -> dict[str, np.ndarray]:
+    """Returns the deep-ensemble summaries of M×N×K member probabilities, each over N images: the mean N×K
+    (temperature-scaled, softmax(log p̄ / T), when T ≠ 1: same argmax), pred, and the uncertainty columns of the
+    members themselves (see `leukax.uncertainty.deep_ensemble`)."""
     u = {k: np.asarray(v) for k, v in uncertainty.deep_ensemble(jnp.asarray(probs_mnk)).items()}
+    if temperature != 1.0:
+        u["mean"] = np.asarray(calibration.apply_temperature(jnp.asarray(u["mean"]), temperature))
     return dict(mean=u["mean"], pred=u["pred"], predictive_entropy=u["predictive_entropy"],
                 mutual_information=u["mutual_information"], variance=u["variance_pred"],
                 disagreement=u["disagreement"])
@@ -160,13 +252,20 @@ def measure(cfg: bundle_lib.BundleConfig) -> str:
     return _MEASURE_ALIASES.get(cfg.uncertainty, cfg.uncertainty)
 
 
-def refer(cfg: bundle_lib.BundleConfig, unc_row: dict[str, float]) -> bool:
-    """The referral rule: refer to an expert when the bundle's uncertainty measure is above its threshold, or
-    the members disagree (mutual information, the epistemic part) above theirs, or the image is far from every
-    training class (Mahalanobis OOD score above its threshold). All thresholds were fitted on validation data."""
-    rules = ((cfg.referral_threshold, unc_row[measure(cfg)]), (cfg.mi_threshold, unc_row["mutual_information"]),
-             (cfg.ood_threshold, unc_row["ood_score"]))
-    return any(thr is not None and val is not None and np.isfinite(val) and val > thr for thr, val in rules)
+def referral_reasons(cfg, unc_row: dict[str, float]) -> list[str]:
+    """The referral rule, with its reasons: refer to an expert when the bundle's uncertainty measure is above its
+    threshold, or the members disagree (mutual information, the epistemic part) above theirs, or the image is
+    far from every training class (Mahalanobis OOD score above its threshold). All thresholds were fitted on
+    validation data. Returns one "<column> <value> > <threshold>" per rule that fires (empty: no referral)."""
+    rules = ((measure(cfg), cfg.referral_threshold), ("mutual_information", cfg.mi_threshold),
+             ("ood_score", cfg.ood_threshold))
+    return [f"{col} {unc_row[col]:.3g} > {thr:.3g}" for col, thr in rules
+            if thr is not None and unc_row[col] is not None and np.isfinite(unc_row[col]) and unc_row[col] > thr]
+
+
+def refer(cfg, unc_row: dict[str, float]) -> bool:
+    """True when any referral rule fires (`referral_reasons`)."""
+    return bool(referral_reasons(cfg, unc_row))
 
 
 def ok_row(cfg, file, mean_k: np.ndarray, pred: int, unc_row: dict[str, float], size: str) -> dict:
@@ -178,13 +277,50 @@ def ok_row(cfg, file, mean_k: np.ndarray, pred: int, unc_row: dict[str, float], 
     return row
 
 
-def _decode(file, image_size: int, max_pixels: int | None) -> tuple[np.ndarray, str]:
-    """Returns (uint8 S×S×3 resized whole, "W×H" of the original); raises ImageReadError with the reason."""
+def decode(source, sizes, max_pixels: int | None = None, name=None) -> tuple[dict[int, np.ndarray], str]:
+    """Returns ({size: uint8 S×S×3 resized whole from the original}, "W×H" of the original) of a file path or
+    of encoded bytes (`name` for messages); raises imageio.ImageReadError with the reason."""
     with warnings.catch_warnings():  # e.g. PIL's "Corrupt EXIF data": the row carries the outcome
         warnings.simplefilter("ignore")
-        image = imageio.read_image(file, max_pixels=max_pixels)
-    size = f"{image.shape[1]}x{image.shape[0]}"
-    return imageio.resize_image(image, image_size), size
+        if isinstance(source, (bytes, bytearray)):
+            image = imageio.decode_image(bytes(source), name=name or "<upload>", max_pixels=max_pixels)
+        else:
+            image = imageio.read_image(source, max_pixels=max_pixels)
+    return {s: imageio.resize_image(image, s) for s in sizes}, f"{image.shape[1]}x{image.shape[0]}"
+
+
+def decode_or_reason(source, sizes, max_pixels: int | None = None, name=None):
+    """Returns `decode(...)`, or the reason (a str) when the input cannot be decoded: never raises for a bad file."""
+    if isinstance(source, InputProblem):
+        return source.reason
+    try:
+        return decode(source, sizes, max_pixels, name)
+    except imageio.ImageReadError as e:
+        return e.reason
+    except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem, not the run's
+        return f"cannot decode ({type(e).__name__}: {e})"
+
+
+def classify(cfg, probs_fn, names: list, decoded: list, pad_to: int | None = None) -> list[dict]:
+    """Maps decoded images to rows (the one function behind the command and the page): `decoded[i]` is
+    `decode_or_reason`'s result for input `names[i]`, a reason string giving an error row. The batch is padded
+    to `pad_to` images so the model compiles once."""
+    rows: list[dict | None] = [None] * len(names)
+    ok = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
+    for i, d in enumerate(decoded):
+        if isinstance(d, str):
+            rows[i] = error_row(cfg, names[i], d)
+    if ok:
+        n, pad = len(ok), max(pad_to or 0, len(ok)) - len(ok)
+        batch = {s: np.stack([decoded[i][0][s] for i in ok] + [decoded[ok[-1]][0][s]] * pad)
+                 for s in image_sizes(cfg)}
+        probs_mnk, ood_n = probs_fn(batch if len(batch) > 1 else next(iter(batch.values())))
+        u = uncertainties(np.asarray(probs_mnk)[:, :n], getattr(cfg, "temperature", 1.0))
+        u["ood_score"] = np.asarray(ood_n)[:n]
+        for j, i in enumerate(ok):
+            unc_row = {c: float(u[c][j]) if np.isfinite(u[c][j]) else None for c in UNCERTAINTY_COLUMNS}
+            rows[i] = ok_row(cfg, names[i], u["mean"][j], u["pred"][j], unc_row, decoded[i][1])
+    return rows
 
 
 def iter_predictions(cfg, probs_fn, files: Iterable, batch_size: int = 16, max_pixels: int | None = None,
@@ -195,34 +331,11 @@ def iter_predictions(cfg, probs_fn, files: Iterable, batch_size: int = 16, max_p
     `progress`: an object with .update(n) (e.g. tqdm), or None.
     """
     files = list(files)
+    sizes = image_sizes(cfg)
     for s in range(0, len(files), batch_size):
         chunk = files[s:s + batch_size]
-        rows: list[dict | None] = [None] * len(chunk)
-        images, sizes, where = [], [], []
-        for i, f in enumerate(chunk):
-            if isinstance(f, InputProblem):
-                rows[i] = error_row(cfg, f.path, f.reason)
-                continue
-            try:
-                image, size = _decode(f, cfg.image_size, max_pixels)
-            except imageio.ImageReadError as e:
-                rows[i] = error_row(cfg, f, e.reason)
-                continue
-            except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem, not the run's
-                rows[i] = error_row(cfg, f, f"cannot decode ({type(e).__name__}: {e})")
-                continue
-            images.append(image)
-            sizes.append(size)
-            where.append(i)
-        if images:
-            n = len(images)
-            batch = np.stack(images + [images[-1]] * (batch_size - n))
-            probs_mnk, ood_n = probs_fn(batch)
-            u = uncertainties(np.asarray(probs_mnk)[:, :n])
-            u["ood_score"] = np.asarray(ood_n)[:n]
-            for j, i in enumerate(where):
-                unc_row = {c: float(u[c][j]) if np.isfinite(u[c][j]) else None for c in UNCERTAINTY_COLUMNS}
-                rows[i] = ok_row(cfg, chunk[i], u["mean"][j], u["pred"][j], unc_row, sizes[j])
+        names = [f.path if isinstance(f, InputProblem) else f for f in chunk]
+        rows = classify(cfg, probs_fn, names, [decode_or_reason(f, sizes, max_pixels) for f in chunk], batch_size)
         if progress is not None:
             progress.update(len(chunk))
         yield rows
@@ -318,7 +431,7 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"leukax.predict: error: cannot load the model bundle {args.model}: {e}", file=sys.stderr)
         return EXIT_USAGE
     thr = cfg.referral_threshold
-    print(f"model: {args.model} ({cfg.backbone} + {cfg.head} head, {cfg.num_members} members); referral: "
+    print(f"model: {args.model} ({describe(cfg)}); referral: "
           f"{cfg.uncertainty} > {thr if thr is not None else 'none'}", flush=True)
     try:
         writer = RowWriter(args.out, columns(cfg)) if args.out else None

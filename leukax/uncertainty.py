@@ -198,6 +198,13 @@ def referral_report(uncertainty_n, correct_n, threshold: float) -> dict:
 
 
 # ------------------------------------------------------------------------------ out-of-distribution score
+def conformal_threshold(scores_val, alpha: float) -> float:
+    """Returns the ⌈(n+1)(1−α)⌉-th smallest validation score (its maximum when n is small): an in-distribution
+    cell's score exceeds it with probability ≤ α (split conformal, exchangeable scores)."""
+    s = np.sort(np.asarray(scores_val, float))
+    return float(s[min(len(s) - 1, int(np.ceil((len(s) + 1) * (1 - alpha))) - 1)])
+
+
 def fit_mahalanobis(features_nd, labels_n, num_classes: int, shrinkage: float = 0.1) -> dict:
     """Returns {"means_kd", "precision_dd"}: class means and the shrunk shared precision of training features
     (Lee et al. 2018), for `mahalanobis_score`. Σ is the pooled within-class covariance shrunk towards

@@ -91,6 +91,14 @@ def transform(tf: FeatureTransform, features_vntc, indices, dtype=np.float16, ch
     return out
 
 
+def pooled_standardized(tf: FeatureTransform, features_vntc, indices, chunk: int = 256) -> np.ndarray:
+    """Returns N×C float32: the standardised features averaged over views and positions (what `leukax.predict`
+    pools for the Mahalanobis OOD score), `chunk` images at a time."""
+    idx = np.asarray(indices, np.int64)
+    return np.concatenate([tf.standardize(_take(features_vntc, idx[s: s + chunk])).mean((0, 2))
+                           for s in range(0, len(idx), chunk)]) if len(idx) else np.zeros((0, len(tf.mean_c)), np.float32)
+
+
 def make_model(kind: str, num_classes: int, units: int = 128, hidden: int = 128, dense_features: int = 256,
                order: str = "center_last"):
     """Returns the head module of `kind` ("gru" | "dense" | "linear"); `order`: the GRU's reading order."""

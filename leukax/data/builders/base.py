@@ -96,6 +96,9 @@ class LeukaxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
     CLASS_NAMES: tuple[str, ...] = ()
+    # False: an unreadable file stops the build (curated datasets: nothing is dropped silently). True (a user's
+    # own folder): each unreadable file is named in a warning on stderr and the others are kept.
+    SKIP_UNREADABLE = False
     DESCRIPTION = ""
     HOMEPAGE = ""
     CITATION = ""
@@ -135,6 +138,11 @@ class LeukaxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _records(self) -> list[Record]:
         raise NotImplementedError
 
+    def _check_kept(self, records: list[Record]) -> None:
+        """Called when SKIP_UNREADABLE dropped files: raises DatasetError if what is left cannot be used."""
+        if not records:
+            raise DatasetError(f"{self.name}: no readable images left")
+
     def _split_generators(self, dl_manager):
         del dl_manager
         records = self._records()
@@ -144,7 +152,7 @@ class LeukaxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         if len(set(names)) != len(names):
             dup = sorted(n for n, k in collections.Counter(names).items() if k > 1)
             raise DatasetError(f"{self.name}: duplicate file names {dup[:10]}")
-        hashes, sizes, errors = [], [], []
+        hashes, sizes, errors, kept = [], [], [], []
         for r in records:
             try:
                 img = imageio.read_image(r.path, max_pixels=self._max_pixels)
@@ -153,9 +161,15 @@ class LeukaxBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 continue
             hashes.append(pixel_hash(img))
             sizes.append(img.shape[:2])
-        if errors:
+            kept.append(r)
+        if errors and not self.SKIP_UNREADABLE:
             raise DatasetError(f"{self.name}: {len(errors)} unreadable image file(s) (nothing is skipped; "
                                "remove or fix them):\n  " + "\n  ".join(errors[:20]))
+        if errors:
+            for e in errors:
+                log.warning("%s: skipping unreadable image %s", self.name, e)
+            records = kept
+            self._check_kept(records)
         groups = leakage_groups([r.subject for r in records], hashes)
         n_dup = len(hashes) - len(set(hashes))
         counts = class_counts([r.label for r in records], self.class_names)

@@ -277,16 +277,67 @@ class Pbc(LeukaxBuilder, skip_registration=True):
         return folder_records(folder, PBC_CLASSES, dataset="pbc")[0]
 
 
-class ImageFolder(LeukaxBuilder, skip_registration=True):
-    """Any class_name/*.ext tree (or flat files + label_regex). The config name hashes the root path, the
-    file list (path, size, mtime), the class names and the regex, so a changed folder is rebuilt."""
-    name = "image_folder"
+SUBJECTS_CSV = "subjects.csv"
 
-    def __init__(self, root, *, class_names=None, label_regex: str | None = None, **kwargs):
+
+def read_subjects_csv(path: pathlib.Path, root: pathlib.Path, records: list[Record],
+                      dataset: str = "image_folder") -> None:
+    """Sets `subject` of `records` from a CSV with columns file,subject (file relative to `root`, e.g.
+    blast/img1.png, or a bare file name when that name is unique); files it does not list keep no subject."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DatasetError(f"{dataset}: cannot read {path} ({e})") from None
+    if not rows or not {"file", "subject"} <= set(rows[0]):
+        raise DatasetError(f"{dataset}: {path} needs a header with the columns file,subject")
+    by_rel = {r.filename.replace("\\", "/"): r for r in records}
+    by_name: dict[str, list[Record]] = {}
+    for r in records:
+        by_name.setdefault(r.path.name, []).append(r)
+    unknown = []
+    for i, row in enumerate(rows, 2):
+        key = (row["file"] or "").strip().replace("\\", "/")
+        rec = by_rel.get(key) or (by_name[key][0] if len(by_name.get(key, ())) == 1 else None)
+        if rec is None:
+            unknown.append(f"line {i}: {key!r}")
+            continue
+        rec.subject = str(row["subject"] or "").strip()
+    if unknown:
+        raise DatasetError(f"{dataset}: {path} names files that are not images under {root} (or whose name is "
+                           f"not unique): {unknown[:10]}")
+
+
+class ImageFolder(LeukaxBuilder, skip_registration=True):
+    """A lab's own images: one subfolder per class (class_name/*.ext, the torchvision/TFDS ImageFolder
+    convention), or flat files + `label_regex`. `root` defaults to `manual_dir`, so every experiment reaches it
+    with `--dataset=image_folder --manual_dir=DIR`. Subjects (patient, slide) come from `groups_csv` or, when
+    present, DIR/subjects.csv (columns file,subject): a split then keeps each subject on one side. Unreadable
+    files are named in a warning and left out; mixed sizes and modes (RGBA, grayscale, 16-bit TIFF) are
+    decoded to RGB by `leukax.data.imageio`. The config name hashes the root path, the file list (path, size,
+    mtime), the class names, the regex and the subjects CSV, so a changed folder is rebuilt."""
+    name = "image_folder"
+    SKIP_UNREADABLE = True
+
+    def __init__(self, root=None, *, class_names=None, label_regex: str | None = None, groups_csv=None,
+                 **kwargs):
+        root = root if root is not None else kwargs.get("manual_dir")
+        if root is None:
+            raise DatasetError("image_folder: which folder? pass --manual_dir=DIR (one subfolder per class)")
         self._root = pathlib.Path(root).expanduser().resolve()
-        self._records_names = folder_records(self._root, class_names, label_regex)
-        h = hashlib.sha1(f"{self._root}|{self._records_names[1]}|{label_regex}".encode())
-        for r in self._records_names[0]:
+        records, names = folder_records(self._root, class_names, label_regex)
+        if len(names) < 2:
+            raise DatasetError(f"image_folder: {self._root} has one class ({names[0]}); a classifier needs at "
+                               "least two class subfolders")
+        csv_path = pathlib.Path(groups_csv).expanduser() if groups_csv else self._root / SUBJECTS_CSV
+        if groups_csv and not csv_path.is_file():
+            raise DatasetError(f"image_folder: groups CSV {csv_path} not found")
+        h = hashlib.sha1(f"{self._root}|{names}|{label_regex}".encode())
+        if csv_path.is_file():
+            read_subjects_csv(csv_path, self._root, records)
+            h.update(csv_path.read_bytes())
+        self._records_names = records, names
+        for r in records:
             st = r.path.stat()
             h.update(f"|{r.filename}:{st.st_size}:{st.st_mtime_ns}".encode())
         slug = re.sub(r"[^a-z0-9]+", "_", self._root.name.lower()).strip("_") or "root"
@@ -299,6 +350,12 @@ class ImageFolder(LeukaxBuilder, skip_registration=True):
 
     def _records(self):
         return self._records_names[0]
+
+    def _check_kept(self, records):
+        super()._check_kept(records)
+        empty = sorted(set(self.class_names) - {self.class_names[r.label] for r in records})
+        if empty:
+            raise DatasetError(f"image_folder: no readable images left for class(es) {empty} in {self._root}")
 
 
 BUILDERS = {b.name: b for b in (AllIdb1, AllIdb2, AshAml, AllIdb, AllAmlHealthy, Cnmc2019, Pbc, ImageFolder)}
