@@ -344,6 +344,10 @@ def run(cfg: Config) -> dict:
               "views + TTA, temperature scaling)",
         dataset=dict(name=cfg.dataset, n=len(labels), counts=ds.counts, groups=int(len(np.unique(ds.groups)))),
         protocol=dict(name=splits[0].protocol, splits=len(splits), repeats=cfg.repeats,
+                      first_split_sizes=dict(  # Akter et al.'s Tables 3, 6, 7 count stored training items
+                          train=len(splits[0].train), val=len(splits[0].val), test=len(splits[0].test),
+                          train_items_stored=len(splits[0].train) * (np.shape(hybrids[0]["inputs"])[0] if
+                                                                     cfg.mode == "head" and cfg.augment == "copies" else 1)),
                       summary="mean ± std over all splits; pooled_first_repeat pools repeat 0's test parts"),
         hybrids=[h["record"] for h in hybrids],
         config=cfg.config or None,
