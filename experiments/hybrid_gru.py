@@ -282,6 +282,8 @@ def run(cfg: Config) -> dict:
         record.update(image_size=size, views=cfg.views, num_affine=cfg.num_affine, smoothing=cfg.smoothing,
                       feature_shape=list(np.shape(inputs)[1:]) if cfg.mode == "finetune" else list(np.shape(inputs)))
         t_features[name] = time.perf_counter() - t0
+        if cfg.num_affine and name == cfg.backbones[0]:  # Akter et al. Fig. 2: what one stored copy is made of
+            plots.augmentation_examples(images[0], cfg.seed, path=out / "figures" / "augmentation_examples.png")
         hybrids.append(dict(name=name, module=module, variables=variables, spec=spec, record=record, inputs=inputs))
     names, labels, k = list(ds.class_names), np.asarray(ds.labels), len(ds.class_names)
     models = [(h["name"], kind) for h in hybrids for kind in kinds] + [("fused", kind) for kind in kinds]

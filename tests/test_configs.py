@@ -147,6 +147,7 @@ def test_akter2024_tiny_study_on_all_idb2_layout(tmp_path, monkeypatch):
     rec = m["hybrids"][0]
     assert rec["smoothing"] == "gaussian" and rec["feature_shape"][0] == 8 and rec["image_size"] == 32
     assert "ungrouped-leaky" in m["protocol"]["name"]
+    assert (tmp_path / "out" / "figures" / "augmentation_examples.png").is_file()   # Fig. 2
     sizes = m["protocol"]["first_split_sizes"]
     assert sizes["train_items_stored"] == 8 * sizes["train"] == 8 * len(split["train"])
 
