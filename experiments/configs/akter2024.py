@@ -6,8 +6,8 @@ Command:   python -m experiments.hybrid_gru --config=akter2024 --weights_dir=../
            python -m experiments.hybrid_gru --config=akter2024 --protocol=grouped_kfold --noleaky --repeats=5
                (the same method under leukax's grouped, repeated cross-validation)
            python -m experiments.hybrid_gru --config=akter2024 --mode=finetune   (backbone trained too)
-Runtime:   see results/REPRODUCTION.md ("akter2024 timing"): measured with --protocol=paper_80_20 --repeats=5 on the
-           PBC subset (320 cells; no 260-cell ALL vs healthy set is on this machine) once features are cached.
+Runtime:   results/benchmarks/akter2024_pbc_timing.md: --protocol=paper_80_20 --repeats=5 on the PBC subset (320
+           cells; no 260-cell ALL vs healthy set is on this machine), MobileNetV2 hybrid, features cached.
 
 What it reproduces, and where the paper says so:
 - Sec. 3.2 (pre-processing): noise-removal smoothing of every image (`smoothing`), the seven Keras
