@@ -338,7 +338,8 @@ def run(cfg: Config) -> dict:
         for (h, kind), d in per.items():
             per_split.update({f"split{i}_{h}_{kind}_{part}": d["probs"][i][part] for part in ("val", "test")})
     np.savez_compressed(out / "predictions_per_split.npz", labels=labels, **per_split)
-    main = {h: oof[(h, cfg.head)][oof_mask] for h in [x["name"] for x in hybrids] + ["fused"]}
+    main = {x["record"]["label"]: oof[(x["name"], cfg.head)][oof_mask] for x in hybrids}  # the network that ran
+    main["fused"] = oof[("fused", cfg.head)][oof_mask]
     _figures(out / "figures", labels[oof_mask], main, names, history0)
 
     metrics_json = dict(
@@ -420,7 +421,7 @@ def _figures(fig_dir, labels, probs: dict, names, history) -> None:
                            path=fig_dir / "confusion_matrix_fused.png")
     for h, p in probs.items():
         if h != "fused":
-            plots.confusion_matrix(labels, p, names, title=f"{h}-GRU ensemble", path=fig_dir / f"confusion_matrix_{h}.png")
+            plots.confusion_matrix(labels, p, names, title=f"{h}-GRU ensemble", path=fig_dir / f"confusion_matrix_{h.split()[0]}.png")
     plots.roc_curves(labels, fused, names, path=fig_dir / "roc_fused.png")
     plots.reliability_diagram(labels, fused, path=fig_dir / "reliability_fused.png")
     correct = fused.argmax(-1) == labels

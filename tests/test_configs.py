@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from experiments import common, feature_fusion, hybrid_gru
-from experiments.configs import akter2024, himel2024
 from leukax.train import bayes, recipe
 
 # Akter et al. 2024, Table 2 (hyper-parameters after Bayesian optimisation), as printed.
@@ -122,7 +121,7 @@ def test_finetune_honours_table2(monkeypatch):
     assert seen["head"].units == row["units"]
 
 
-def test_akter2024_tiny_study_on_all_idb2_layout(tmp_path, monkeypatch):
+def test_akter2024_tiny_study_on_all_idb2_layout(tmp_path, monkeypatch, capfd):
     """--config=akter2024 on folders laid out like ALL-IDB2: the paper's per-image 80/20 split, training part
     stored as 8 copies (original + 7 affine), un-augmented validation and test, Table 2, recorded name."""
     from tests.test_feature_fusion import _manual_root  # ALL-IDB2 + ASH fixtures, 8+ cells per class
@@ -139,6 +138,8 @@ def test_akter2024_tiny_study_on_all_idb2_layout(tmp_path, monkeypatch):
                                                 "--epochs=1", "--backbones=mobilenet_v2", "--dataset=all_idb2",
                                                 f"--manual_dir={tmp_path / 'manual'}", f"--data_dir={tmp_path / 'tfds'}"])
     m = hybrid_gru.run(cfg)
+    out, err = capfd.readouterr()
+    assert "epoch 1: train loss" in err and "hybrid_gru: split r0_f0 (1/1), mobilenet_v2" in out   # progress
     split = json.loads(next((tmp_path / "out" / "splits").glob("*.json")).read_text())
     (train_shape, n_train, v_val, v_test, units, order), = seen
     assert train_shape[0] == 1 and n_train == train_shape[1] == 8 * len(split["train"])   # stored copies
