@@ -68,7 +68,7 @@ def config_from_flags(config_cls, flag_values: flags.FlagValues = flags.FLAGS):
             cast = type(f.default[0]) if f.default else str
             v = tuple(cast(x) for x in v)
         kw[f.name] = v
-    return config_cls(**kw)
+    return config_cls(**apply_named_config(config_cls, kw, flag_values))
 
 
 def parse_argv(config_cls, argv: list[str]):
@@ -81,6 +81,63 @@ def parse_argv(config_cls, argv: list[str]):
 
 class InputError(ValueError):
     """A user's input cannot work (flag value, data folder, dataset too small for the protocol); one line says why."""
+
+# -------------------------------------------------------------------------------- named configurations
+# `--config=<name>` loads experiments/configs/<name>.py (big_vision style): its `get_config()` returns field values
+# of ONE experiment's Config, and its EXPERIMENT names that experiment. Precedence, lowest first:
+#     Config defaults  <  get_config()  <  flags given on the command line.
+# The name stays in the Config's `config` field, so config.json, metrics.json["command"] and the reproducing
+# command line record it.
+CONFIGS_PACKAGE = "experiments.configs"
+
+
+def config_names() -> list[str]:
+    """Returns the names of the named configurations (the modules of experiments/configs/)."""
+    return sorted(p.stem for p in (REPO / "experiments" / "configs").glob("*.py") if not p.stem.startswith("_"))
+
+
+def experiment_name(config_cls) -> str:
+    """Returns the experiment a Config belongs to ("hybrid_gru" for experiments/hybrid_gru.py, also when that
+    module runs as __main__)."""
+    mod = sys.modules.get(config_cls.__module__)
+    return pathlib.Path(getattr(mod, "__file__", None) or config_cls.__module__.replace(".", "/")).stem
+
+
+def load_named_config(name: str, config_cls) -> dict:
+    """Returns the field values of the named configuration `name` for `config_cls`; InputError (one line) when
+    the name is unknown, the configuration belongs to another experiment or sets a field the Config lacks."""
+    import importlib
+    if name not in config_names():
+        raise InputError(f"experiments: --config={name!r} is not a named configuration; known: "
+                         f"{', '.join(config_names())} (experiments/configs/)")
+    module = importlib.import_module(f"{CONFIGS_PACKAGE}.{name}")
+    experiment = experiment_name(config_cls)
+    if module.EXPERIMENT != experiment:
+        raise InputError(f"experiments: --config={name} configures experiments.{module.EXPERIMENT}, not "
+                         f"experiments.{experiment}: run python -m experiments.{module.EXPERIMENT} --config={name}")
+    values = dict(module.get_config())
+    unknown = set(values) - {f.name for f in dataclasses.fields(config_cls)}
+    if unknown:
+        raise InputError(f"experiments/configs/{name}.py sets fields that experiments.{experiment}.Config lacks: "
+                         f"{sorted(unknown)}")
+    return dict(values, config=name)
+
+
+def apply_named_config(config_cls, kw: dict, flag_values: flags.FlagValues | None = None) -> dict:
+    """Returns the field values `kw` (parsed flags) with the named configuration kw["config"] underneath: a
+    field whose flag was given on the command line (`flag_values[name].present`) keeps its flag value, every
+    other field takes the configuration's value. Without a `config` field or name, `kw` unchanged."""
+    name = kw.get("config") or ""
+    if not name:
+        return kw
+    given = {k for k in kw if flag_values is not None and k in flag_values and flag_values[k].present}
+    return {**kw, **{k: v for k, v in load_named_config(name, config_cls).items() if k not in given}}
+
+
+def named_config(config_cls, name: str, **overrides):
+    """Returns `config_cls` set to the named configuration `name`, then `overrides` (for tests and notebooks)."""
+    return config_cls(**{**load_named_config(name, config_cls), **overrides})
+
 
 
 def enable_compilation_cache(path: str | None = None) -> str:
@@ -318,8 +375,39 @@ def load_backbone(name: str, weights: str, weights_dir, substitute: str = "", se
         module, variables, spec = pretrained(substitute, weights=w, weights_dir=weights_dir, seed=seed)
         used, note = substitute, f"{name} ImageNet weights not found; {substitute} used in its place"
     record = dict(requested=name, used=used, substitution=note, weights=weights if w else "random init",
-                  normalization=spec.normalization, params=count_params(variables))
+                  normalization=spec.normalization, params=count_params(variables),
+                  label=used if used == name else f"{used} (for {name})",
+                  **weights_provenance(name, used, w, weights_dir))
     return module, variables, spec, record
+
+
+def weights_provenance(requested: str, used: str, weights: str | None, weights_dir=None) -> dict:
+    """Returns {"weights_file", "weights_source", "differs_from_paper"}: the file `pretrained(used, weights)`
+    loaded (the first of the registry's candidates that is on disk, as `pretrained` takes them; for
+    mobilenet_v2 with none on disk, the embedded float16 copy), where it comes from, and how the network that
+    ran differs from the paper's keras.applications `requested` with ImageNet weights."""
+    from leukax.weights import registry as weights_registry
+    sub = "" if used == requested else f"{used} ran in place of the paper's {requested}. "
+    if weights is None:
+        return dict(weights_file=None, weights_source="random initialisation",
+                    differs_from_paper=sub + "random weights, not ImageNet")
+    if weights != "imagenet":
+        return dict(weights_file="embedded float16 MobileNetV2 (leukax/weights/embedded)" if weights == "embedded"
+                    else str(weights), weights_source=weights if weights == "embedded" else "a file given by the user",
+                    differs_from_paper=sub + weights_registry.DIFFERS_FROM_KERAS_IMAGENET.get(weights, "unknown"))
+    for cand in weights_registry.imagenet_candidates(used):
+        try:  # pretrained() refuses an unverifiable or corrupt file and takes the next candidate: so do we
+            path = weights_registry.find_weights(cand.name, weights_dir)
+        except weights_registry.WeightsError:
+            continue
+        if path is not None:
+            return dict(weights_file=f"{path.name} ({cand.name}, {cand.hash_type} {cand.hash})",
+                        weights_source=cand.url or cand.notes,
+                        differs_from_paper=sub + (weights_registry.DIFFERS_FROM_KERAS_IMAGENET.get(cand.name)
+                                                  or "the keras.applications ImageNet weights"))
+    return dict(weights_file="mobilenet_v2_1.0_224_no_top.f16.npz (embedded)",
+                weights_source="leukax/weights/embedded/NOTICE",
+                differs_from_paper=sub + weights_registry.DIFFERS_FROM_KERAS_IMAGENET["embedded"])
 
 
 # --------------------------------------------------------------------------------------------- evaluation

@@ -71,6 +71,8 @@ BASELINES = tuple(n for n in fp.TABLE2 if n != "nasnet_large")
 
 @dataclasses.dataclass
 class Config:
+    config: str = field("", "Named configuration experiments/configs/<name>.py (himel2024); flags given on the "
+                        "command line override its fields.")
     out_dir: str = field("", "Output folder ('' = results/feature_fusion/<dataset>).")
     dataset: str = field("cnmc2019", "cnmc2019 (embedded) | all_aml_healthy (ALL-IDB2 + ASH, the paper's) | "
                          "all_aml_healthy_standin | lab_probe | all_idb1 | all_idb2 | pbc | any builder.")
@@ -299,8 +301,10 @@ def run(cfg: Config) -> dict:
                                             "leaky 70/10/20 on 16 copies, Tesla P100"),
         timing_s=dict(total=time.perf_counter() - t_start, training=t_train,
                       features={n: m["seconds"] for n, m in models.items()}),
-        environment=env, command=common.command_line("experiments.feature_fusion", cfg))
-    records.write_json(out / "metrics.json", result)
+        environment=env, command=common.command_line("experiments.feature_fusion", cfg), config=cfg.config or None)
+    # rows named after the network that ran, e.g. "efficientnet_lite2 (for efficientnet_b7)"
+    label = {n: m["record"].get("label", n) for n, m in models.items() if "record" in m}
+    records.write_json(out / "metrics.json", dict(result, results={label.get(r, r): v for r, v in results.items()}))
     records.write_json(out / "config.json", dataclasses.asdict(cfg))
     (out / "README.md").write_text(report.readme(result))
     acc = {r: results[r]["test_mean_std"]["accuracy"]["mean"] for r in rows}

@@ -13,7 +13,7 @@ from leukax.models.classifier import count_params
 def _label(models, name) -> str:
     rec = models[name].get("record") or {}
     used = rec.get("used", name)
-    return name if used == name else f"{name} → {used}"
+    return name if used == name else f"{used} (for {name})"
 
 
 def timing(cfg, models, branch_names, first, k, test_images) -> dict:
@@ -120,7 +120,7 @@ def readme(result: dict) -> str:
             t2[f"{n} (not runnable offline: no ImageNet weights here)"] = {"paper_key": n}
         else:
             used = result["baselines"][n].get("used", n)
-            t2[n if used == n else f"{n} → {used}"] = dict(row, paper_key=n)
+            t2[n if used == n else f"{used} (for {n})"] = dict(row, paper_key=n)
     t2["proposed (two branches, meta-classifier)"] = dict(res["proposed"], paper_key="proposed")
     lines += fp.markdown_rows(t2, fp.PAPER_TABLE2)
     lines += ["", "## Table 8: one branch vs two (the meta-classifier on each)", ""]
@@ -132,7 +132,7 @@ def readme(result: dict) -> str:
                                                           "weighted_f1"))
     lines += ["", "## Table 5: per class (precision / recall / F1, %)", "",
               "| class | model | precision | recall | F1 | paper's (P, R, F1) |", "|---|---|---|---|---|---|"]
-    shown = {b["requested"]: b["requested"] + (f" → {b['used']}" if b["used"] != b["requested"] else "")
+    shown = {b["requested"]: b["used"] + (f" (for {b['requested']})" if b["used"] != b["requested"] else "")
              for b in result["branches"]}
     for c in ds["classes"]:
         for key in (*shown, "proposed"):
@@ -153,7 +153,7 @@ def readme(result: dict) -> str:
               "| model | total params | trainable | ms / step of 32 | ms / image | paper's ms / step (P100) |",
               "|---|---|---|---|---|---|"]
     for name, r in result["test_time"]["rows"].items():
-        key = "proposed" if name.startswith("proposed") else name.split(" → ")[0]
+        key = "proposed" if name.startswith("proposed") else name.split("(for ")[-1].rstrip(")")
         lines.append(f"| {name} | {r['total']:,} | {r['trainable']:,} | {_ms(r['ms_per_step'])} | "
                      f"{_ms(r['ms_per_image'])} | {fp.PAPER_TABLE3_MS_PER_STEP.get(key, '–')} |")
     lines += ["", "## Figures", "",

@@ -61,9 +61,11 @@ from leukax import bundle as bundle_lib
 from leukax import calibration, fusion, metrics, plots, records, uncertainty
 from leukax.augment import augment_paper1
 from leukax.data import load_arrays, load_index
+from leukax.data.pipeline import load_example
 from leukax.models.classifier import Classifier
 from leukax.models import registry as model_registry
 from leukax.models.heads import make_head
+from leukax.preprocess import smooth
 from leukax.train import bayes, compiled, recipe
 from leukax.data.splits import repeated_holdout
 from leukax.train import features
@@ -79,6 +81,8 @@ PAPER_REPORTED = {
 
 @dataclasses.dataclass
 class Config:
+    config: str = field("", "Named configuration experiments/configs/<name>.py (akter2024 | leukax); flags given "
+                        "on the command line override its fields.")
     out_dir: str = field("results/hybrid_gru", "Where metrics.json, config.json, figures/, splits/ and bo/ go.")
     dataset: str = field("cnmc2019", "cnmc2019 (embedded sample) | all_idb1 | all_idb2 | all_idb | pbc | any "
                          "leukax builder name.")
@@ -100,6 +104,12 @@ class Config:
                          choices=("recipe", "paper", "bo"))
     views: str = field("dihedral", "Cached views per image: dihedral (8) | none.", choices=("dihedral", "none"))
     num_affine: int = field(0, "Extra views drawn from the paper's affine augmentation.")
+    augment: str = field("views", "views (each member draws a view per image and epoch; TTA) | copies (the paper's: "
+                         "every view of a training image is one more stored training item; validation and test "
+                         "read the un-augmented view 0 only).", choices=("views", "copies"))
+    smoothing: str = field("none", "Noise-removal smoothing of every image before feature extraction "
+                           "(leukax.preprocess.smooth; Akter et al. Sec. 3.2): none | gaussian (sigma 1) | median "
+                           "(3x3).", choices=("none", "gaussian", "median"))
     feature_dim: int = field(256, "PCA feature channels, fitted on the training part (0 = all standardised channels).")
     units: int = field(128, "GRU units (recipe).")
     order: str = field("center_last", "Order the GRU reads the H·W positions: center_last (the cell's centre last) "
@@ -139,14 +149,16 @@ class Config:
     ood_alpha: float = field(0.05, "The saved model's mutual-information and OOD rules refer at most this fraction "
                              "of in-distribution cells (conformal quantile of validation scores).")
     seed: int = field(0, "Seed of everything.")
+    progress: bool = field(False, "Print one line per training epoch (head mode) and per split.")
 
 
 # ----------------------------------------------------------------------------------------------- training
-def split_hparams(cfg, role: str, tr, va, split, labels, num_classes, bo_dir):
+def split_hparams(cfg, role: str, tr, va, split, labels, num_classes, bo_dir, y_tr=None):
     """Returns (compiled.Recipe, traced hyper-parameters, GRU units, source) for one hybrid on one split: leukax's
     recipe, the paper's Table 2 row, or the best batched-BO trial scored on this split's validation part only."""
     base = compiled.Recipe(num_members=cfg.members, num_epochs=cfg.epochs, batch_size=cfg.batch_size,
-                           patience=cfg.patience, optimizer=cfg.optimizer, label_smoothing=cfg.label_smoothing)
+                           patience=cfg.patience, optimizer=cfg.optimizer, label_smoothing=cfg.label_smoothing,
+                           progress=cfg.progress)
     if cfg.hparams == "recipe":
         hp = compiled.default_hparams(learning_rate=cfg.learning_rate, momentum=cfg.momentum,
                                       weight_decay=cfg.weight_decay, dropout=cfg.dropout,
@@ -160,7 +172,7 @@ def split_hparams(cfg, role: str, tr, va, split, labels, num_classes, bo_dir):
         hp = compiled.default_hparams(learning_rate=row["learning_rate"], momentum=row["momentum"],
                                       dropout=row["dropout"], weight_decay=0.0, input_dropout=0.0)
         return rcp, hp, row["units"], f"Akter et al. 2024 Table 2 [{role}]"
-    y_tr, y_va = labels[split.train], labels[split.val]
+    y_tr, y_va = labels[split.train] if y_tr is None else y_tr, labels[split.val]
 
     # Trials of one GRU width share one compiled program (optimizer, learning rate, momentum, dropouts and weight
     # decay are traced), run `bo_vector` trials per call; each trial trains `bo_members` members.
@@ -199,18 +211,24 @@ def split_hparams(cfg, role: str, tr, va, split, labels, num_classes, bo_dir):
 def train_finetune(cfg, hybrid: dict, split, labels, num_classes, seed):
     """--mode=finetune: backbone + GRU head trained end to end with the paper's augmentation; returns
     (probs_val_mnk, probs_test_mnk, info)."""
-    head = make_head("gru", num_classes, units=cfg.units, dropout=cfg.dropout, hidden=cfg.hidden, order=cfg.order)
+    row = dict(units=cfg.units, optimizer="adam" if cfg.optimizer == "adamw" else cfg.optimizer,
+               learning_rate=cfg.learning_rate, momentum=cfg.momentum, dropout=cfg.dropout)
+    if cfg.hparams == "paper":  # Table 2's whole row, as in head mode (`split_hparams`)
+        row = recipe.PAPER_TABLE2[hybrid["name"]]
+    head = make_head("gru", num_classes, units=row["units"], dropout=row["dropout"], hidden=cfg.hidden, order=cfg.order)
     x = hybrid["inputs"]
-    tcfg = TrainConfig(num_members=cfg.members, optimizer="adam" if cfg.optimizer == "adamw"
-                       else cfg.optimizer, learning_rate=cfg.learning_rate, momentum=cfg.momentum,
-                       dropout_rate=cfg.dropout, batch_size=cfg.batch_size, num_epochs=cfg.epochs,
+    tcfg = TrainConfig(num_members=cfg.members, optimizer=row["optimizer"],
+                       learning_rate=row["learning_rate"], momentum=row["momentum"],
+                       dropout_rate=row["dropout"], batch_size=cfg.batch_size, num_epochs=cfg.epochs,
                        patience=cfg.patience, monitor="val_loss", seed=seed,
                        normalization=hybrid["spec"].normalization)
     tr = make_train(tcfg, Classifier(hybrid["module"], head), (x[split.train], labels[split.train]),
                     (x[split.val], labels[split.val]), augment_fn=augment_paper1, pretrained=hybrid["variables"])
     state = tr.fit()
     return (tr.predict(state, x[split.val]), tr.predict(state, x[split.test]),
-            {"members": cfg.members, "history": tr.history(state)})
+            {"members": cfg.members, "history": tr.history(state),
+             "hparams": dict(source=f"Akter et al. 2024 Table 2 [{hybrid['name']}]" if cfg.hparams == "paper"
+                             else "recipe flags", **row)})
 
 
 def train_heads(cfg, hybrid: dict, split, labels, num_classes, seed, bo_dir) -> dict:
@@ -219,12 +237,15 @@ def train_heads(cfg, hybrid: dict, split, labels, num_classes, seed, bo_dir) -> 
     views = hybrid["inputs"]  # V×N×T×C
     tf = recipe.fit_transform(views, cfg.feature_dim, seed=seed, indices=split.train)  # reads sampled rows only
     tr, va, te = (recipe.transform(tf, views, idx) for idx in (split.train, split.val, split.test))  # 16-bit
-    rcp, hp, units, source = split_hparams(cfg, hybrid["name"], tr, va, split, labels, num_classes, bo_dir)
+    y_tr = labels[split.train]
+    if cfg.augment == "copies":  # V×N → 1×(V·N) stored training items (view-major); un-augmented val/test
+        tr, va, te, y_tr = tr.reshape((1, -1) + tr.shape[2:]), va[:1], te[:1], np.tile(y_tr, len(tr))
+    rcp, hp, units, source = split_hparams(cfg, hybrid["name"], tr, va, split, labels, num_classes, bo_dir, y_tr)
     out = {}
     for kind in cfg.heads:
         k_rcp, k_hp = (rcp, hp) if kind == "gru" else (dataclasses.replace(rcp, optimizer="adamw", schedule="warmup_cosine"),
                                                         compiled.default_hparams())
-        p_va, p_te, info = recipe.train_and_predict(kind, k_rcp, k_hp, num_classes, tr, labels[split.train], va, te,
+        p_va, p_te, info = recipe.train_and_predict(kind, k_rcp, k_hp, num_classes, tr, y_tr, va, te,
                                                     labels[split.val], units=units, hidden=cfg.hidden,
                                                     order=cfg.order, seed=seed, mesh=common.member_mesh(cfg.members))
         info["hparams"] = dict(source=source if kind == "gru" else "recipe defaults", units=units if kind == "gru"
@@ -252,6 +273,9 @@ def run(cfg: Config) -> dict:
               f"--head={cfg.head})", flush=True)
     if cfg.groups_csv and cfg.dataset != "image_folder":
         raise common.InputError("experiments/hybrid_gru.py: --groups_csv is for --dataset=image_folder")
+    if cfg.mode == "finetune" and cfg.hparams == "bo":
+        raise common.InputError("experiments/hybrid_gru.py: --mode=finetune with --hparams=bo is not implemented "
+                                "(BO runs in head mode); use --hparams=paper or recipe")
     if cfg.hparams == "paper" and set(cfg.backbones) - set(recipe.PAPER_TABLE2):
         raise common.InputError(f"experiments/hybrid_gru.py: --hparams=paper: Table 2 has no row for "
                                 f"{sorted(set(cfg.backbones) - set(recipe.PAPER_TABLE2))}; use --hparams=recipe")
@@ -281,20 +305,28 @@ def run(cfg: Config) -> dict:
         module, variables, spec, record = common.load_backbone(
             name, cfg.weights, cfg.weights_dir, cfg.b3_substitute if name == "efficientnet_b3" else "", cfg.seed)
         size = cfg.image_size or spec.input_size
+        smoothing = None if cfg.smoothing == "none" else (lambda x: np.asarray(smooth(x, cfg.smoothing)))
         if cfg.mode == "finetune":
-            inputs = load_arrays(cfg.dataset, size, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir,
+            images = load_arrays(cfg.dataset, size, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir,
                                  **_data_kwargs(cfg)).images
+            inputs = images if smoothing is None else np.concatenate(  # before augmentation, as the paper
+                [smoothing(images[i:i + 64]) for i in range(0, len(images), 64)])
         else:  # V×N×T×C float16 on disk, extracted batch by batch (resumable), read a few images at a time
             key = features.stream_key(module, variables, spec.normalization, ds.fingerprint, size, cfg.views,
-                                      cfg.num_affine, cfg.seed, "float16")
+                                      cfg.num_affine, cfg.seed, "float16", cfg.smoothing)
             inputs = stream_view_features(
                 module, variables, ds.source, size, spec.normalization,
                 feature_dir / f"{cfg.dataset}_{record['used']}_{size}_{key[:16]}.npy", views=cfg.views,
-                num_affine=cfg.num_affine, seed=cfg.seed, progress=not cfg.quiet, desc=f"{name}: features")
-        record.update(image_size=size, views=cfg.views, num_affine=cfg.num_affine,
+                num_affine=cfg.num_affine, seed=cfg.seed, progress=not cfg.quiet, desc=f"{name}: features",
+                image_fn=smoothing)
+        record.update(image_size=size, views=cfg.views, num_affine=cfg.num_affine, smoothing=cfg.smoothing,
                       feature_dtype=str(np.dtype(getattr(inputs, "dtype", np.float32))),
                       feature_shape=list(np.shape(inputs)[1:]) if cfg.mode == "finetune" else list(np.shape(inputs)))
         t_features[name] = time.perf_counter() - t0
+        if cfg.num_affine and name == cfg.backbones[0]:  # Akter et al. Fig. 2: what one stored copy is made of
+            first = (images[0] if cfg.mode == "finetune" else load_example(ds.source, 0, size)["image"])
+            first = first if smoothing is None else smoothing(first[None])[0]
+            plots.augmentation_examples(first, cfg.seed, path=out / "figures" / "augmentation_examples.png")
         hybrids.append(dict(name=name, module=module, variables=variables, spec=spec, record=record, inputs=inputs))
     names, labels, k = list(ds.class_names), np.asarray(ds.labels), len(ds.class_names)
     models = [(h["name"], kind) for h in hybrids for kind in kinds] + [("fused", kind) for kind in kinds]
@@ -311,6 +343,9 @@ def run(cfg: Config) -> dict:
         by_kind = {kind: ([], []) for kind in kinds}
         for h in hybrids:
             bar.set_postfix_str(f"repeat {split.repeat} fold {split.fold} {h['name']}")
+            if cfg.progress:
+                print(f"hybrid_gru: split {sid} ({splits.index(split) + 1}/{len(splits)}), {h['record']['label']}, "
+                      f"{time.perf_counter() - t0:.0f} s", flush=True)
             trained = ({"gru": train_finetune(cfg, h, split, labels, k, seed)} if cfg.mode == "finetune"
                        else train_heads(cfg, h, split, labels, k, seed, out / "bo"))
             bar.update(1)
@@ -350,7 +385,8 @@ def run(cfg: Config) -> dict:
         for (h, kind), d in per.items():
             per_split.update({f"split{i}_{h}_{kind}_{part}": d["probs"][i][part] for part in ("val", "test")})
     np.savez_compressed(out / "predictions_per_split.npz", labels=labels, **per_split)
-    main = {h: oof[(h, cfg.head)][oof_mask] for h in [x["name"] for x in hybrids] + ["fused"]}
+    main = {x["record"]["label"]: oof[(x["name"], cfg.head)][oof_mask] for x in hybrids}  # the network that ran
+    main["fused"] = oof[("fused", cfg.head)][oof_mask]
     _figures(out / "figures", labels[oof_mask], main, names, history0)
 
     t_final = time.perf_counter()
@@ -372,12 +408,18 @@ def run(cfg: Config) -> dict:
               "views + TTA, temperature scaling)",
         dataset=dict(name=cfg.dataset, n=len(labels), counts=ds.counts, groups=int(len(np.unique(ds.groups)))),
         protocol=dict(name=splits[0].protocol, splits=len(splits), repeats=cfg.repeats,
+                      first_split_sizes=dict(  # Akter et al.'s Tables 3, 6, 7 count stored training items
+                          train=len(splits[0].train), val=len(splits[0].val), test=len(splits[0].test),
+                          train_items_stored=len(splits[0].train) * (np.shape(hybrids[0]["inputs"])[0] if
+                                                                     cfg.mode == "head" and cfg.augment == "copies" else 1)),
                       summary="mean ± std over all splits; pooled_first_repeat pools repeat 0's test parts"),
         hybrids=[h["record"] for h in hybrids],
+        config=cfg.config or None,
         model=dict(main_head=cfg.head, heads=list(kinds), mode=cfg.mode, members=cfg.members, hparams=cfg.hparams,
-                   fusion="sum rule", views=cfg.views, tta=cfg.views != "none" or cfg.num_affine > 0,
+                   augment=cfg.augment, smoothing=cfg.smoothing, order=cfg.order,
+                   fusion="sum rule", views=cfg.views, tta=cfg.augment == "views" and (cfg.views != "none" or cfg.num_affine > 0),
                    feature_dim=cfg.feature_dim, calibration="temperature scaling fitted on the validation part"),
-        per_hybrid={h["name"]: results[h["name"]] for h in hybrids}, fused=results["fused"],
+        per_hybrid={h["record"]["label"]: results[h["name"]] for h in hybrids}, fused=results["fused"],
         paper_reported=PAPER_REPORTED,
         referral_rule=f"refer if predictive entropy > threshold whose validation accuracy >= {cfg.referral_accuracy}",
         saved_model=str(model_dir) if model_dir else None,
@@ -513,7 +555,7 @@ def _figures(fig_dir, labels, probs: dict, names, history) -> None:
                            path=fig_dir / "confusion_matrix_fused.png")
     for h, p in probs.items():
         if h != "fused":
-            plots.confusion_matrix(labels, p, names, title=f"{h}-GRU ensemble", path=fig_dir / f"confusion_matrix_{h}.png")
+            plots.confusion_matrix(labels, p, names, title=f"{h}-GRU ensemble", path=fig_dir / f"confusion_matrix_{h.split()[0]}.png")
     plots.roc_curves(labels, fused, names, path=fig_dir / "roc_fused.png")
     plots.reliability_diagram(labels, fused, path=fig_dir / "reliability_fused.png")
     correct = fused.argmax(-1) == labels

@@ -348,3 +348,39 @@ def metric_bars(values_by_model: dict, metric_names, title: str = "", path=None)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def augmentation_examples(image_hwc, seed: int = 0, path=None) -> Figure:
+    """Akter et al.'s Fig. 2: one image, then the same image after each of Sec. 3.2.1's transforms on its own
+    (`leukax.augment.augment_paper1` with every other range set to 0 / flag off), then all of them together —
+    the draw that makes one stored training copy."""
+    import dataclasses
+
+    import jax
+
+    from leukax.augment import Paper1Aug, augment_paper1
+    off = Paper1Aug(rotation_range=0.0, width_shift_range=0.0, height_shift_range=0.0, shear_range=0.0,
+                    zoom_range=0.0, horizontal_flip=False, vertical_flip=False)
+    single = {"rotation ≤ 45°": dict(rotation_range=45.0), "height shift ≤ 20 %": dict(height_shift_range=0.2),
+              "width shift ≤ 20 %": dict(width_shift_range=0.2), "zoom ± 10 %": dict(zoom_range=0.1),
+              "horizontal flip": dict(horizontal_flip=True), "vertical flip": dict(vertical_flip=True),
+              "shear ≤ 20°": dict(shear_range=20.0)}
+    x = np.asarray(image_hwc)[None]
+    key = jax.random.PRNGKey(seed)
+    panels = {"original": x[0]}
+    for i, (name, kw) in enumerate(single.items()):
+        # flips are drawn with p = 0.5: take the first key whose draw flips, so the panel shows the transform
+        for j in range(64):
+            y = np.asarray(augment_paper1(jax.random.fold_in(key, 64 * i + j), x, dataclasses.replace(off, **kw)))[0]
+            if "flip" not in name or not np.array_equal(y, x[0]):
+                break
+        panels[name] = y
+    panels["all seven (one stored copy)"] = np.asarray(augment_paper1(jax.random.fold_in(key, 10_000), x))[0]
+    fig = Figure(figsize=(3 * 5, 3 * 2))
+    for i, (name, img) in enumerate(panels.items()):
+        ax = fig.add_subplot(2, 5, i + 1)
+        ax.imshow(np.clip(img, 0, 255).astype(np.uint8))
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    fig.suptitle("Akter et al. Sec. 3.2.1 augmentation (Keras ImageDataGenerator semantics)")
+    return _save(fig, path)

@@ -51,6 +51,14 @@ OPTIMIZERS = optim.OPTIMIZERS + ("traced",)
 TRACED_OPTIMIZERS = ("adamw", "sgd", "rmsprop")
 
 
+def _print_epoch(epoch, train_loss_m, val_loss_m, active_m) -> None:
+    """Recipe(progress=True): prints `epoch e: train loss, validation NLL (means over the members still
+    training), active members` on stderr while the compiled loop runs."""
+    import sys
+    print(f"  epoch {int(epoch) + 1}: train loss {np.nanmean(train_loss_m):.4f}  val NLL {np.nanmean(val_loss_m):.4f}"
+          f"  active members {int(np.sum(active_m))}/{np.size(active_m)}", file=sys.stderr, flush=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """Static settings of a compiled head-mode run (hashable: one compilation per distinct Recipe + shapes)."""
@@ -66,6 +74,7 @@ class Recipe:
     member_axis: str = "vmap"           # vmap | map (lax.map: members one after another inside the program)
     val_views: int = 2                  # views averaged at validation each epoch (0 = all; test TTA uses all)
     eval_chunk: int = 256               # examples·views per forward pass at validation/prediction
+    progress: bool = False              # one line on stderr per epoch (jax.debug.callback from inside the loop)
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
@@ -240,6 +249,9 @@ def make_train(recipe: Recipe, head, num_classes: int, mesh=None) -> Callable:
                 st = jax.vmap(epoch_member, (0, None, None, None, None))(st, epoch, hp, data, steps)
             else:
                 st = jax.lax.map(lambda sm: epoch_member(sm, epoch, hp, data, steps), st)
+            if r.progress:
+                jax.debug.callback(_print_epoch, epoch, st.history["train_loss"][..., epoch],
+                                   st.history["val_loss"][..., epoch], st.active)
             return epoch + 1, constrain(st)
 
         epochs_run, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))

@@ -74,14 +74,15 @@ def view_features(backbone, variables, images_nhwc, normalization, views: str = 
 def stream_view_features(backbone, variables, source, image_size: int, normalization, path, *,
                          views: str = "dihedral", num_affine: int = 0, seed: int = 0, batch_size: int = 32,
                          dtype=np.float16, num_threads: int = 2, max_pixels: int | None = None,
-                         progress: bool = True, desc: str = "features") -> "FeatureFile":
+                         progress: bool = True, desc: str = "features", image_fn=None) -> "FeatureFile":
     """Returns the frozen feature maps of every view of every image of `source`, V×N×h·w×C in `dtype` (16-bit),
     as the `FeatureFile` at `path` (a `.npy` file), computed if it does not exist.
 
     Streaming: a grain pipeline (`leukax.data.pipeline.epoch_dataset`, `num_threads` readers, in dataset
     order) decodes and resizes `batch_size` images at a time; their V views go through the backbone in V
     calls of `batch_size` (one compiled shape; the last batch padded) and are written into
-    ``path.partial`` (an `np.lib.format.open_memmap`). Memory: one batch of images and views, whatever N.
+    ``path.partial`` (an `np.lib.format.open_memmap`). `image_fn(uint8 B×S×S×3) -> B×S×S×3`, if given, runs on
+    every batch before its views are made (e.g. Akter et al.'s smoothing). Memory: one batch of images and views, whatever N.
     Resumable: after every batch ``path.progress.json`` records how many images are done; a killed extraction
     restarts there. The finished file is renamed to `path` (readers never see a partial one)."""
     import json
@@ -116,6 +117,8 @@ def stream_view_features(backbone, variables, source, image_size: int, normaliza
                                          num_threads=num_threads, max_pixels=max_pixels)
         for batch in batches:
             idx_b, images_b = batch["index"], batch["image"]
+            if image_fn is not None:
+                images_b = np.asarray(image_fn(images_b))
             b = len(idx_b)
             pad = np.concatenate([images_b, np.repeat(images_b[-1:], batch_size - b, 0)]) if b < batch_size else images_b
             views_vb = make_views(pad, views, num_affine, seed, np.concatenate([idx_b, np.repeat(idx_b[-1:], batch_size - b)]))

@@ -128,6 +128,22 @@ IMAGENET_ORDER: dict[str, tuple[str, ...]] = {
 }
 
 
+# How each registered file differs from keras.applications' float ImageNet weights, which both papers (Keras
+# programs) used; "" = it is that file. Recorded per backbone in every experiment's metrics.json.
+DIFFERS_FROM_KERAS_IMAGENET: dict[str, str] = {
+    **{w.name: "" for w in _ENTRIES if w.name.endswith("_keras")},
+    "mobilenet_v2_coral": "Coral's int8 quantisation-aware-trained TF-slim MobileNetV2, dequantised (conv kernels "
+                          "carry int8 rounding, BatchNorm folded), not keras' float ImageNet weights",
+    "inception_v3_tf2015": "Google's 2015 TensorFlow InceptionV3 graph (the FID network) with a max-pooled "
+                           "mixed10 branch pool, not keras' 2016 TF-slim weights",
+    **{f"efficientnet_lite{v}_{f}": f"EfficientNet-Lite{v} (no squeeze-excite, ReLU6 for swish, fixed stem/head), "
+                                    "the official TF Lite checkpoint ported to PyTorch; a different network from "
+                                    "EfficientNetB*" for v in ("0", "2") for f in ("pth", "npz")},
+    "embedded": "leukax's float16 copy of mobilenet_v2_coral (Coral's int8 quantisation-aware-trained "
+                "MobileNetV2, dequantised), not keras' float ImageNet weights",
+}
+
+
 def imagenet_candidates(backbone: str) -> list[WeightSpec]:
     """Returns the WeightSpecs to try, in order, for ``weights="imagenet"`` on a backbone (may be empty)."""
     names = IMAGENET_ORDER.get(backbone) or tuple(w.name for w in _ENTRIES if w.backbone == backbone)
