@@ -311,9 +311,9 @@ def run(cfg: Config) -> dict:
                                  **_data_kwargs(cfg)).images
             inputs = images if smoothing is None else np.concatenate(  # before augmentation, as the paper
                 [smoothing(images[i:i + 64]) for i in range(0, len(images), 64)])
-        else:  # V×N×T×C float16 on disk, extracted batch by batch (resumable), read a few images at a time
+        else:  # V×N×T×C bfloat16 on disk, extracted batch by batch (resumable), read a few images at a time
             key = features.stream_key(module, variables, spec.normalization, ds.fingerprint, size, cfg.views,
-                                      cfg.num_affine, cfg.seed, "float16", cfg.smoothing)
+                                      cfg.num_affine, cfg.seed, "bfloat16", cfg.smoothing)
             inputs = stream_view_features(
                 module, variables, ds.source, size, spec.normalization,
                 feature_dir / f"{cfg.dataset}_{record['used']}_{size}_{key[:16]}.npy", views=cfg.views,

@@ -215,7 +215,8 @@ def fit_mahalanobis(features_nd, labels_n, num_classes: int, shrinkage: float = 
     centred = x - means[y]
     cov = centred.T @ centred / max(len(x) - num_classes, 1)
     d = cov.shape[0]
-    cov = (1 - shrinkage) * cov + shrinkage * np.trace(cov) / d * np.eye(d)
+    scale = max(np.trace(cov) / d, 1e-12)  # > 0 even when every feature is constant
+    cov = (1 - shrinkage) * cov + shrinkage * scale * np.eye(d)
     return {"means_kd": jnp.asarray(means, jnp.float32), "precision_dd": jnp.asarray(np.linalg.inv(cov), jnp.float32)}
 
 

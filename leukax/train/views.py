@@ -73,10 +73,14 @@ def view_features(backbone, variables, images_nhwc, normalization, views: str = 
 
 def stream_view_features(backbone, variables, source, image_size: int, normalization, path, *,
                          views: str = "dihedral", num_affine: int = 0, seed: int = 0, batch_size: int = 32,
-                         dtype=np.float16, num_threads: int = 2, max_pixels: int | None = None,
+                         dtype="bfloat16", num_threads: int = 2, max_pixels: int | None = None,
                          progress: bool = True, desc: str = "features", image_fn=None) -> "FeatureFile":
     """Returns the frozen feature maps of every view of every image of `source`, V×N×h·w×C in `dtype` (16-bit),
     as the `FeatureFile` at `path` (a `.npy` file), computed if it does not exist.
+
+    bfloat16 (the default) keeps float32's range: raw feature maps of some networks are too small for float16
+    (random-init EfficientNet-Lite0's pooled features all flushed to 0) or, unbounded by ReLU6, could exceed
+    its 65504; its 8-bit mantissa (relative error ≤ 2⁻⁹) is far below what the views and members vary by.
 
     Streaming: a grain pipeline (`leukax.data.pipeline.epoch_dataset`, `num_threads` readers, in dataset
     order) decodes and resizes `batch_size` images at a time; their V views go through the backbone in V
@@ -98,7 +102,7 @@ def stream_view_features(backbone, variables, source, image_size: int, normaliza
 
     path = pathlib.Path(path)
     if path.exists():
-        return FeatureFile(path)
+        return FeatureFile(path, dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial, state = path.with_name(path.name + ".partial"), path.with_name(path.name + ".progress.json")
     n, v = len(source), num_views(views, num_affine)
@@ -108,9 +112,10 @@ def stream_view_features(backbone, variables, source, image_size: int, normaliza
     done = 0
     if partial.exists() and state.exists():
         saved = json.loads(state.read_text())
-        if tuple(saved["shape"]) == shape and saved["dtype"] == np.dtype(dtype).name:
+        if tuple(saved["shape"]) == shape and saved["dtype"] == _dtype(dtype).name:
             done = int(saved["done"])
-    mm = np.load(partial, mmap_mode="r+") if done else np.lib.format.open_memmap(partial, "w+", dtype, shape)
+    stored = _stored(dtype)
+    mm = np.load(partial, mmap_mode="r+") if done else np.lib.format.open_memmap(partial, "w+", stored, shape)
     bar = tqdm(total=n, initial=done, desc=desc, unit="img", file=sys.stderr, disable=not progress or done == n)
     if done < n:
         batches = pipeline.epoch_dataset(source, image_size, batch_size, indices=np.arange(done, n), shuffle=False,
@@ -124,16 +129,27 @@ def stream_view_features(backbone, variables, source, image_size: int, normaliza
             views_vb = make_views(pad, views, num_affine, seed, np.concatenate([idx_b, np.repeat(idx_b[-1:], batch_size - b)]))
             for k in range(v):
                 out = np.asarray(_forward(backbone, variables, views_vb[k], normalization, "feature_map"))[:b]
-                mm[k, idx_b[0]: idx_b[0] + b] = out.reshape(b, shape[2], shape[3]).astype(dtype)
+                mm[k, idx_b[0]: idx_b[0] + b] = out.reshape(b, shape[2], shape[3]).astype(_dtype(dtype)).view(stored)
             mm.flush()
             done = int(idx_b[0]) + b
-            state.write_text(json.dumps({"done": done, "shape": list(shape), "dtype": np.dtype(dtype).name}))
+            state.write_text(json.dumps({"done": done, "shape": list(shape), "dtype": _dtype(dtype).name}))
             bar.update(b)
     bar.close()
     del mm
     os.replace(partial, path)
     state.unlink(missing_ok=True)
-    return FeatureFile(path)
+    return FeatureFile(path, dtype)
+
+
+def _dtype(dtype) -> np.dtype:
+    """np.dtype of a name or type, bfloat16 included (ml_dtypes, a dependency of jax)."""
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16) if str(dtype) == "bfloat16" else np.dtype(dtype)
+
+
+def _stored(dtype) -> np.dtype:
+    """What the .npy file holds: bfloat16 as its raw 16 bits (uint16; .npy has no bfloat16), else the dtype."""
+    return np.dtype(np.uint16) if _dtype(dtype).name == "bfloat16" else _dtype(dtype)
 
 
 class FeatureFile:
@@ -141,10 +157,12 @@ class FeatureFile:
     those images' rows and unmaps it again, so the process's resident memory holds what was taken, not the
     file (pages of a long-lived memory map count as resident once touched). `np.asarray(f)` reads it all."""
 
-    def __init__(self, path):
+    def __init__(self, path, dtype=None):
         self.path = path
         mm = np.load(path, mmap_mode="r")
-        self.shape, self.dtype = mm.shape, mm.dtype
+        self.shape, self.dtype = mm.shape, _dtype(dtype) if dtype is not None else mm.dtype
+        if mm.dtype != _stored(self.dtype):
+            raise ValueError(f"leukax/train/views.py: {path} holds {mm.dtype}, not {self.dtype}")
         del mm
 
     @property
@@ -159,7 +177,7 @@ class FeatureFile:
         """A copy of `array[key]` (e.g. `f[:, split.train]`), read through a short-lived memory map."""
         mm = np.load(self.path, mmap_mode="r")
         try:
-            return np.array(mm[key])
+            return np.array(mm[key]).view(self.dtype)
         finally:
             del mm
 
