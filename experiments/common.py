@@ -205,21 +205,26 @@ def check_and_save(split, groups, leaky: bool, splits_dir) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- backbones
-def load_backbone(name: str, weights: str, weights_dir, substitute: str = "", seed: int = 0):
+CPU_KERNELS = ("xla", "native")
+
+
+def load_backbone(name: str, weights: str, weights_dir, substitute: str = "", seed: int = 0, cpu_kernels: str = "xla"):
     """Returns (module, variables, spec, record): `name` with ImageNet or random weights, or `substitute`
-    when its ImageNet weights are missing; `record` says what was used."""
+    when its ImageNet weights are missing; `record` says what was used. cpu_kernels: "xla" (default graph) or
+    "native" (`leukax.native`'s depthwise kernel; a program's --cpu_kernels)."""
     w = None if weights in ("none", "random", "") else weights
     try:
-        module, variables, spec = pretrained(name, weights=w, weights_dir=weights_dir, seed=seed)
+        module, variables, spec = pretrained(name, weights=w, weights_dir=weights_dir, seed=seed, cpu_kernels=cpu_kernels)
         used, note = name, None
     except FileNotFoundError as e:
         if not substitute:
             raise FileNotFoundError(f"experiments: no ImageNet weights for {name!r} ({e}); pass --weights=none "
                                     "or choose a backbone with offline weights") from e
-        module, variables, spec = pretrained(substitute, weights=w, weights_dir=weights_dir, seed=seed)
+        module, variables, spec = pretrained(substitute, weights=w, weights_dir=weights_dir, seed=seed,
+                                             cpu_kernels=cpu_kernels)
         used, note = substitute, f"{name} ImageNet weights not found; {substitute} used in its place"
     record = dict(requested=name, used=used, substitution=note, weights=weights if w else "random init",
-                  normalization=spec.normalization, params=count_params(variables))
+                  normalization=spec.normalization, params=count_params(variables), cpu_kernels=cpu_kernels)
     return module, variables, spec, record
 
 
