@@ -53,8 +53,9 @@ def test_apply_after_the_backend_started_warns():
         runtime.apply_xla_cpu_flags({})
 
 
-def _make_train():
-    return compiled.make_train(compiled.Recipe(num_members=2, num_epochs=1), make_head("linear", 2), 2)
+def _make_train(members=2):
+    compiled.make_train.cache_clear()  # make_train is cached per Recipe: run its body every time here
+    return compiled.make_train(compiled.Recipe(num_members=members, num_epochs=1), make_head("linear", 2), 2)
 
 
 def test_compiled_trainer_warns_once_when_the_scheduler_is_on(monkeypatch):
@@ -62,8 +63,8 @@ def test_compiled_trainer_warns_once_when_the_scheduler_is_on(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _make_train()
-        _make_train()
+        _make_train(2)
+        _make_train(3)
     msgs = [str(w.message) for w in caught if issubclass(w.category, UserWarning) and SCHED[0] in str(w.message)]
     assert len(msgs) == 1 and f"XLA_FLAGS={SCHED[0]}=false" in msgs[0], msgs
 
