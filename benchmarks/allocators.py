@@ -51,6 +51,7 @@ class Config:
     warmup: int = field(2, "Untimed steps per child.")
     timeout_s: int = field(900, "Seconds one child may take.")
     out: str = field("", "Write the JSON (+ .md) here after every child ('' = print only).")
+    append: bool = field(False, "Keep the rows already in --out (each row records its own child command).")
 
 
 def run_child(cfg: Config, name: str, cores: int, tmp: pathlib.Path) -> dict:
@@ -64,12 +65,15 @@ def run_child(cfg: Config, name: str, cores: int, tmp: pathlib.Path) -> dict:
     cmd = [sys.executable, str(common.REPO / "benchmarks" / "cpu_mobilenetv2_gru.py"), f"--cores={cores}",
            f"--steps={cfg.steps}", f"--warmup={cfg.warmup}", f"--cpu_kernels={kernels}", f"--out={out}"]
     t0 = time.time()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=cfg.timeout_s)
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=cfg.timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"variant": name, "cores": cores, "error": [f"did not finish in {cfg.timeout_s} s"]}
     if proc.returncode != 0:
         return {"variant": name, "cores": cores, "error": proc.stderr.strip().splitlines()[-3:]}
     r = json.loads(out.read_text())
     m, tr, inf = r["machine"], r["modes"]["train"], r["modes"]["infer"]
-    return {"variant": name, "cores": cores, "cpu_kernels": kernels,
+    return {"variant": name, "cores": cores, "cpu_kernels": kernels, "steps": cfg.steps, "warmup": cfg.warmup,
             "env": " ".join(f"{k}={v}" for k, v in extra.items()), "allocator": m["malloc"],
             "jax_train": tr["jax"]["img_per_s"], "torch_train": tr["torch"]["img_per_s"], "train_ratio": tr["ratio"],
             "jax_infer": inf["jax"]["img_per_s"], "torch_infer": inf["torch"]["img_per_s"], "infer_ratio": inf["ratio"],
@@ -88,24 +92,24 @@ def markdown(result: dict) -> str:
              f"- **Command:** `{result['command']}`",
              f"- **Commit:** `{result['git_commit']}`; **date:** {result['time']}; **CPU:** {cpu}, shared machine.",
              "- **Each row:** one process of `benchmarks/cpu_mobilenetv2_gru.py` (batch 16, 224 px, GRU 256; "
-             f"{result['warmup']} warm-up steps, {result['steps']} interleaved rounds) with the allocator preloaded for "
+             "warm-up steps, then the interleaved rounds given per row) with the allocator preloaded for "
              "the whole process, so both frameworks use it; the allocator column is what the process found in "
              "/proc/self/maps. img/s = median over rounds; ratio = median of per-round PyTorch/JAX step-time "
              "ratios (> 1: JAX faster); faults = median minor page faults of the process per training step; "
              "peak RSS of the whole process (both frameworks); load = 1-min load average before → after.", ""]
     for cores in dict.fromkeys(r["cores"] for r in rows):
         lines += [f"## {cores} core{'s' if cores > 1 else ''}", "",
-                  "| variant | allocator (settings) | depthwise | JAX train img/s | PyTorch train | train ratio | "
+                  "| variant | allocator (settings) | depthwise | rounds | JAX train img/s | PyTorch train | train ratio | "
                   "JAX infer img/s | PyTorch infer | infer ratio | faults/step JAX / PyTorch (train) | peak RSS GB | load |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["cores"] == cores):
             if "jax_train" not in r:
                 lines.append(f"| {r['variant']} | {'missing ' + r['missing'] if 'missing' in r else 'failed: ' + ' '.join(r['error'])} |"
-                             + " |" * 10)
+                             + " |" * 11)
                 continue
             f = r["minflt_train"]
             lines.append(
-                f"| {r['variant']} | {interleave.allocator_note(r['allocator'])} | {r['cpu_kernels']} | "
+                f"| {r['variant']} | {interleave.allocator_note(r['allocator'])} | {r['cpu_kernels']} | {r.get('steps', '?')} | "
                 f"{r['jax_train']:.1f} | {r['torch_train']:.1f} | **{r['train_ratio']:.2f}×** | {r['jax_infer']:.1f} | "
                 f"{r['torch_infer']:.1f} | **{r['infer_ratio']:.2f}×** | {f['jax']:,.0f} / {f['torch']:,.0f} | "
                 f"{r['peak_rss_gb']:.2f} | {r['load_before'][0]:.2f} → {r['load_after'][0]:.2f} |")
@@ -117,6 +121,10 @@ def run(cfg: Config) -> dict:
     result = {"benchmark": "allocators", "git_commit": common.git_commit(),
               "command": common.command_line("benchmarks/allocators.py", cfg), "steps": cfg.steps,
               "warmup": cfg.warmup, "time": time.strftime("%Y-%m-%dT%H:%MZ", time.gmtime()), "rows": []}
+    if cfg.append and cfg.out and pathlib.Path(cfg.out).exists():
+        old = json.loads(pathlib.Path(cfg.out).read_text())
+        result["rows"] = old["rows"]
+        result["command"] = old["command"] + " ; then " + result["command"]
     with tempfile.TemporaryDirectory() as d:
         for cores in cfg.cores:
             for name in cfg.variants:
