@@ -147,3 +147,20 @@ def test_failing_compiler_reports_its_error(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="failed"):
         native_depthwise.build("false", cache_dir=tmp_path)
     assert not list(tmp_path.glob("*.so"))
+
+
+def test_cpu_kernels_threads_to_the_backbone():
+    """pretrained(..., cpu_kernels="native") (a program's --cpu_kernels) gives depthwise backbones the native
+    kernel; "xla" (the default) leaves the pure-XLA graph; backbones without depthwise convolutions ignore it."""
+    from experiments import common
+    from leukax.pretrained import pretrained
+    module, variables, _ = pretrained("mobilenet_v2", weights=None, cpu_kernels="native", init_size=32)
+    assert module.depthwise_impl == "native"
+    x = jnp.zeros((1, 32, 32, 3))
+    assert "leukax_depthwise_forward" in str(jax.make_jaxpr(module.apply)(variables, x))
+    module, variables, _, record = common.load_backbone("mobilenet_v2", "none", None)
+    assert module.depthwise_impl == "auto" and record["cpu_kernels"] == "xla"
+    assert "leukax_depthwise" not in str(jax.make_jaxpr(module.apply)(variables, x))
+    assert not hasattr(pretrained("resnet50_v2", weights=None, cpu_kernels="native", init_size=32)[0], "depthwise_impl")
+    with pytest.raises(ValueError, match="cpu_kernels"):
+        pretrained("mobilenet_v2", weights=None, cpu_kernels="fast")
