@@ -110,8 +110,8 @@ def markdown(result: dict) -> str:
             f = r["minflt_train"]
             lines.append(
                 f"| {r['variant']} | {interleave.allocator_note(r['allocator'])} | {r['cpu_kernels']} | {r.get('steps', '?')} | "
-                f"{r['jax_train']:.1f} | {r['torch_train']:.1f} | **{r['train_ratio']:.2f}×** | {r['jax_infer']:.1f} | "
-                f"{r['torch_infer']:.1f} | **{r['infer_ratio']:.2f}×** | {f['jax']:,.0f} / {f['torch']:,.0f} | "
+                f"{r['jax_train']:.2f} | {r['torch_train']:.2f} | **{r['train_ratio']:.2f}×** | {r['jax_infer']:.2f} | "
+                f"{r['torch_infer']:.2f} | **{r['infer_ratio']:.2f}×** | {f['jax']:,.0f} / {f['torch']:,.0f} | "
                 f"{r['peak_rss_gb']:.2f} | {r['load_before'][0]:.2f} → {r['load_after'][0]:.2f} |")
         lines.append("")
     return "\n".join(lines)
