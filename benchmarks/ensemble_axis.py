@@ -1,8 +1,11 @@
-"""Ensemble-axis strategies (vmap / lax.map / sequential) of the deep-ensemble train step: steps/s.
+"""Ensemble-axis strategies (vmap / lax.map / sequential) of the finetune-mode deep-ensemble train step: steps/s.
 
-One "step" = one optimizer step of every member (M members, batch B each), measured through
-`make_train(...).fit` over whole epochs (so per-epoch overhead is included), after a warm-up epoch that
-compiles. Modes: finetune (backbone + GRU head, BN in train mode) and head (GRU head on cached features).
+One "step" = one optimizer step of every member (M members, batch B each; backbone + GRU head, BN in train mode),
+measured through `leukax.train.finetune.make_train(...).fit` over whole epochs (so per-epoch overhead is
+included), after a warm-up epoch that compiles. Finetune only: head mode has one trainer, the compiled one
+(`leukax.train.compiled`, member axis `Recipe(member_axis="vmap" | "map")` inside one program), timed in
+benchmarks/head_mode.py; the head-mode rows of the committed results/benchmarks/ensemble_axis.* were measured
+with the per-step head-mode trainer that issue 18 removed, and stay as history.
 
   python benchmarks/ensemble_axis.py --backbone=tiny --size=64 --members=3,5
   python benchmarks/ensemble_axis.py --backbone=mobilenet_v2 --size=96 --alpha=0.35
@@ -26,8 +29,7 @@ from experiments.common import field
 from leukax.models.classifier import Classifier
 from leukax.models.heads import GRUHead
 from leukax.models.layers import DepthwiseConv2D
-from leukax.train import ensemble
-from leukax.train.features import compute_features
+from leukax.train import finetune
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -38,8 +40,7 @@ class Config:
     alpha: float = field(0.35, "MobileNetV2 width multiplier.")
     size: int = field(64, "Image size in pixels.")
     members: tuple = field((3, 5), "Ensemble sizes M to time.")
-    modes: tuple = field(("finetune", "head"), "Trainer modes to time.")
-    axes: tuple = field(tuple(ensemble.AXES), "Ensemble-axis strategies to time.")
+    axes: tuple = field(tuple(finetune.AXES), "Ensemble-axis strategies to time.")
     batch: int = field(16, "Batch size per member.")
     n: int = field(64, "Training images (epoch = n // batch steps).")
     epochs: int = field(2, "Timed epochs after the warm-up epoch.")
@@ -71,7 +72,7 @@ def backbone(name: str, alpha: float):
 
 def steps_per_second(cfg, model, data, epochs: int) -> tuple[float, float]:
     """Returns (ensemble steps per second, warm-up seconds incl. compile)."""
-    tr = ensemble.make_train(cfg, model, data)
+    tr = finetune.make_train(cfg, model, data)
     state = tr.init_state()
     t0 = time.perf_counter()
     state = tr.fit(state, until_epoch=1)
@@ -90,20 +91,17 @@ def run(args: Config) -> dict:
     x = rng.integers(0, 256, (args.n, args.size, args.size, 3), dtype=np.uint8)  # timing only: content irrelevant
     y = (np.arange(args.n) % 2).astype(np.int32)
     head = GRUHead(num_classes=2, units=args.units, hidden=64)
-    bb_vars = net.init(jax.random.PRNGKey(0), jnp.zeros((1, args.size, args.size, 3)))
-    feats = compute_features(net, bb_vars, x, norm, batch_size=args.batch)
+    model, data = Classifier(net, head), (x, y)
     rows = []
-    for mode in args.modes:
-        model, data = (Classifier(net, head), (x, y)) if mode == "finetune" else (head, (feats, y))
-        for m in args.members:
-            for axis in args.axes:
-                cfg = ensemble.TrainConfig(num_members=m, mode=mode, optimizer="adam", batch_size=args.batch,
-                                           num_epochs=1 + args.epochs, dropout_rate=0.2, normalization=norm,
-                                           ensemble_axis=axis)
-                sps, warm = steps_per_second(cfg, model, data, args.epochs)
-                rows.append({"mode": mode, "members": m, "axis": axis, "steps_per_s": round(sps, 3),
-                             "member_steps_per_s": round(sps * m, 3), "warmup_s": round(warm, 2)})
-                print(json.dumps(rows[-1]), flush=True)
+    for m in args.members:
+        for axis in args.axes:
+            cfg = finetune.TrainConfig(num_members=m, optimizer="adam", batch_size=args.batch,
+                                       num_epochs=1 + args.epochs, dropout_rate=0.2, normalization=norm,
+                                       ensemble_axis=axis)
+            sps, warm = steps_per_second(cfg, model, data, args.epochs)
+            rows.append({"mode": "finetune", "members": m, "axis": axis, "steps_per_s": round(sps, 3),
+                         "member_steps_per_s": round(sps * m, 3), "warmup_s": round(warm, 2)})
+            print(json.dumps(rows[-1]), flush=True)
 
     env = common.environment()
     meta = {"command": common.command_line("benchmarks/ensemble_axis.py", args), "commit": env["commit"],
@@ -113,10 +111,9 @@ def run(args: Config) -> dict:
             "head": f"GRUHead(units={args.units}, hidden=64)",
             "note": args.note}
     best = {}
-    for mode in args.modes:
-        for m in args.members:
-            cand = [r for r in rows if r["mode"] == mode and r["members"] == m]
-            best[f"{mode}/M={m}"] = max(cand, key=lambda r: r["steps_per_s"])["axis"]
+    for m in args.members:
+        cand = [r for r in rows if r["members"] == m]
+        best[f"finetune/M={m}"] = max(cand, key=lambda r: r["steps_per_s"])["axis"]
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # One run per (backbone, size, backend) is kept; other runs already in the file stay.

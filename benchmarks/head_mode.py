@@ -1,16 +1,18 @@
 """Head mode: the compiled trainer (leukax.train.compiled, the whole early-stopped run of M members as one
-program) against the per-step trainer (leukax.train.ensemble, Python dispatching every batch), and batched BO.
+program) over 5 folds, and batched BO.
 
   python benchmarks/head_mode.py                                   (writes results/benchmarks/head_mode.{json,md})
 
 Workload of issue 8: MobileNetV2 feature maps 7×7×1280 (random values: the time does not depend on them), a
 GRU(512) head, M = 5 members, 260 images split 5-fold with 20 % validation (156 train / 52 val / 52 test per
-fold), batch `--batch` (16), `--epochs` epochs per fold without early stopping (patience = epochs), so both trainers do the
-same number of steps. The per-step trainer is timed for `--old_epochs` epochs of one fold and its 5-fold time
-is extrapolated from its measured seconds per epoch (said so in the output); the compiled trainer runs all
-folds. Compile time is reported apart. BO: `--bo_trials` trials suggested `--bo_batch` at a time by bayes_opt over
-the whole RECIPE_SPACE (units searched, optimizer traced: one program per GRU width), `--bo_members` per trial,
-on one fold, as `experiments.hybrid_gru --hparams=bo` does.
+fold), batch `--batch` (16), `--epochs` epochs per fold without early stopping (patience = epochs). Compile time
+is reported apart. BO: `--bo_trials` trials suggested `--bo_batch` at a time by bayes_opt over the whole
+RECIPE_SPACE (units searched, optimizer traced: one program per GRU width), `--bo_members` per trial, on one
+fold, as `experiments.hybrid_gru --hparams=bo` does.
+
+The per-step head-mode trainer this was once compared with (`leukax.train.ensemble`, mode "head") is gone
+(issue 18: one trainer per mode); the committed tables in results/benchmarks/head_mode*.md keep that comparison
+as history, with the commit that measured it.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import numpy as np
 from experiments import common
 from experiments.common import field
 from leukax.models.heads import GRUHead
-from leukax.train import bayes, compiled, ensemble
+from leukax.train import bayes, compiled
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -37,10 +39,9 @@ class Config:
     units: int = field(512, "GRU units.")
     members: int = field(5, "Deep-ensemble members M.")
     epochs: int = field(20, "Epochs per fold (no early stopping).")
-    old_epochs: int = field(3, "Epochs of one fold timed for the per-step trainer (after one warm-up epoch).")
     feature_dim: int = field(0, "Channels fed to the GRU (0 = the 1280 of MobileNetV2; 256 = leukax's PCA recipe).")
     views: int = field(1, "Cached views per image (8 = leukax's recipe: a different view per member and epoch, TTA at "
-                          "validation); the per-step trainer always gets one.")
+                          "validation).")
     batch: int = field(16, "Batch size (16: the issue's workload; 32: leukax's recipe).")
     bo_trials: int = field(30, "BO trials (0 = skip BO).")
     bo_batch: int = field(6, "BO trials suggested together.")
@@ -72,17 +73,6 @@ def run(cfg: Config) -> dict:
     out["compiled"] = dict(five_folds_s=five, per_epoch_s=five / (5 * cfg.epochs),
                            compile_s=max(first - five / 5, 0.0))
 
-    tcfg = ensemble.TrainConfig(num_members=cfg.members, mode="head", optimizer="adam", learning_rate=1e-3,
-                                dropout_rate=0.1, batch_size=cfg.batch, num_epochs=cfg.old_epochs + 1, patience=None,
-                                normalization=None)
-    tr = ensemble.make_train(tcfg, head, (x_tr[0], y_tr), (x_va[0], y_va))
-    state = tr.fit(until_epoch=1)  # warm-up epoch: compiles
-    t0 = time.perf_counter()
-    tr.fit(state)
-    per_epoch_old = (time.perf_counter() - t0) / cfg.old_epochs
-    out["per_step_trainer"] = dict(per_epoch_s=per_epoch_old, five_folds_s_extrapolated=per_epoch_old * 5 * cfg.epochs,
-                                   measured_epochs=cfg.old_epochs)
-    out["speedup"] = per_epoch_old / out["compiled"]["per_epoch_s"]
 
     if cfg.bo_trials:
         # As experiments.hybrid_gru --hparams=bo: the whole RECIPE_SPACE (units too), the optimizer traced, one
@@ -116,18 +106,16 @@ def run(cfg: Config) -> dict:
 
 
 def markdown(o: dict) -> str:
-    c, old, e = o["compiled"], o["per_step_trainer"], o["environment"]
-    lines = ["# Head mode: compiled trainer vs per-step trainer\n",
+    c, e = o["compiled"], o["environment"]
+    lines = ["# Head mode: the compiled trainer\n",
              f"Command: `{o['command']}`  \nCommit: `{e['commit']}`; device: {e['device']} ({e['cpu_count']} cores); "
              f"load average at start {tuple(round(x, 1) for x in o['load_average'])}.\n",
-             "| what | per-step trainer (ensemble.py) | compiled trainer | ratio |", "|---|---|---|---|",
-             f"| seconds per epoch (M={o['config']['members']}, all members) | {old['per_epoch_s']:.2f} | "
-             f"{c['per_epoch_s']:.2f} | {o['speedup']:.2f}× |",
-             f"| 5 folds × {o['config']['epochs']} epochs | {old['five_folds_s_extrapolated']:.0f} s (extrapolated from "
-             f"{old['measured_epochs']} measured epochs) | {c['five_folds_s']:.0f} s (measured) + {c['compile_s']:.0f} s "
-             f"compile | |"]
+             "| what | compiled trainer |", "|---|---|",
+             f"| seconds per epoch (M={o['config']['members']}, all members) | {c['per_epoch_s']:.2f} |",
+             f"| 5 folds × {o['config']['epochs']} epochs | {c['five_folds_s']:.0f} s (measured) + {c['compile_s']:.0f} s "
+             "compile |"]
     if "bo" in o:
-        lines.append(f"| BO, {o['bo']['trials']} trials suggested {o['bo']['batch']} at a time | | {o['bo']['total_s']:.0f} s | |")
+        lines.append(f"| BO, {o['bo']['trials']} trials suggested {o['bo']['batch']} at a time | {o['bo']['total_s']:.0f} s |")
         lines.append(f"\nBO: {o['bo']['note']}; units of the trials: {o['bo']['units']}.")
     return "\n".join(lines) + "\n"
 

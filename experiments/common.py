@@ -107,6 +107,7 @@ def main(config_cls, run, compilation_cache: bool = True) -> None:
     runtime.apply_xla_cpu_flags()
     from leukax.data.builders.base import DatasetError, ManualDownloadError
     define_flags(config_cls, module_name=sys.argv[0])
+    define_distributed_flags()
 
     def _main(argv):
         if len(argv) > 1:
@@ -114,12 +115,75 @@ def main(config_cls, run, compilation_cache: bool = True) -> None:
         if compilation_cache:
             enable_compilation_cache()
         try:
-            run(config_from_flags(config_cls))  # returns None: app.run would print and exit 1 on a returned value
+            run(process_config(config_from_flags(config_cls), init_distributed_from_flags()))  # returns None: app.run would print and exit 1 on a returned value
         except (InputError, DatasetError, ManualDownloadError) as e:
             print(f"{pathlib.Path(sys.argv[0]).stem}: error: {e}", file=sys.stderr)
             sys.exit(2)
 
     app.run(_main)
+
+
+# ---------------------------------------------------------------------------------------------- scale-out
+DISTRIBUTED_FLAGS = ("coordinator_address", "num_processes", "process_id")
+
+
+def define_distributed_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+    """The launch settings of JAX's own distributed runtime, shared by every experiment (not part of a Config:
+    they say where a run executes, not what it computes)."""
+    if "coordinator_address" in flag_values:
+        return
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for a run over several processes "
+                        "(jax.distributed); unset = one process.", flag_values=flag_values)
+    flags.DEFINE_integer("num_processes", 1, "Processes in the run (one per host; jax.distributed).",
+                         flag_values=flag_values)
+    flags.DEFINE_integer("process_id", 0, "This process's index in [0, num_processes).", flag_values=flag_values)
+
+
+def init_distributed(coordinator_address: str | None, num_processes: int = 1, process_id: int = 0) -> int:
+    """Joins a run of `num_processes` processes with `jax.distributed.initialize` (before any computation);
+    returns this process's index. CPU backends exchange collectives through gloo. One process: nothing happens.
+
+    Every process loads the same data and splits and trains the same programs; the ensemble's member axis is
+    sharded over the global mesh of all processes' devices (`member_mesh`), so each device trains M/D members,
+    and `compiled.fit` gathers the trained members back to every process."""
+    if num_processes <= 1 and not coordinator_address:
+        return 0
+    if not coordinator_address or not 0 <= process_id < num_processes:
+        raise InputError(f"experiments: a run over {num_processes} processes needs --coordinator_address=host:port "
+                         f"and 0 <= --process_id < {num_processes} (got {coordinator_address!r}, {process_id})")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+    return jax.process_index()
+
+
+def init_distributed_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> int:
+    return init_distributed(*(flag_values[k].value for k in DISTRIBUTED_FLAGS))
+
+
+def process_config(cfg, process_index: int):
+    """Process 0 writes the run's files; another process (same computation, same numbers) writes its copy to a
+    temporary folder and keeps no feature cache of its own."""
+    if process_index == 0 or not hasattr(cfg, "out_dir"):
+        return cfg
+    import tempfile
+    changes = {"out_dir": tempfile.mkdtemp(prefix=f"leukax_process{process_index}_")}
+    if hasattr(cfg, "feature_cache"):
+        changes["feature_cache"] = None
+    return dataclasses.replace(cfg, **changes)
+
+
+def member_mesh(num_members: int):
+    """A `Mesh` with axis "members" over every device of every process when there are several and they divide
+    `num_members`; else None (one device trains all members)."""
+    from jax.sharding import Mesh
+    devices = jax.devices()
+    if len(devices) <= 1:
+        return None
+    if num_members % len(devices):
+        raise InputError(f"experiments: --members={num_members} is not a multiple of the {len(devices)} devices "
+                         "the member axis is sharded over")
+    return Mesh(np.array(devices), ("members",))
 
 
 def command_line(program: str, cfg) -> str:
@@ -152,11 +216,24 @@ def environment() -> dict:
     the allocator the process runs with (`leukax.runtime.allocator`)."""
     dev = jax.devices()[0]
     return dict(commit=git_commit(), device=str(dev), device_kind=getattr(dev, "device_kind", ""),
-                backend=jax.default_backend(), jax=jax.__version__, python=platform.python_version(),
+                backend=jax.default_backend(), process_count=jax.process_count(), device_count=jax.device_count(),
+                jax=jax.__version__, python=platform.python_version(),
                 cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
                 xla_flags=os.environ.get("XLA_FLAGS", ""),
                 allocator=runtime.allocator(),
                 argv=" ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]))
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (getrusage's ru_maxrss: KiB on Linux)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def progress(total: int, desc: str, quiet: bool = False):
+    """A progress bar with rate and ETA on stderr for a long phase (tqdm); `quiet` hides it."""
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, file=sys.stderr, disable=quiet, dynamic_ncols=True)
 
 
 # ------------------------------------------------------------------------------------------------- splits

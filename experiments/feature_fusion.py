@@ -27,7 +27,8 @@ reported where both run.
 
 Training (Table 1): batch 32, 100 epochs, Adam (learning rate 1e-3, Keras' default: the paper gives none),
 early stopping with patience 50 on validation loss, categorical cross-entropy — the defaults in every
-protocol. The split is what `--protocol` changes:
+protocol. Both stages train through `leukax.train.compiled` (each whole early-stopped run is one compiled
+program; `fit_heads`). The split is what `--protocol` changes:
 - grouped_kfold (default, honest): stratified k-fold grouped by subject / duplicate, `--repeats` seeds.
 - paper: the paper's own — every image expanded offline into 16 rotated/flipped copies (4 rotations ×
   {none, h, v, both}: each distinct image twice), then a random per-image 70/10/20 split, so copies of one
@@ -45,10 +46,10 @@ measures the lab confound of composite datasets; `--noenhance` switches the enha
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -56,12 +57,12 @@ from experiments import common
 from experiments import feature_fusion_parts as fp
 from experiments import feature_fusion_report as report
 from experiments.common import field
-from leukax import fusion, imagenet_top, metrics
+from leukax import fusion, imagenet_top, metrics, records
 from leukax.data import load_arrays
 from leukax.data.splits import repeated_holdout
 from leukax.models.heads import DenseHead
 from leukax.preprocess import enhance_paper2
-from leukax.train.ensemble import TrainConfig, make_train, member_variables
+from leukax.train import compiled
 from leukax.train.features import cached_features
 
 PROTOCOLS = ("grouped_kfold", "paper", "paper_grouped")
@@ -165,38 +166,45 @@ def load_models(cfg, images):
     return models
 
 
-def _tcfg(cfg, seed, members) -> TrainConfig:
-    return TrainConfig(num_members=members, mode="head", optimizer="adam", learning_rate=cfg.learning_rate,
-                       dropout_rate=cfg.dropout, batch_size=cfg.batch_size, num_epochs=cfg.epochs,
-                       patience=cfg.patience, monitor="val_loss", seed=seed, normalization=None)
+def fit_heads(cfg, head, x, split, labels, k, seed, members: int, dropout: float):
+    """Trains `members` heads on inputs x (N×...) with Table 1's recipe through the compiled head-mode trainer:
+    Adam (Keras defaults) at a constant learning rate, categorical cross-entropy, batch min(batch_size, n_train),
+    early stopping on the validation loss keeping each member's best weights. Returns (params_m..., p_val_mnk,
+    p_test_mnk, history {k: M×epochs run})."""
+    rcp = compiled.Recipe(num_members=members, num_epochs=cfg.epochs, batch_size=min(cfg.batch_size, len(split.train)),
+                          patience=cfg.patience, optimizer="adam", schedule="constant", label_smoothing=0.0,
+                          monitor="val_nll", val_views=0)
+    hp = compiled.default_hparams(learning_rate=cfg.learning_rate, weight_decay=0.0, dropout=dropout,
+                                  input_dropout=0.0, recurrent_dropout=0.0)
+    res = compiled.fit(rcp, head, k, x[split.train], labels[split.train], x[split.val], labels[split.val], hp,
+                       seed=seed, views=False)
+    predict = compiled.make_predict(head)
+    p_va, p_te = (np.asarray(predict(res.params, jnp.asarray(x[idx], jnp.float32)[None])) for idx in (split.val, split.test))
+    epochs = int(np.max(res.epochs_run))
+    return res.params, p_va, p_te, {key: np.asarray(v)[:, :epochs] for key, v in res.history.items()}
 
 
 def train_head(cfg, x, split, labels, k, seed):
     """Stage 1 (or Table 2): DenseHead on head inputs. Returns (p_val_mnk, p_test_mnk, feats_mnd of every
     item, member-0 head params, history)."""
     head = DenseHead(k, features=cfg.features, dropout=cfg.dropout)
-    tr = make_train(_tcfg(cfg, seed, cfg.members), head, (x[split.train], labels[split.train]),
-                    (x[split.val], labels[split.val]))
-    state = tr.fit()
-    fwd = [member_variables(state, m) for m in range(cfg.members)]
-    feats = np.stack([np.asarray(head.apply(v, jnp.asarray(x))[1]["pre_logits"]) for v in fwd])
-    return tr.predict(state, x[split.val]), tr.predict(state, x[split.test]), feats, fwd[0]["params"], tr.history(state)
+    params_m, p_va, p_te, hist = fit_heads(cfg, head, x, split, labels, k, seed, cfg.members, cfg.dropout)
+    feats = np.asarray(jax.vmap(lambda p: head.apply({"params": p}, jnp.asarray(x))[1]["pre_logits"])(params_m))
+    return p_va, p_te, feats, jax.tree.map(lambda a: a[0], params_m), hist
 
 
 def train_meta(cfg, feats_list, split, labels, k, seed):
-    """Stage 2 per member on concat(features of that member). Returns (p_val_mnk, p_test_mnk, member-0
-    variables, member-0 history)."""
+    """Stage 2 per member on concat(features of that member), no dropout (the paper's). Returns (p_val_mnk,
+    p_test_mnk, member-0 variables, member-0 history)."""
     meta = fusion.MetaClassifier(k)
     p_va, p_te, v0, h0 = [], [], None, None
     for m in range(cfg.members):
         x = np.asarray(fusion.concat_features(*[f[m] for f in feats_list]))
-        tr = make_train(dataclasses.replace(_tcfg(cfg, seed + 104729 * m, 1), dropout_rate=None), meta,
-                        (x[split.train], labels[split.train]), (x[split.val], labels[split.val]))
-        state = tr.fit()
-        p_va.append(tr.predict(state, x[split.val])[0])
-        p_te.append(tr.predict(state, x[split.test])[0])
+        params_m, pv, pt, hist = fit_heads(cfg, meta, x, split, labels, k, seed + 104729 * m, 1, 0.0)
+        p_va.append(pv[0])
+        p_te.append(pt[0])
         if v0 is None:
-            v0, h0 = member_variables(state, 0), tr.history(state)
+            v0, h0 = {"params": jax.tree.map(lambda a: a[0], params_m)}, hist
     return np.stack(p_va), np.stack(p_te), v0, h0
 
 
@@ -292,8 +300,8 @@ def run(cfg: Config) -> dict:
         timing_s=dict(total=time.perf_counter() - t_start, training=t_train,
                       features={n: m["seconds"] for n, m in models.items()}),
         environment=env, command=common.command_line("experiments.feature_fusion", cfg))
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    records.write_json(out / "metrics.json", result)
+    records.write_json(out / "config.json", dataclasses.asdict(cfg))
     (out / "README.md").write_text(report.readme(result))
     acc = {r: results[r]["test_mean_std"]["accuracy"]["mean"] for r in rows}
     print(f"feature_fusion: {out}: " + ", ".join(f"{r} {a:.3f}" for r, a in acc.items()))

@@ -43,8 +43,8 @@ dropout; constant learning rate, no label smoothing, no weight decay) to the GRU
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
+import tempfile
 import time
 
 import jax.numpy as jnp
@@ -52,15 +52,16 @@ import numpy as np
 
 from experiments import common
 from experiments.common import field
-from leukax import fusion, metrics, plots, uncertainty
+from leukax import fusion, metrics, plots, records, uncertainty
 from leukax.augment import augment_paper1
-from leukax.data import load_arrays
+from leukax.data import load_arrays, load_index
 from leukax.models.classifier import Classifier
 from leukax.models import registry as model_registry
 from leukax.models.heads import make_head
 from leukax.train import bayes, compiled, recipe
-from leukax.train.ensemble import TrainConfig, make_train
-from leukax.train.views import view_features
+from leukax.train import features
+from leukax.train.finetune import TrainConfig, make_train
+from leukax.train.views import stream_view_features
 
 # Akter et al. 2024, as reported in the paper (their protocol: a random per-image split, i.e. `--leaky`).
 PAPER_REPORTED = {
@@ -123,7 +124,9 @@ class Config:
     leaky: bool = field(False, "paper_80_20 per image, ignoring subjects and duplicates (as the paper did).")
     referral_accuracy: float = field(0.95, "Refer above the largest entropy cut whose validation accuracy reaches "
                                      "this.")
-    feature_cache: str | None = field(None, "Folder to keep frozen features as .npy between runs.")
+    feature_cache: str | None = field(None, "Folder to keep frozen features (float16 .npy, resumable) between runs; "
+                                      "unset = a temporary folder deleted at the end.")
+    quiet: bool = field(False, "No progress bars or per-phase lines on stderr.")
     seed: int = field(0, "Seed of everything.")
 
 
@@ -187,7 +190,7 @@ def train_finetune(cfg, hybrid: dict, split, labels, num_classes, seed):
     (probs_val_mnk, probs_test_mnk, info)."""
     head = make_head("gru", num_classes, units=cfg.units, dropout=cfg.dropout, hidden=cfg.hidden, order=cfg.order)
     x = hybrid["inputs"]
-    tcfg = TrainConfig(num_members=cfg.members, mode="finetune", optimizer="adam" if cfg.optimizer == "adamw"
+    tcfg = TrainConfig(num_members=cfg.members, optimizer="adam" if cfg.optimizer == "adamw"
                        else cfg.optimizer, learning_rate=cfg.learning_rate, momentum=cfg.momentum,
                        dropout_rate=cfg.dropout, batch_size=cfg.batch_size, num_epochs=cfg.epochs,
                        patience=cfg.patience, monitor="val_loss", seed=seed,
@@ -203,8 +206,8 @@ def train_heads(cfg, hybrid: dict, split, labels, num_classes, seed, bo_dir) -> 
     """Head mode: every head kind of `cfg.heads` on the same transformed features of this split; returns
     {kind: (probs_val_mnk, probs_test_mnk, info)} (info["hparams"] says where the GRU's came from)."""
     views = hybrid["inputs"]  # V×N×T×C
-    tf = recipe.fit_transform(views[:, split.train], cfg.feature_dim, seed=seed)
-    tr, va, te = (tf.apply(views[:, idx]) for idx in (split.train, split.val, split.test))
+    tf = recipe.fit_transform(views, cfg.feature_dim, seed=seed, indices=split.train)  # reads sampled rows only
+    tr, va, te = (recipe.transform(tf, views, idx) for idx in (split.train, split.val, split.test))  # 16-bit
     rcp, hp, units, source = split_hparams(cfg, hybrid["name"], tr, va, split, labels, num_classes, bo_dir)
     out = {}
     for kind in cfg.heads:
@@ -212,7 +215,7 @@ def train_heads(cfg, hybrid: dict, split, labels, num_classes, seed, bo_dir) -> 
                                                         compiled.default_hparams())
         p_va, p_te, info = recipe.train_and_predict(kind, k_rcp, k_hp, num_classes, tr, labels[split.train], va, te,
                                                     labels[split.val], units=units, hidden=cfg.hidden,
-                                                    order=cfg.order, seed=seed)
+                                                    order=cfg.order, seed=seed, mesh=common.member_mesh(cfg.members))
         info["hparams"] = dict(source=source if kind == "gru" else "recipe defaults", units=units if kind == "gru"
                                else None, optimizer=k_rcp.optimizer, **{k: float(v) for k, v in k_hp.items()})
         out[kind] = (p_va, p_te, info)
@@ -225,6 +228,7 @@ def run(cfg: Config) -> dict:
     t_start = time.perf_counter()
     env = common.environment()  # provenance of the code that runs: read before, not after, a long run
     out = pathlib.Path(cfg.out_dir)
+    scratch = tempfile.TemporaryDirectory(prefix="leukax_features_")  # features without --feature_cache
     kinds = ("gru",) if cfg.mode == "finetune" else tuple(cfg.heads)
     if cfg.head not in kinds:
         raise common.InputError(f"experiments/hybrid_gru.py: --head={cfg.head} is not among --heads={','.join(kinds)}")
@@ -239,12 +243,16 @@ def run(cfg: Config) -> dict:
             model_registry.get_spec(name)
         except KeyError as e:
             raise common.InputError(f"experiments/hybrid_gru.py: --backbones: {e.args[0]}") from None
-    ds = load_arrays(cfg.dataset, cfg.image_size or 224, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir)
+    # Head mode streams the images from the TFDS source (labels, groups and names in memory, no pixels);
+    # finetune mode trains on them in memory.
+    ds = (load_index(cfg.dataset, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir) if cfg.mode == "head" else
+          load_arrays(cfg.dataset, cfg.image_size or 224, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir))
     splits = common.make_splits(cfg.protocol, np.asarray(ds.labels), ds.groups, list(ds.class_names), folds=cfg.folds,
                                 repeats=cfg.repeats, val_fraction=cfg.val_fraction, seed=cfg.seed, leaky=cfg.leaky)
     for sub in ("figures", "splits"):
         (out / sub).mkdir(parents=True, exist_ok=True)
 
+    feature_dir = pathlib.Path(cfg.feature_cache or scratch.name)
     hybrids, t_features = [], {}
     for name in cfg.backbones:
         t0 = time.perf_counter()
@@ -252,11 +260,17 @@ def run(cfg: Config) -> dict:
             name, cfg.weights, cfg.weights_dir, cfg.b3_substitute if name == "efficientnet_b3" else "", cfg.seed,
             cfg.cpu_kernels)
         size = cfg.image_size or spec.input_size
-        ds = load_arrays(cfg.dataset, size, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir)
-        inputs = ds.images if cfg.mode == "finetune" else view_features(
-            module, variables, ds.images, spec.normalization, cfg.views, cfg.num_affine, cfg.seed,
-            cache_dir=cfg.feature_cache, cache_tag=f"{cfg.dataset}_{record['used']}_{size}")
+        if cfg.mode == "finetune":
+            inputs = load_arrays(cfg.dataset, size, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir).images
+        else:  # V×N×T×C float16 on disk, extracted batch by batch (resumable), read a few images at a time
+            key = features.stream_key(module, variables, spec.normalization, ds.fingerprint, size, cfg.views,
+                                      cfg.num_affine, cfg.seed, "float16")
+            inputs = stream_view_features(
+                module, variables, ds.source, size, spec.normalization,
+                feature_dir / f"{cfg.dataset}_{record['used']}_{size}_{key[:16]}.npy", views=cfg.views,
+                num_affine=cfg.num_affine, seed=cfg.seed, progress=not cfg.quiet, desc=f"{name}: features")
         record.update(image_size=size, views=cfg.views, num_affine=cfg.num_affine,
+                      feature_dtype=str(np.dtype(getattr(inputs, "dtype", np.float32))),
                       feature_shape=list(np.shape(inputs)[1:]) if cfg.mode == "finetune" else list(np.shape(inputs)))
         t_features[name] = time.perf_counter() - t0
         hybrids.append(dict(name=name, module=module, variables=variables, spec=spec, record=record, inputs=inputs))
@@ -267,14 +281,17 @@ def run(cfg: Config) -> dict:
     oof = {m: np.zeros((len(labels), k), np.float32) for m in models}
     oof_mask, history0 = np.zeros(len(labels), bool), None
     t0 = time.perf_counter()
+    bar = common.progress(len(splits) * len(hybrids), "training (split × backbone)", cfg.quiet)
     for split in splits:
         sid = common.check_and_save(split, ds.groups, cfg.protocol == "paper_80_20" and cfg.leaky, out / "splits")
         y_va, y_te = labels[split.val], labels[split.test]
         seed = cfg.seed + 1000 * split.repeat + split.fold
         by_kind = {kind: ([], []) for kind in kinds}
         for h in hybrids:
+            bar.set_postfix_str(f"repeat {split.repeat} fold {split.fold} {h['name']}")
             trained = ({"gru": train_finetune(cfg, h, split, labels, k, seed)} if cfg.mode == "finetune"
                        else train_heads(cfg, h, split, labels, k, seed, out / "bo"))
+            bar.update(1)
             for kind, (p_va, p_te, info) in trained.items():
                 _record(per[(h["name"], kind)], y_va, p_va, y_te, p_te, names, cfg, dict(split=sid, **info.get("hparams", {})))
                 by_kind[kind][0].append(p_va.mean(0))
@@ -290,6 +307,7 @@ def run(cfg: Config) -> dict:
             if split in first:
                 oof[("fused", kind)][split.test] = fused_te
         oof_mask[split.test] |= split in first
+    bar.close()
     t_train = time.perf_counter() - t0
 
     keys = common.metric_keys(k)
@@ -327,11 +345,14 @@ def run(cfg: Config) -> dict:
         paper_reported=PAPER_REPORTED,
         referral_rule=f"refer if predictive entropy > threshold whose validation accuracy >= {cfg.referral_accuracy}",
         timing_s=dict(total=time.perf_counter() - t_start, features=t_features, training=t_train),
+        peak_rss_mb=common.peak_rss_mb(),
         environment=env, command=common.command_line("experiments.hybrid_gru", cfg))
-    (out / "metrics.json").write_text(json.dumps(metrics_json, indent=2))
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    records.write_json(out / "metrics.json", metrics_json)
+    records.write_json(out / "config.json", dataclasses.asdict(cfg))
     print(summary_table(metrics_json))
-    print(f"hybrid_gru: wrote {out}/ in {metrics_json['timing_s']['total']:.0f} s")
+    print(f"hybrid_gru: wrote {out}/ in {metrics_json['timing_s']['total']:.0f} s (peak RSS "
+          f"{metrics_json['peak_rss_mb']:.0f} MB)")
+    scratch.cleanup()
     return metrics_json
 
 

@@ -24,7 +24,6 @@ What it does (the first paper's hybrid, in head mode, with leakage-safe evaluati
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import time
 
@@ -36,7 +35,7 @@ from absl import logging
 from experiments import common
 from experiments.common import field
 from leukax import bundle as bundle_lib
-from leukax import metrics, plots, uncertainty
+from leukax import metrics, plots, records, uncertainty
 from leukax.data import load_arrays
 from leukax.data.splits import repeated_holdout
 from leukax.gradcam import gradcam_classifier
@@ -220,8 +219,8 @@ def run(cfg: Config) -> dict:
         timing_s=dict(total=t_total, features=t_features, cross_validation=t_cv, final_ensemble=t_final),
         environment=env, command=common.command_line("experiments.quickstart", cfg),
     )
-    (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    records.write_json(out / "metrics.json", result)
+    records.write_json(out / "config.json", dataclasses.asdict(cfg))
     acc = summary["test_mean_std"]["accuracy"]
     auc = summary["test_mean_std"]["binary.roc_auc"]
     lp = summary["linear_probe_accuracy"]

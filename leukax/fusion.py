@@ -99,16 +99,20 @@ def concat_features(*features_nd):
 class MetaClassifier(nn.Module):
     """Himel et al. meta-classifier: Dense(1000, sigmoid) → Dense(100, relu) → Dense(10, sigmoid) → Dense(K).
 
-    Follows the head contract: ``__call__(features_bd, train=False, dropout_rate=None)`` returns
+    Follows the head contract: ``__call__(features_bd, train=False, dropout_rate=None, ...)`` returns
     ``(logits_bk, {"pre_logits": B×10})`` (softmax by the caller). The paper uses no dropout (default 0);
     a nonzero rate (attribute or traced override) drops the 10-d layer's output, rng stream "dropout".
+    ``input_dropout_rate`` / ``recurrent_dropout_rate`` (the trainer passes every head its traced rates) are
+    accepted and ignored.
     """
     num_classes: int
     dropout: float = 0.0
     dtype: Any = None
 
     @nn.compact
-    def __call__(self, features_bd, train: bool = False, dropout_rate=None):
+    def __call__(self, features_bd, train: bool = False, dropout_rate=None, input_dropout_rate=None,
+                 recurrent_dropout_rate=None):
+        del input_dropout_rate, recurrent_dropout_rate
         if features_bd.ndim != 2:
             raise ValueError(f"leukax/fusion.py: MetaClassifier expects B×D features, got {features_bd.shape}")
         x = features_bd.astype(self.dtype or jnp.float32)

@@ -1,17 +1,17 @@
 """Figures for reports, readable by a hematologist: class names on axes, titled panels, labelled units.
 
-Every function returns a `matplotlib.figure.Figure` (built without pyplot, saved as PNG by Agg) and, when
-`path` is given, also saves it as PNG there. matplotlib is imported at the first figure, not at import (its
-font manager runs fc-list and writes a cache under HOME), and no backend is selected for the process.
+Every function returns a `matplotlib.figure.Figure` (built without pyplot, rendered by Agg) and, when
+`path` is given, also saves it there as a palette PNG (`leukax.records.save_figure`). matplotlib is imported
+at the first figure, not at import (its font manager runs fc-list and writes a cache under HOME), and no
+backend is selected for the process.
 """
 from __future__ import annotations
 
-import pathlib
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from leukax import metrics, uncertainty
+from leukax import metrics, records, uncertainty
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -27,9 +27,7 @@ _COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:
 
 def _save(fig: Figure, path) -> Figure:
     if path is not None:
-        path = pathlib.Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=120, bbox_inches="tight")
+        records.save_figure(fig, path)
     return fig
 
 

@@ -100,9 +100,12 @@ def test_gru_backward_pass_equals_autodiff_of_flax_gru_cell():
 
 
 def test_paper_gru_heads_table():
-    assert heads.PAPER_GRU_HEADS["inception_v3"] == {"units": 512, "dropout": 0.4}
-    assert heads.PAPER_GRU_HEADS["mobilenet_v2"] == {"units": 512, "dropout": 0.1}
-    assert heads.PAPER_GRU_HEADS["efficientnet_b3"] == {"units": 256, "dropout": 0.1}
+    """Akter et al. Table 2 lives once, in leukax.train.recipe (the GRU width and dropout per backbone included)."""
+    from leukax.train.recipe import PAPER_TABLE2
+    assert {k: (v["units"], v["dropout"]) for k, v in PAPER_TABLE2.items()} == {
+        "inception_v3": (512, 0.4), "mobilenet_v2": (512, 0.1), "efficientnet_b3": (256, 0.1)}
+    assert [PAPER_TABLE2[k]["optimizer"] for k in ("inception_v3", "mobilenet_v2", "efficientnet_b3")] == [
+        "sgd", "sgd", "rmsprop"]
 
 
 @pytest.mark.parametrize("head", [heads.GRUHead(2, units=8, hidden=32), heads.DenseHead(2, features=64)])

@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 import train_faults_child as child
-from leukax.train import bayes, ensemble
+from leukax.train import bayes, finetune
 from leukax.train import checkpoint as ckpt_lib
-from leukax.train import members as mb
 
 CHILD = pathlib.Path(child.__file__)
 
@@ -26,7 +25,9 @@ def tree_equal(a, b):
 
 def kill_child_when_blocked(kind: str, path, at: int) -> str:
     """Runs the child until it prints BLOCKED, SIGKILLs it there, and returns what it printed."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    root = str(CHILD.parents[1])  # the child imports the leukax under test, not an installed copy
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
     proc = subprocess.Popen([sys.executable, str(CHILD), kind, str(path), str(at)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             cwd=CHILD.parents[1])
@@ -62,13 +63,13 @@ def restore_latest(ckpt, like):
 
 def count_steps(monkeypatch) -> list:
     """Counts ensemble step calls of this process from now on."""
-    calls, step = [0], mb.STEP[child.CONFIG.ensemble_axis]
+    calls, step = [0], finetune.STEP[child.CONFIG.ensemble_axis]
 
     def counting(*args):
         calls[0] += 1
         return step(*args)
 
-    monkeypatch.setitem(mb.STEP, child.CONFIG.ensemble_axis, counting)
+    monkeypatch.setitem(finetune.STEP, child.CONFIG.ensemble_axis, counting)
     return calls
 
 
@@ -134,7 +135,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, bad)
     (x, y), _ = child.data()
     x = x.copy()
     x[5, 3] = bad  # every member meets example 5 in epoch 3
-    with pytest.raises(ensemble.NonFiniteError, match=r"epoch 3: .*member 0 .*member 1 .*checkpoint \(epoch 2\)"):
+    with pytest.raises(finetune.NonFiniteError, match=r"epoch 3: .*member 0 .*member 1 .*checkpoint \(epoch 2\)"):
         child.make_train((x, y)).fit(checkpoint_dir=ckpt)
     assert saved_steps(ckpt) == [1, 2]  # nothing of epoch 3 was written
     restored, step = restore_latest(ckpt, good)
@@ -143,25 +144,26 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, bad)
 
 
 def test_diverging_run_stops_at_its_first_epoch_without_a_checkpoint(tmp_path):
-    cfg = ensemble.TrainConfig(**{**child.CONFIG.__dict__, "optimizer": "sgd", "learning_rate": 1e30})
-    with pytest.raises(ensemble.NonFiniteError, match=r"epoch 1: .*member"):
+    cfg = finetune.TrainConfig(**{**child.CONFIG.__dict__, "optimizer": "sgd", "learning_rate": 1e30})
+    with pytest.raises(finetune.NonFiniteError, match=r"epoch 1: .*member"):
         child.make_train(config=cfg).fit(checkpoint_dir=tmp_path / "ckpt")
     assert saved_steps(tmp_path / "ckpt") == []
 
 
 def test_bayes_killed_mid_search_resumes_without_repeating_trials(tmp_path):
     ref_calls, calls = [], []
-    reference = bayes.run(lambda p: (ref_calls.append(p), child.bo_objective(p))[1], child.BO_SPACE,
-                          child.BO_TRIALS, tmp_path / "ref.json", init_points=2, seed=0)
-    assert len(ref_calls) == child.BO_TRIALS
+    reference = bayes.run_batched(lambda ps: (ref_calls.append(ps), child.bo_batch_objective(ps))[1], child.BO_SPACE,
+                                  child.BO_TRIALS, tmp_path / "ref.json", batch=child.BO_BATCH, init_points=2, seed=0)
+    assert [len(ps) for ps in ref_calls] == [2, 2, 2, 1]  # batches of BO_BATCH, the last one cut at BO_TRIALS
     log = tmp_path / "bo.json"
-    kill_child_when_blocked("bayes", log, 4)  # trials 0-2 logged, trial 3 running when killed
+    kill_child_when_blocked("bayes", log, 3)  # batches 0-1 (trials 0-3) logged, batch 2 running when killed
     killed = bayes.load_log(log)
-    assert [t["trial"] for t in killed] == [0, 1, 2]
-    resumed = bayes.run(lambda p: (calls.append(p), child.bo_objective(p))[1], child.BO_SPACE, child.BO_TRIALS,
-                        log, init_points=2, seed=0)
-    assert len(calls) == child.BO_TRIALS - 3  # only the unfinished trials ran
-    assert resumed["trials"][:3] == killed
-    # ... and they are the trials an uninterrupted search runs (GP suggestions included).
+    assert [t["trial"] for t in killed] == [0, 1, 2, 3]
+    resumed = bayes.run_batched(lambda ps: (calls.append(ps), child.bo_batch_objective(ps))[1], child.BO_SPACE,
+                                child.BO_TRIALS, log, batch=child.BO_BATCH, init_points=2, seed=0)
+    assert [len(ps) for ps in calls] == [2, 1]  # only the unfinished trials ran
+    assert resumed["trials"][:4] == killed
+    # ... and they are the trials an uninterrupted search runs (GP suggestions, constant liars included).
     assert [t["params"] for t in resumed["trials"]] == [t["params"] for t in reference["trials"]]
     assert [t["target"] for t in resumed["trials"]] == [t["target"] for t in reference["trials"]]
+    assert resumed["best"]["target"] == max(t["target"] for t in reference["trials"])

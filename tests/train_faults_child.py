@@ -5,7 +5,7 @@ As a script, it runs one of them and stops itself at a chosen point by blocking 
 `BLOCKED ...` (so the parent kills it at an exact point, not after a delay):
   python tests/train_faults_child.py fit   <checkpoint_dir> <block_at_step_call>
   python tests/train_faults_child.py save  <checkpoint_dir> <block_at_committing_step>
-  python tests/train_faults_child.py bayes <log_path> <block_at_objective_call>
+  python tests/train_faults_child.py bayes <log_path> <block_at_objective_batch_call>
 """
 from __future__ import annotations
 
@@ -16,15 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from leukax.train import bayes, ensemble
-from leukax.train import members as mb
+from leukax.train import bayes, finetune
 
-CONFIG = ensemble.TrainConfig(num_members=2, mode="head", optimizer="adam", learning_rate=1e-2, dropout_rate=0.2,
-                              batch_size=8, eval_batch_size=16, num_epochs=4, seed=0, ensemble_axis="vmap")
+CONFIG = finetune.TrainConfig(num_members=2, optimizer="adam", learning_rate=1e-2, dropout_rate=0.2, batch_size=8,
+                              eval_batch_size=16, num_epochs=4, seed=0, ensemble_axis="vmap", normalization=None)
 STEPS_PER_EPOCH = 32 // 8
 BO_SPACE = {"units": (4, 16, int), "optimizer": ("sgd", "rmsprop"), "log10_lr": (-4.0, -1.0),
             "momentum": (0.0, 0.99)}
-BO_TRIALS = 5
+BO_TRIALS = 7
+BO_BATCH = 2  # trials suggested and evaluated together (bayes.run_batched)
 
 
 class TinyMLP(nn.Module):
@@ -48,9 +48,9 @@ def data():
     return (x[:32], y[:32]), (x[32:], y[32:])
 
 
-def make_train(train_data=None, config=CONFIG) -> ensemble.Train:
+def make_train(train_data=None, config=CONFIG) -> finetune.Train:
     tr_data, val_data = data()
-    return ensemble.make_train(config, TinyMLP(), tr_data if train_data is None else train_data, val_data)
+    return finetune.make_train(config, TinyMLP(), tr_data if train_data is None else train_data, val_data)
 
 
 def bo_objective(params) -> tuple[float, dict]:
@@ -58,6 +58,10 @@ def bo_objective(params) -> tuple[float, dict]:
     target = (-(params["log10_lr"] + 2.0) ** 2 - (params["momentum"] - 0.8) ** 2
               - 0.01 * (params["units"] - 10) ** 2 + (0.1 if params["optimizer"] == "sgd" else 0.0))
     return float(target), {}
+
+
+def bo_batch_objective(params_list) -> list[tuple[float, dict]]:
+    return [bo_objective(p) for p in params_list]
 
 
 def _block(what: str) -> None:
@@ -69,7 +73,7 @@ def _block(what: str) -> None:
 def main(argv: list[str]) -> None:
     kind, path, at = argv[1], argv[2], int(argv[3])
     if kind == "fit":  # stop inside an epoch, just before step call `at` (1-based)
-        step, calls = mb.STEP[CONFIG.ensemble_axis], [0]
+        step, calls = finetune.STEP[CONFIG.ensemble_axis], [0]
 
         def blocking_step(*args):
             calls[0] += 1
@@ -77,7 +81,7 @@ def main(argv: list[str]) -> None:
                 _block(f"step {at}")
             return step(*args)
 
-        mb.STEP[CONFIG.ensemble_axis] = blocking_step
+        finetune.STEP[CONFIG.ensemble_axis] = blocking_step
         make_train().fit(checkpoint_dir=path)
     elif kind == "save":  # stop while Orbax commits step `at`: written to a tmp folder, not yet renamed
         from orbax.checkpoint._src.path import async_path
@@ -90,16 +94,16 @@ def main(argv: list[str]) -> None:
 
         async_path.rename = blocking_rename
         make_train().fit(checkpoint_dir=path)
-    elif kind == "bayes":
+    elif kind == "bayes":  # stop inside batch call `at` (1-based), its trials suggested, none logged
         calls = [0]
 
-        def objective(params):
+        def objective_batch(params_list):
             calls[0] += 1
             if calls[0] == at:
-                _block(f"objective call {at}")
-            return bo_objective(params)
+                _block(f"objective_batch call {at}")
+            return bo_batch_objective(params_list)
 
-        bayes.run(objective, BO_SPACE, BO_TRIALS, path, init_points=2, seed=0)
+        bayes.run_batched(objective_batch, BO_SPACE, BO_TRIALS, path, batch=BO_BATCH, init_points=2, seed=0)
     else:
         raise SystemExit(f"train_faults_child.py: unknown kind {kind!r}")
     print("FINISHED", flush=True)

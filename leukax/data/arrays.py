@@ -1,4 +1,5 @@
-"""`load_arrays`: a whole (small) dataset as resized uint8 arrays in memory, built from the TFDS source."""
+"""A dataset from its TFDS source: `load_arrays` (a small set as resized uint8 arrays in memory) or `load_index`
+(labels, groups and names only, with the random-access source that a grain pipeline streams images from)."""
 from __future__ import annotations
 
 import dataclasses
@@ -31,6 +32,8 @@ class Dataset:
     subjects: list[str]
     sources: list[str]
     name: str = ""
+    source: object = None  # `load_index`: the random-access TFDS source (records with encoded image bytes)
+    fingerprint: str = ""  # `load_index`: sha1 of every record's file name, label and image bytes
 
     @property
     def counts(self) -> dict[str, int]:
@@ -99,8 +102,35 @@ def load_arrays(name: str, image_size: int, split: str = "train", data_dir=None,
     return ds
 
 
+def load_index(name: str, split: str = "train", data_dir=None, manual_dir=None, max_pixels: int | None = None,
+               **builder_kwargs) -> Dataset:
+    """Returns the dataset `name` WITHOUT its pixels: labels, groups, names and sizes of every example, the
+    TFDS data source to stream the images from (`Dataset.source`, e.g. into `leukax.data.pipeline`), and a
+    fingerprint of the content (for cache keys). `images` is None. Memory: the metadata only; one pass over the
+    records, no image is decoded."""
+    import hashlib
+    builder = get_builder(name, data_dir=data_dir, manual_dir=manual_dir, max_pixels=max_pixels, **builder_kwargs)
+    class_names = tuple(builder.info.features["label"].names)
+    source = builder.as_data_source(split)
+    meta = {k: [] for k in ("labels", "groups", "heights", "widths", "filenames", "subjects", "sources")}
+    h = hashlib.sha1()
+    for i in range(len(source)):
+        ex = source[i]
+        for key, field in (("labels", "label"), ("groups", "group"), ("heights", "height"), ("widths", "width")):
+            meta[key].append(int(ex[field]))
+        for key, field in (("filenames", "filename"), ("subjects", "subject"), ("sources", "source")):
+            meta[key].append(_text(ex[field]))
+        h.update(f"{meta['filenames'][-1]}|{meta['labels'][-1]}|{len(ex['image'])}|".encode())
+        h.update(ex["image"])
+    return Dataset(images=None, labels=np.asarray(meta["labels"], np.int32),
+                   groups=np.asarray(meta["groups"], np.int64), filenames=meta["filenames"], class_names=class_names,
+                   heights=np.asarray(meta["heights"], np.int32), widths=np.asarray(meta["widths"], np.int32),
+                   subjects=meta["subjects"], sources=meta["sources"], name=name, source=source,
+                   fingerprint=h.hexdigest())
+
+
 def _write_cache(path: pathlib.Path, ds: Dataset) -> None:
-    arrays = {f.name: getattr(ds, f.name) for f in dataclasses.fields(ds) if f.name != "name"}
+    arrays = {f.name: getattr(ds, f.name) for f in dataclasses.fields(ds) if f.name not in ("name", "source", "fingerprint")}
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
     arrays["format"] = np.asarray(CACHE_FORMAT)
     try:

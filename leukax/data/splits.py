@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from leukax import records
+
 PARTS = ("train", "val", "test")
 
 
@@ -83,10 +85,7 @@ class Split:
 
     def save(self, path) -> pathlib.Path:
         """Writes the split as JSON; returns the path."""
-        path = pathlib.Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1))
-        return path
+        return records.write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path) -> "Split":

@@ -20,13 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Akter et al. 2024, Table of Bayesian-optimised GRU heads: backbone -> (GRU units, dropout rate).
-PAPER_GRU_HEADS: dict[str, dict[str, float]] = {
-    "inception_v3": {"units": 512, "dropout": 0.4},
-    "mobilenet_v2": {"units": 512, "dropout": 0.1},
-    "efficientnet_b3": {"units": 256, "dropout": 0.1},
-}
-
 
 def dropout(x, rate, rng, train: bool):
     """Inverted dropout whose ``rate`` may be a traced scalar. Returns an array shaped like ``x``.

@@ -1,16 +1,14 @@
-"""Bayesian optimisation (bayes_opt 3.x, GP + UCB) of the first paper's head hyper-parameters.
+"""Bayesian optimisation (bayes_opt 3.x, GP + UCB) of the head-mode recipe, batched for the compiled trainer.
 
-Space (Akter et al. 2024): GRU units (integer), optimizer (categorical SGD / RMSprop), learning rate
-(searched as log10), momentum, dropout. The objective trains a deep ensemble of GRU heads on cached
-frozen-backbone features and returns a *validation* metric (the test split never enters). After every
-trial the whole log (params, target, seconds, extra info) is written as JSON; `run` re-registers those
-trials on start, so a stopped search continues at its first unfinished trial and suggests exactly what an
-uninterrupted search would have (trial i's draws are seeded by (seed, i)). Only trials that change ``units`` or the
-optimizer compile a new train step: learning rate and momentum are optimizer state, dropout a traced scalar.
+`run_batched` asks the GP for a batch of trials at a time and evaluates them with one call, so the trials can
+train together on the compiled trainer's trial axis (`leukax.train.compiled`: only the GRU width changes the
+compiled program). The objective returns a *validation* metric (the test split never enters). After every
+batch the whole log (params, target, seconds, extra info) is written atomically as JSON; a stopped search
+re-registers the logged trials and continues after its last finished batch, suggesting exactly what an
+uninterrupted search would have (the draws of the batch starting at trial i are seeded by (seed, i)).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import pathlib
@@ -18,22 +16,13 @@ import time
 import warnings
 from typing import Any, Callable
 
-import jax.numpy as jnp
 import numpy as np
 
-from leukax import metrics
-from leukax.train import compiled, ensemble
+from leukax.train import compiled
 
 log = logging.getLogger(__name__)
 
 # bayes_opt 3.x bounds: (lo, hi) float, (lo, hi, int) integer, a tuple of values = categorical.
-PAPER1_SPACE: dict[str, Any] = {
-    "units": (64, 512, int),
-    "optimizer": ("sgd", "rmsprop"),
-    "log10_lr": (-5.0, -2.0),
-    "momentum": (0.5, 0.99),
-    "dropout": (0.0, 0.5),
-}
 
 
 def _jsonable(params: dict[str, Any]) -> dict[str, Any]:
@@ -61,45 +50,6 @@ def _optimizer(space: dict[str, Any], trials: list[dict[str, Any]], seed: int, i
     return bo
 
 
-def run(objective: Callable[[dict[str, Any]], tuple[float, dict[str, Any]]], space: dict[str, Any],
-        n_trials: int, log_path, init_points: int = 2, seed: int = 0) -> dict[str, Any]:
-    """Runs trials until `n_trials` are in the log at `log_path` (resuming it) and returns
-    {"trials": [{"trial", "params", "target", "seconds", "info"}...], "best": trial}.
-
-    objective(params) -> (target to maximise, info dict). The first `init_points` trials are random
-    draws (seeded per trial index), later ones maximise the GP's upper confidence bound. A trial is in the
-    log only once its objective returned (the log is replaced atomically after each), so a search killed at
-    any point resumes at its first unfinished trial and never repeats a finished one.
-    """
-    log_path = pathlib.Path(log_path)
-    trials = load_log(log_path)
-    if trials:
-        log.info("bayes: resumed %d trials from %s", len(trials), log_path)
-    for i in range(len(trials), n_trials):
-        bo = _optimizer(space, trials, seed, i)
-        if i < init_points:
-            rng = np.random.RandomState([seed, i])
-            params = bo.space.array_to_params(bo.space.random_sample(random_state=rng))
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # GP convergence warnings on a handful of points
-                params = bo.suggest()
-        params = _jsonable(params)
-        t0 = time.perf_counter()
-        target, info = objective(params)
-        seconds = time.perf_counter() - t0
-        trials.append({"trial": i, "params": params, "target": float(target), "seconds": seconds, "info": info})
-        best = max(trials, key=lambda t: t["target"])
-        log.info("bayes trial %d/%d %s target=%.4f (%.1fs) best=%.4f (trial %d)", i + 1, n_trials, params,
-                 target, seconds, best["target"], best["trial"])
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = log_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"space": {k: repr(v) for k, v in space.items()}, "seed": seed,
-                                   "trials": trials, "best": best}, indent=1))
-        tmp.replace(log_path)  # atomic: a crash never leaves half a log
-    return {"trials": trials, "best": max(trials, key=lambda t: t["target"]) if trials else None}
-
-
 # The compiled head-mode recipe's space (leukax.train.compiled). It contains every point of Akter et al.'s
 # Table 2 (units 256/512, SGD or RMSprop, learning rates 1e-2 and 1e-4, momentum 0.3/0.5/0.9, dropout 0.1/0.4).
 # Only units change the compiled program; the optimizer (Recipe(optimizer="traced")) and the rest are traced per
@@ -120,11 +70,15 @@ RECIPE_SPACE: dict[str, Any] = {
 def run_batched(objective_batch: Callable[[list[dict[str, Any]]], list[tuple[float, dict[str, Any]]]],
                 space: dict[str, Any], n_trials: int, log_path, batch: int = 6, init_points: int = 6,
                 seed: int = 0) -> dict[str, Any]:
-    """Like `run`, but asks the GP for `batch` trials at a time and evaluates them with ONE call of
-    objective_batch(list of params) -> list of (target, info), so trials can train together (the compiled
-    trainer's trial axis). Within a batch, later suggestions see the earlier ones as "constant liars" (their
-    target set to the mean of the finished trials; Ginsbourger et al. 2010), so a batch spreads out. The log is
-    written after every batch; a killed search resumes after its last finished batch.
+    """Runs trials until `n_trials` are in the log at `log_path` (resuming it) and returns
+    {"trials": [{"trial", "params", "target", "seconds", "info", "batch"}...], "best": trial}.
+
+    Asks the GP for `batch` trials at a time and evaluates them with ONE call of objective_batch(list of params)
+    -> list of (target to maximise, info), so trials can train together (the compiled trainer's trial axis).
+    The first `init_points` trials are random draws; later ones maximise the GP's upper confidence bound, and
+    within a batch later suggestions see the earlier ones as "constant liars" (their target set to the mean of
+    the finished trials; Ginsbourger et al. 2010), so a batch spreads out. The log is replaced atomically after
+    every batch; a killed search resumes after its last finished batch and never repeats a logged trial.
     """
     log_path = pathlib.Path(log_path)
     trials = load_log(log_path)
@@ -166,36 +120,3 @@ def recipe_hparams(params: dict[str, Any]) -> dict[str, float]:
                 momentum=params.get("momentum", 0.9), dropout=params.get("dropout", 0.3),
                 input_dropout=params.get("input_dropout", 0.0), recurrent_dropout=0.0,
                 optimizer_index=compiled.TRACED_OPTIMIZERS.index(params.get("optimizer", "adamw")))
-
-
-def paper1_config(params: dict[str, Any], base: ensemble.TrainConfig) -> ensemble.TrainConfig:
-    """Returns `base` with a trial's optimizer, learning rate (10**log10_lr), momentum and dropout."""
-    return dataclasses.replace(base, optimizer=params["optimizer"], learning_rate=float(10.0 ** params["log10_lr"]),
-                               momentum=float(params["momentum"]), dropout_rate=float(params["dropout"]))
-
-
-def paper1_objective(train_data, val_data, base: ensemble.TrainConfig, make_head: Callable[[int], Any],
-                     metric: str = "val_acc") -> Callable[[dict[str, Any]], tuple[float, dict[str, Any]]]:
-    """Returns objective(params) -> (target, info) that trains a head-mode deep ensemble on cached
-    features and scores the member-mean probabilities (the sum rule up to 1/M) on the validation split.
-
-    train_data / val_data: (features, labels). make_head(units) -> head module. metric: "val_acc"
-    (accuracy of the member mean) or "val_nll" (target = minus `leukax.metrics.nll` of the member mean).
-    """
-    if base.mode != "head":
-        raise ValueError("leukax/train/bayes.py: the BO objective trains heads on cached features (mode='head')")
-    y_val = np.asarray(val_data[1])
-
-    def objective(params):
-        cfg = paper1_config(params, base)
-        tr = ensemble.make_train(cfg, make_head(int(params["units"])), train_data, val_data)
-        state = tr.fit()
-        probs_mnk = tr.predict(state, val_data[0])  # each member's best params (early stopping)
-        mean_nk = probs_mnk.mean(0)
-        acc = float(np.mean(mean_nk.argmax(-1) == y_val))
-        nll = float(metrics.nll(jnp.asarray(y_val, jnp.int32), jnp.asarray(mean_nk)))
-        info = {"val_acc": acc, "val_nll": nll, "epochs": int(state.epoch),
-                "member_val_acc": [float(v) for v in np.mean(probs_mnk.argmax(-1) == y_val, -1)]}
-        return (acc if metric == "val_acc" else -nll), info
-
-    return objective

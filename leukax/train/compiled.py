@@ -22,12 +22,15 @@ never recompiles, and T trials of a Bayesian-optimisation batch can train togeth
 epochs, M) are static: one compilation per distinct value.
 
 Device mesh: with ``mesh`` (a `jax.sharding.Mesh` with axis "members") the member axis of every state leaf
-is sharded over devices (`with_sharding_constraint`); data is replicated. The same code runs on 1 device.
+is sharded over devices (`with_sharding_constraint`); data is replicated. The same code runs on 1 device. The
+mesh may span several processes (`jax.distributed`, `experiments.common.init_distributed`): `fit` then gathers the
+trained members to every process (`tests/test_distributed.py`: two processes equal one).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from typing import Any, Callable
 
 import flax.struct
@@ -35,12 +38,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from leukax import metrics, runtime
+from leukax.train import optim
 
 HPARAMS = ("learning_rate", "weight_decay", "momentum", "dropout", "input_dropout", "recurrent_dropout")
-OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop", "traced")
+OPTIMIZERS = optim.OPTIMIZERS + ("traced",)
 # Recipe(optimizer="traced"): each trial's optimizer is TRACED_OPTIMIZERS[hparams["optimizer_index"]], so trials
 # with different optimizers share one compiled program (a BO batch compiles once per GRU width, not per pair).
 TRACED_OPTIMIZERS = ("adamw", "sgd", "rmsprop")
@@ -116,7 +121,8 @@ class EnsembleResult:
 
 
 def _optimizer(recipe: Recipe, hp: dict, steps_per_epoch: int) -> optax.GradientTransformation:
-    """Builds the optax transformation with traced hyper-parameters (inside the traced program)."""
+    """Returns `optim.make` of the recipe's optimizer with the trial's traced hyper-parameters and the recipe's
+    schedule (linear warm-up then cosine decay of the peak rate, or constant); "traced": `optim.select`."""
     total = recipe.num_epochs * steps_per_epoch
     if recipe.schedule == "warmup_cosine":
         shape = optax.warmup_cosine_decay_schedule(0.0, 1.0, recipe.warmup_epochs * steps_per_epoch,
@@ -125,31 +131,9 @@ def _optimizer(recipe: Recipe, hp: dict, steps_per_epoch: int) -> optax.Gradient
     else:
         lr = lambda count: hp["learning_rate"]  # noqa: E731
     if recipe.optimizer == "traced":
-        return _select_optimizer([_optimizer(dataclasses.replace(recipe, optimizer=name), hp, steps_per_epoch)
-                                  for name in TRACED_OPTIMIZERS], hp["optimizer_index"])
-    if recipe.optimizer == "adamw":
-        return optax.adamw(lr, weight_decay=hp["weight_decay"])
-    decay = optax.add_decayed_weights(hp["weight_decay"])  # coupled L2 for the papers' optimizers
-    if recipe.optimizer == "adam":  # Keras defaults
-        return optax.chain(decay, optax.adam(lr, b1=0.9, b2=0.999, eps=1e-7))
-    if recipe.optimizer == "sgd":   # Keras SGD: v = m·v − lr·g; momentum 0 is plain SGD
-        return optax.chain(decay, optax.sgd(lr, momentum=hp["momentum"]))
-    return optax.chain(decay, optax.rmsprop(lr, decay=0.9, eps=1e-7, eps_in_sqrt=False, momentum=hp["momentum"]))
-
-
-def _select_optimizer(txs: list, index) -> optax.GradientTransformation:
-    """Runs every transformation of `txs` and applies the updates of txs[index] (index traced). The others' states
-    advance too but never touch the parameters, so the result equals running txs[index] alone; their cost is a
-    few elementwise passes over the parameters per step."""
-    def init(params):
-        return tuple(tx.init(params) for tx in txs)
-
-    def update(grads, state, params=None):
-        outs = [tx.update(grads, s, params) for tx, s in zip(txs, state)]
-        updates = jax.tree.map(lambda *us: jnp.select([index == i for i in range(len(us))], us), *[u for u, _ in outs])
-        return updates, tuple(s for _, s in outs)
-
-    return optax.GradientTransformation(init, update)
+        return optim.select([_optimizer(dataclasses.replace(recipe, optimizer=name), hp, steps_per_epoch)
+                             for name in TRACED_OPTIMIZERS], hp["optimizer_index"])
+    return optim.make(recipe.optimizer, lr, weight_decay=hp["weight_decay"], momentum=hp["momentum"])
 
 
 def _rates(hp: dict) -> dict:
@@ -163,9 +147,10 @@ def view_mean_probs(head, params, x_vntc, chunk: int):
     total = v * n
     size = min(chunk, total)
     num = -(-total // size)
-    flat = x_vntc.reshape((total,) + x_vntc.shape[2:])
+    flat = x_vntc.reshape((total,) + x_vntc.shape[2:])  # 16-bit features are cast per chunk below
     flat = jnp.concatenate([flat, jnp.zeros((num * size - total,) + flat.shape[1:], flat.dtype)])
-    logits = jax.lax.map(lambda xb: head.apply({"params": params}, xb)[0], flat.reshape((num, size) + flat.shape[1:]))
+    logits = jax.lax.map(lambda xb: head.apply({"params": params}, xb.astype(jnp.float32))[0],
+                         flat.reshape((num, size) + flat.shape[1:]))
     return jnp.mean(jax.nn.softmax(logits.reshape(num * size, -1)[:total].reshape(v, n, -1), -1), 0)
 
 
@@ -173,7 +158,8 @@ def view_mean_probs(head, params, x_vntc, chunk: int):
 def make_train(recipe: Recipe, head, num_classes: int, mesh=None) -> Callable:
     """Returns the pure, jit-compiled ``train(key_t, hparams_t, data) -> EnsembleResult`` (leaves T×M×...).
 
-    data: {"train_x": V×N×T×C float, "train_y": N int, "val_x": V'×N'×T×C, "val_y": N'} (device arrays).
+    data: {"train_x": V×N×T×C float (float32, or 16-bit: cast per batch), "train_y": N int, "val_x": V'×N'×T×C,
+    "val_y": N'} (device arrays).
     key_t: T PRNG keys (one per trial); hparams_t: `stack_trials(...)` (every value a length-T vector).
     On the CPU backend with XLA:CPU's concurrency-optimised scheduler on, warns once per process: it can
     deadlock this program (`leukax.runtime`).
@@ -189,7 +175,7 @@ def make_train(recipe: Recipe, head, num_classes: int, mesh=None) -> Callable:
 
     def init_member(key, hp, data, steps):
         k_init, k_run = jax.random.split(key)
-        params = head.init({"params": k_init, "dropout": k_init}, data["train_x"][0, :1])["params"]
+        params = head.init({"params": k_init, "dropout": k_init}, data["train_x"][0, :1].astype(jnp.float32))["params"]
         nan_e = jnp.full((r.num_epochs,), jnp.nan, jnp.float32)
         return MemberState(
             params=params, opt_state=_optimizer(r, hp, steps).init(params), best_params=params,
@@ -207,7 +193,7 @@ def make_train(recipe: Recipe, head, num_classes: int, mesh=None) -> Callable:
         def step(carry, inp):
             params, opt_state = carry
             idx_b, view_b, k = inp
-            x, y = data["train_x"][view_b, idx_b], data["train_y"][idx_b]
+            x, y = data["train_x"][view_b, idx_b].astype(jnp.float32), data["train_y"][idx_b]
             (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y, k, hp)
             updates, opt_state = tx.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), (loss, acc)
@@ -220,15 +206,15 @@ def make_train(recipe: Recipe, head, num_classes: int, mesh=None) -> Callable:
         val_nll = metrics.nll(y_val, probs_nk)
         val_acc = jnp.mean(jnp.argmax(probs_nk, -1) == y_val)
         score = -val_nll if r.monitor == "val_nll" else val_acc
-        improved = s.active & (score > s.best_score)
-        bad = jnp.where(improved, 0, s.bad_epochs + s.active.astype(jnp.int32))
+        improved, best_score, bad, active = optim.early_stopping(score, s.best_score, s.bad_epochs, s.active,
+                                                                 r.patience)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(s.active, a, b), new, old)  # noqa: E731
         record = lambda h, val: h.at[epoch].set(jnp.where(s.active, val, jnp.nan))  # noqa: E731
         return MemberState(
             params=keep(params, s.params), opt_state=keep(opt_state, s.opt_state),
             best_params=jax.tree.map(lambda a, b: jnp.where(improved, a, b), params, s.best_params),
-            best_score=jnp.where(improved, score, s.best_score), best_epoch=jnp.where(improved, epoch, s.best_epoch),
-            bad_epochs=bad, active=s.active & (bad < r.patience), key=key,
+            best_score=best_score, best_epoch=jnp.where(improved, epoch, s.best_epoch),
+            bad_epochs=bad, active=active, key=key,
             history=dict(train_loss=record(s.history["train_loss"], loss_s.mean()),
                          train_acc=record(s.history["train_acc"], acc_s.mean()),
                          val_loss=record(s.history["val_loss"], val_nll), val_acc=record(s.history["val_acc"], val_acc)))
@@ -277,18 +263,44 @@ def trial(result: EnsembleResult, t: int) -> EnsembleResult:
     return jax.tree.map(lambda a: a[t], result)
 
 
+_BARRIERS = itertools.count()
+FEATURE_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
+
+
+def _features(x) -> jax.Array:
+    """Features on the device in their own precision when it is float32 or 16-bit (the reduced features of a
+    large set stay 16-bit: half the memory; the trainer casts each batch), else as float32."""
+    dtype = np.dtype(getattr(x, "dtype", np.float32))
+    return jnp.asarray(x, dtype if dtype in [np.dtype(d) for d in FEATURE_DTYPES] else jnp.float32)
+
+
+def _await_all_processes(timeout_s: int = 3600) -> None:
+    """Blocks until every process of a `jax.distributed` run arrives here (the coordination service's barrier,
+    as jax's own checkpoint serialisation uses). Gloo gives processes only 30 s to meet at a program's first
+    collective; processes that compile or extract features at different speeds arrive further apart than that."""
+    from jax._src import distributed
+    distributed.global_state.client.wait_at_barrier(f"leukax_fit_{next(_BARRIERS)}", timeout_in_ms=timeout_s * 1000)
+
+
 def fit(recipe: Recipe, head, num_classes: int, train_x, train_y, val_x, val_y, hparams: dict | list[dict],
-        seed: int = 0, mesh=None) -> EnsembleResult:
+        seed: int = 0, mesh=None, views: bool | None = None) -> EnsembleResult:
     """Trains one (dict) or T (list) hyper-parameter settings; returns the T×M (or M) `EnsembleResult`.
 
-    train_x: V×N×T×C (or N×T×C, one view); val_x likewise. Member keys derive from `seed` alone, the same for
-    every trial (common random numbers): trials differ only by their hyper-parameters.
+    train_x: V×N×... head inputs of V views (views=True) or N×... of one view (views=False); views=None takes
+    rank 3 (N×T×C sequences) as one view and anything else as V×N×...; val_x likewise. Member keys derive
+    from `seed` alone, the same for every trial (common random numbers): trials differ only by their
+    hyper-parameters.
     """
     single = isinstance(hparams, dict)
     hps = [hparams] if single else list(hparams)
-    as_views = lambda x: jnp.asarray(x, jnp.float32)[None] if np.ndim(x) == 3 else jnp.asarray(x, jnp.float32)  # noqa: E731
+    one_view = (lambda x: np.ndim(x) == 3) if views is None else (lambda x: not views)  # noqa: E731
+    as_views = lambda x: _features(x)[None] if one_view(x) else _features(x)  # noqa: E731
     data = dict(train_x=as_views(train_x), train_y=jnp.asarray(train_y, jnp.int32),
                 val_x=as_views(val_x), val_y=jnp.asarray(val_y, jnp.int32))
     keys_t = jnp.broadcast_to(jax.random.PRNGKey(seed), (len(hps), 2))
+    if mesh is not None and jax.process_count() > 1:
+        _await_all_processes()
     out = make_train(recipe, head, num_classes, mesh)(keys_t, stack_trials(hps), data)
+    if any(not a.is_fully_addressable for a in jax.tree.leaves(out)):  # a mesh over several processes
+        out = multihost_utils.process_allgather(out, tiled=True)  # every process gets every member (numpy)
     return trial(out, 0) if single else out

@@ -44,16 +44,27 @@ def compute_features(backbone, variables, images, normalization: str | None, bat
     return np.concatenate(out, 0).astype(np.float32)
 
 
-def cache_key(backbone, variables, images, normalization: str | None, output: str = "feature_map") -> str:
-    """Returns a sha1 hex digest of (backbone config, variables, normalisation, output, image bytes + shape)."""
+def _network_hash(backbone, variables, *settings):
     h = hashlib.sha1()
     h.update(repr(backbone).encode())
-    h.update(f"|{normalization}|{output}|{np.shape(images)}|{np.asarray(images).dtype}|".encode())
+    h.update("|".join(map(str, settings)).encode())
     for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
         h.update(jax.tree_util.keystr(path).encode())
         h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return h
+
+
+def cache_key(backbone, variables, images, normalization: str | None, output: str = "feature_map") -> str:
+    """Returns a sha1 hex digest of (backbone config, variables, normalisation, output, image bytes + shape)."""
+    h = _network_hash(backbone, variables, normalization, output, np.shape(images), np.asarray(images).dtype)
     h.update(np.ascontiguousarray(np.asarray(images)).tobytes())
     return h.hexdigest()
+
+
+def stream_key(backbone, variables, normalization: str | None, fingerprint: str, *settings) -> str:
+    """Returns a sha1 hex digest of (backbone config, variables, normalisation, the dataset's content
+    fingerprint (`leukax.data.load_index`), and the extraction `settings`: image size, views, dtype, ...)."""
+    return _network_hash(backbone, variables, normalization, fingerprint, *settings).hexdigest()
 
 
 def cached_features(backbone, variables, images, normalization: str | None, batch_size: int = 32,

@@ -1,52 +1,72 @@
-"""Optimizers of the papers, built with `optax.inject_hyperparams`.
+"""The one optimizer factory and the one early-stopping rule of leukax's trainers (`compiled` for head mode,
+`finetune` for backbone + head), both pure and usable on traced values.
 
-Learning rate and momentum live in the optimizer *state* (``opt_state.hyperparams``), so a Bayesian-
-optimisation trial that only changes them reuses the compiled train step. One transformation object is
-cached per optimizer name: jit keys its cache on it (a static argument), so building a new one per trial
-would recompile.
+Optimizers (`make`): hyper-parameters may be Python floats or traced arrays (the compiled trainer traces them
+per trial, so a Bayesian-optimisation trial never recompiles); the learning rate may be a schedule
+``count -> lr``. Keras defaults where the papers used Keras:
 
-Momentum: the placeholder values below are the Keras defaults (SGD momentum 0, RMSprop momentum 0, Adam b1 0.9),
-and `set_hyperparams(momentum=None)` keeps them, so an unset momentum never turns plain SGD into momentum SGD.
+    adamw     decoupled weight decay:  p ← p − lr·(Adam(g) + λ·p)                  (b1 0.9, b2 0.999, eps 1e-8)
+    adam      coupled L2:  g ← g + λ·p, then Keras Adam (b1 0.9, b2 0.999, eps 1e-7)
+    sgd       coupled L2, then Keras SGD: v ← μ·v + g, p ← p − lr·v               (μ = 0: plain SGD)
+    rmsprop   coupled L2, then Keras RMSprop (ρ 0.9, eps 1e-7 outside the sqrt, momentum μ)
+
+``momentum`` μ is SGD's and RMSprop's (None = Keras's default 0); Adam's b1 stays 0.9. A weight decay that is
+the Python number 0 adds no term at all (so the update is bit-for-bit the optimizer's own).
 """
 from __future__ import annotations
 
-import functools
+from typing import Callable
 
+import jax
 import jax.numpy as jnp
 import optax
 
-OPTIMIZERS = ("sgd", "rmsprop", "adam")
+OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
 
 
-@functools.cache
-def get_optimizer(name: str) -> optax.GradientTransformation:
-    """Returns the (cached) optax transformation for "sgd" | "rmsprop" | "adam" (Keras defaults).
+def make(name: str, learning_rate: float | Callable, *, weight_decay=0.0, momentum=None) -> optax.GradientTransformation:
+    """Returns the optax transformation of optimizer `name` (see the module docstring for the updates)."""
+    if name == "adamw":
+        return optax.adamw(learning_rate, weight_decay=weight_decay)
+    mu = 0.0 if momentum is None else momentum
+    if name == "adam":
+        tx = optax.adam(learning_rate, b1=0.9, b2=0.999, eps=1e-7)
+    elif name == "sgd":
+        tx = optax.sgd(learning_rate, momentum=mu)
+    elif name == "rmsprop":
+        tx = optax.rmsprop(learning_rate, decay=0.9, eps=1e-7, eps_in_sqrt=False, momentum=mu)
+    else:
+        raise ValueError(f"leukax/train/optim.py: unknown optimizer {name!r}; known: {OPTIMIZERS}")
+    if isinstance(weight_decay, (int, float)) and weight_decay == 0:
+        return tx
+    return optax.chain(optax.add_decayed_weights(weight_decay), tx)
 
-    Hyper-parameters in its state: "learning_rate" always; "momentum" for sgd and rmsprop; adam's "b1".
-    The values set here are Keras's defaults; `set_hyperparams` writes the run's values into the state.
-    SGD keeps a momentum trace even at momentum 0 (v = 0·v + g, the plain SGD update), so that the momentum
-    stays a state value a trial can change without recompiling.
+
+def select(txs: list, index) -> optax.GradientTransformation:
+    """Runs every transformation of `txs` and applies the updates of txs[index] (index traced). The others' states
+    advance too but never touch the parameters, so the result equals running txs[index] alone; their cost is a
+    few elementwise passes over the parameters per step."""
+    def init(params):
+        return tuple(tx.init(params) for tx in txs)
+
+    def update(grads, state, params=None):
+        outs = [tx.update(grads, s, params) for tx, s in zip(txs, state)]
+        updates = jax.tree.map(lambda *us: jnp.select([index == i for i in range(len(us))], us), *[u for u, _ in outs])
+        return updates, tuple(s for _, s in outs)
+
+    return optax.GradientTransformation(init, update)
+
+
+def early_stopping(score, best_score, bad_epochs, active, patience):
+    """One epoch of early stopping, elementwise (a member's scalars under vmap, or M-vectors on the host):
+
+        improved = active ∧ score > best_score
+        best_score ← score where improved;  bad_epochs ← 0 if improved else bad_epochs + active
+        active ← active ∧ bad_epochs < patience        (patience None: never stops)
+
+    `score` is higher-is-better (−NLL or accuracy). Returns (improved, best_score, bad_epochs, active).
     """
-    name = name.lower()
-    if name == "sgd":  # Keras SGD: v = m*v - lr*g (optax trace with nesterov=False is the same update).
-        return optax.inject_hyperparams(optax.sgd)(learning_rate=1e-2, momentum=0.0)
-    if name == "rmsprop":  # Keras RMSprop: rho=0.9, eps=1e-7 outside the sqrt.
-        return optax.inject_hyperparams(optax.rmsprop)(
-            learning_rate=1e-3, decay=0.9, eps=1e-7, eps_in_sqrt=False, momentum=0.0)
-    if name == "adam":  # Keras Adam: b1=0.9, b2=0.999, eps=1e-7.
-        return optax.inject_hyperparams(optax.adam)(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-7)
-    raise ValueError(f"leukax/train/optim.py: unknown optimizer {name!r}; known: {OPTIMIZERS}")
-
-
-def set_hyperparams(opt_state, *, learning_rate: float, momentum: float | None = None):
-    """Returns `opt_state` with its injected learning rate (and momentum / adam b1) replaced.
-
-    momentum=None keeps the optimizer's Keras default (0 for sgd and rmsprop, b1 = 0.9 for adam); 0 means 0.
-    Works on a single member's state or a member-stacked one (the values broadcast to the leaf shape).
-    """
-    hp = dict(opt_state.hyperparams)
-    hp["learning_rate"] = jnp.full_like(hp["learning_rate"], learning_rate)
-    if momentum is not None:
-        key = "momentum" if "momentum" in hp else "b1"
-        hp[key] = jnp.full_like(hp[key], momentum)
-    return opt_state._replace(hyperparams=hp)
+    improved = active & (score > best_score)
+    bad = jnp.where(improved, 0, bad_epochs + active.astype(jnp.int32)).astype(jnp.int32)
+    still = active if patience is None else active & (bad < patience)
+    return improved, jnp.where(improved, score, best_score), bad, still

@@ -19,8 +19,8 @@ import optax
 
 def pool(x_vntc):
     """Returns V×N×C: the global average over positions (T) of V×N×T×C features (V×N×C passes through)."""
-    x = jnp.asarray(x_vntc, jnp.float32)
-    return x if x.ndim == 3 else jnp.mean(x, axis=2)
+    x = jnp.asarray(x_vntc)
+    return x.astype(jnp.float32) if x.ndim == 3 else jnp.mean(x, axis=2, dtype=jnp.float32)  # 16-bit in: no f32 copy
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "max_iter"))

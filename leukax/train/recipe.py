@@ -49,11 +49,27 @@ class FeatureTransform:
         return z if self.proj_cd is None else z @ self.proj_cd
 
 
-def fit_transform(train_x_vntc, dim: int = 0, max_rows: int = 50_000, seed: int = 0) -> FeatureTransform:
-    """Returns the standardisation (and, with dim > 0, PCA to `dim`) of training features V×N×T×C."""
-    rows = np.asarray(train_x_vntc, np.float32).reshape(-1, np.shape(train_x_vntc)[-1])
-    if len(rows) > max_rows:  # a random subset of positions is plenty for C×C statistics
-        rows = rows[np.random.default_rng(seed).choice(len(rows), max_rows, replace=False)]
+def _take(features_vntc, indices) -> np.ndarray:
+    """features[:, indices] of an array or a `views.FeatureFile` (which reads only those images)."""
+    return np.asarray(features_vntc[:, indices])
+
+
+def fit_transform(features_vntc, dim: int = 0, max_rows: int = 50_000, seed: int = 0, indices=None
+                  ) -> FeatureTransform:
+    """Returns the standardisation (and, with dim > 0, PCA to `dim`) of the training features
+    `features_vntc[:, indices]` (V×N×T×C; all N when indices is None; an array or a `views.FeatureFile`).
+
+    Beyond `max_rows` (view, image, position) rows, the statistics come from `max_rows` rows drawn at random,
+    and only those rows are read."""
+    v, n_all, t, c = np.shape(features_vntc)
+    idx = np.arange(n_all) if indices is None else np.asarray(indices, np.int64)
+    total = v * len(idx) * t
+    if total > max_rows:  # a random subset of positions is plenty for C×C statistics
+        r = np.random.default_rng(seed).choice(total, max_rows, replace=False)
+        v_r, i_r, t_r = np.unravel_index(r, (v, len(idx), t))
+        rows = np.asarray(features_vntc[v_r, idx[i_r], t_r], np.float32)
+    else:
+        rows = _take(features_vntc, idx).astype(np.float32).reshape(-1, c)
     mean, std = rows.mean(0), rows.std(0) + 1e-6
     if not dim or dim >= rows.shape[1]:
         return FeatureTransform(mean, std, None)
@@ -61,6 +77,18 @@ def fit_transform(train_x_vntc, dim: int = 0, max_rows: int = 50_000, seed: int 
     evals, evecs = np.linalg.eigh(z.T @ z / len(z))
     order = np.argsort(evals)[::-1][:dim]
     return FeatureTransform(mean, std, evecs[:, order].astype(np.float32))
+
+
+def transform(tf: FeatureTransform, features_vntc, indices, dtype=np.float16, chunk: int = 256) -> np.ndarray:
+    """Returns `tf.apply(features_vntc[:, indices])` as V×k×T×d in `dtype` (16-bit: the reduced features that
+    head mode keeps), computed `chunk` images at a time (memory: the output plus one chunk)."""
+    idx = np.asarray(indices, np.int64)
+    v, _, t, c = np.shape(features_vntc)
+    d = c if tf.proj_cd is None else tf.proj_cd.shape[1]
+    out = np.empty((v, len(idx), t, d), dtype)
+    for s in range(0, len(idx), chunk):
+        out[:, s: s + chunk] = tf.apply(_take(features_vntc, idx[s: s + chunk])).astype(dtype)
+    return out
 
 
 def make_model(kind: str, num_classes: int, units: int = 128, hidden: int = 128, dense_features: int = 256,
@@ -95,8 +123,8 @@ def train_and_predict(kind: str, recipe: compiled.Recipe, hparams: dict, num_cla
 def predict_both(head, res, val_x, test_x):
     """Returns (probs_val_mnk, probs_test_mnk, info with best epochs and history) of a trained ensemble."""
     predict = compiled.make_predict(head)
-    p_va = np.asarray(predict(res.params, jnp.asarray(val_x, jnp.float32)))
-    p_te = np.asarray(predict(res.params, jnp.asarray(test_x, jnp.float32)))
+    p_va = np.asarray(predict(res.params, jnp.asarray(val_x)))  # float32 or 16-bit: cast per chunk
+    p_te = np.asarray(predict(res.params, jnp.asarray(test_x)))
     info = dict(best_epoch=np.asarray(res.best_epoch).tolist(),
                 epochs_run=int(np.asarray(res.epochs_run)[0]),
                 history={k: np.asarray(v) for k, v in res.history.items()})

@@ -1,5 +1,5 @@
-"""Deep-ensemble trainer: both modes, per-member differences, early stopping, checkpoint/resume, determinism,
-momentum semantics. Real images come from the sample embedded in the package (no ../shared needed)."""
+"""Finetune-mode deep-ensemble trainer (any model, here also heads on features for speed), the optimizer factory and
+the early-stopping rule: per-member differences, early stopping, checkpoint/resume, determinism, momentum semantics. Real images come from the sample embedded in the package (no ../shared needed)."""
 import dataclasses
 import csv
 
@@ -14,7 +14,7 @@ from PIL import Image
 from leukax.models.classifier import Classifier
 from leukax.models.heads import DenseHead, GRUHead
 from leukax.models.layers import DepthwiseConv2D
-from leukax.train import ensemble, optim
+from leukax.train import finetune, optim
 from leukax.train.features import cached_features
 
 SIZE = 32
@@ -55,10 +55,10 @@ def flip_augment(key, x_bhwc):
 
 
 def finetune_cfg(**kw):
-    base = dict(num_members=3, mode="finetune", optimizer="adam", learning_rate=3e-3, dropout_rate=0.2,
+    base = dict(num_members=3, optimizer="adam", learning_rate=3e-3, dropout_rate=0.2,
                 batch_size=16, eval_batch_size=32, num_epochs=4, seed=1, normalization="unit",
                 ensemble_axis="sequential")
-    return ensemble.TrainConfig(**{**base, **kw})
+    return finetune.TrainConfig(**{**base, **kw})
 
 
 MODEL = Classifier(TinyNet(), GRUHead(num_classes=2, units=8, hidden=8))
@@ -71,14 +71,14 @@ def tree_equal(a, b):
 def test_finetune_checkpoint_resume_equals_straight(cnmc, tmp_path):
     x, y, xv, yv = cnmc
     cfg = finetune_cfg()
-    straight = ensemble.make_train(cfg, MODEL, (x, y), (xv, yv), augment_fn=flip_augment).fit()
-    first = ensemble.make_train(cfg, MODEL, (x, y), (xv, yv), augment_fn=flip_augment)
+    straight = finetune.make_train(cfg, MODEL, (x, y), (xv, yv), augment_fn=flip_augment).fit()
+    first = finetune.make_train(cfg, MODEL, (x, y), (xv, yv), augment_fn=flip_augment)
     half = first.fit(checkpoint_dir=tmp_path / "ckpt", until_epoch=2)
     assert int(half.epoch) == 2
-    second = ensemble.make_train(cfg, MODEL, (x, y), (xv, yv), augment_fn=flip_augment)
+    second = finetune.make_train(cfg, MODEL, (x, y), (xv, yv), augment_fn=flip_augment)
     resumed = second.fit(checkpoint_dir=tmp_path / "ckpt")  # starts from the epoch-2 checkpoint
     assert int(resumed.epoch) == 4
-    assert isinstance(resumed, ensemble.EnsembleState)  # Orbax restored the dataclass itself
+    assert isinstance(resumed, finetune.EnsembleState)  # Orbax restored the dataclass itself
     assert tree_equal(straight, resumed)  # members, best, scores, keys, history: all of it, bit for bit
 
     # Members differ (own init, data order, dropout and augmentation draws) and BN statistics moved.
@@ -103,10 +103,10 @@ def test_finetune_checkpoint_resume_equals_straight(cnmc, tmp_path):
 def test_same_seed_is_deterministic(cnmc):
     x, y, xv, yv = cnmc
     cfg = finetune_cfg(num_epochs=1, ensemble_axis="vmap")
-    a = ensemble.make_train(cfg, MODEL, (x, y), (xv, yv)).fit()
-    b = ensemble.make_train(cfg, MODEL, (x, y), (xv, yv)).fit()
+    a = finetune.make_train(cfg, MODEL, (x, y), (xv, yv)).fit()
+    b = finetune.make_train(cfg, MODEL, (x, y), (xv, yv)).fit()
     assert tree_equal(a, b)
-    other_seed = ensemble.make_train(finetune_cfg(num_epochs=1, ensemble_axis="vmap", seed=2),
+    other_seed = finetune.make_train(finetune_cfg(num_epochs=1, ensemble_axis="vmap", seed=2),
                                      MODEL, (x, y), (xv, yv)).fit()
     assert not tree_equal(a.members.params, other_seed.members.params)
 
@@ -121,14 +121,14 @@ def features(cnmc):
     return f[:40], y, f[40:], yv
 
 
-def test_head_mode_early_stopping_and_optimizers(features, tmp_path):
+def test_early_stopping_on_features(features, tmp_path):
     f, y, fv, yv = features
     assert f.shape == (40, 8, 8, 16)
     head = GRUHead(num_classes=2, units=8, hidden=8)
-    cfg = ensemble.TrainConfig(num_members=3, mode="head", optimizer="sgd", learning_rate=0.3, momentum=0.9,
+    cfg = finetune.TrainConfig(num_members=3, optimizer="sgd", learning_rate=0.3, momentum=0.9,
                                dropout_rate=0.1, batch_size=20, num_epochs=12, patience=2, seed=0,
-                               ensemble_axis="vmap")
-    tr = ensemble.make_train(cfg, head, (f, y), (fv, yv))
+                               ensemble_axis="vmap", normalization=None)
+    tr = finetune.make_train(cfg, head, (f, y), (fv, yv))
     state = tr.fit(checkpoint_dir=tmp_path / "head")
     stopped = ~np.asarray(state.members.active)
     assert stopped.any(), "lr 0.3 with momentum 0.9 and patience 2 should stop some member early"
@@ -143,33 +143,47 @@ def test_head_mode_early_stopping_and_optimizers(features, tmp_path):
     cut = tr.fit(until_epoch=stop)  # a fresh run (no checkpoint dir) cut at the stop epoch
     assert tree_equal(jax.tree.map(lambda v: v[m], cut.members.params),
                       jax.tree.map(lambda v: v[m], state.members.params))
-    # The optimizer state holds the injected hyper-parameters, per member.
-    hp = state.members.opt_state.hyperparams
-    np.testing.assert_allclose(hp["learning_rate"], [0.3] * 3)
-    np.testing.assert_allclose(hp["momentum"], [0.9] * 3)
     assert tr.predict(state, fv).shape == (3, 20, 2)
 
 
 @pytest.mark.parametrize("name", optim.OPTIMIZERS)
-def test_optimizer_hyperparams_in_state(name):
-    tx = optim.get_optimizer(name)
-    assert optim.get_optimizer(name) is tx  # cached: jit sees the same static object every trial
-    s = optim.set_hyperparams(tx.init({"w": jnp.ones(3)}), learning_rate=0.5, momentum=0.8)
-    g = {"w": jnp.ones(3)}
-    upd, _ = tx.update(g, s, {"w": jnp.ones(3)})
-    assert float(s.hyperparams["learning_rate"]) == 0.5
-    assert np.all(np.asarray(upd["w"]) < 0)
+def test_optimizer_factory_descends_and_weight_decay_zero_adds_nothing(name):
+    p, g = {"w": jnp.full(3, 10.0)}, {"w": jnp.array([1.0, -2.0, 3.0])}  # λ·p = 5 flips the second sign
+
+    def update(tx):
+        return np.asarray(tx.update(g, tx.init(p), p)[0]["w"])
+
+    bare = update(optim.make(name, 0.5, momentum=0.8))
+    assert np.all(np.sign(bare) == -np.sign(g["w"]))  # first step goes against the gradient
+    np.testing.assert_array_equal(update(optim.make(name, 0.5, momentum=0.8, weight_decay=jnp.float32(0.0))), bare)
+    assert not np.allclose(update(optim.make(name, 0.5, momentum=0.8, weight_decay=0.5)), bare)
+
+
+def test_early_stopping_rule_by_hand():
+    """`optim.early_stopping` on M-vectors: m0 improves, m1 has its 2nd bad epoch (stops), m2 was stopped;
+    patience None never stops."""
+    args = (jnp.array([0.6, 0.8, 5.0]), jnp.array([0.5, 0.9, 0.1]), jnp.array([1, 1, 3]), jnp.array([True, True, False]))
+    improved, best, bad, active = optim.early_stopping(*args, patience=2)
+    np.testing.assert_array_equal(improved, [True, False, False])
+    np.testing.assert_array_equal(best, np.float32([0.6, 0.9, 0.1]))
+    np.testing.assert_array_equal(bad, [0, 2, 3])
+    np.testing.assert_array_equal(active, [True, False, False])
+    np.testing.assert_array_equal(optim.early_stopping(*args, patience=None)[3], [True, True, False])
+    # the same rule on one member's scalars under vmap (the compiled trainer's use)
+    vm = jax.vmap(lambda *a: optim.early_stopping(*a, patience=2))(*args)
+    for u, v in zip(vm, (improved, best, bad, active)):
+        np.testing.assert_array_equal(u, v)
 
 
 def test_early_stopping_update_by_hand():
     """Three members, patience 2: m0 improves, m1 has its 2nd bad epoch (stops), m2 was already stopped."""
-    cfg = ensemble.TrainConfig(num_members=3, mode="head", num_epochs=5)
-    state = ensemble.init(ensemble.Spec(cfg, DenseHead(num_classes=2, features=4)), np.zeros((1, 2, 2, 3)))
+    cfg = finetune.TrainConfig(num_members=3, num_epochs=5, normalization=None)
+    state = finetune.init(finetune.Spec(cfg, DenseHead(num_classes=2, features=4)), np.zeros((1, 2, 2, 3)))
     state = state.replace(best_score=jnp.array([0.5, 0.9, 0.1]), best_epoch=jnp.array([0, 1, 0]),
                           bad_epochs=jnp.array([1, 1, 3]), epoch=jnp.asarray(3, jnp.int32),
                           members=state.members.replace(active=jnp.array([True, True, False])))
     trained = state.members.replace(params=jax.tree.map(lambda v: v + 1.0, state.members.params))
-    new = ensemble.early_stopping_update(state.replace(members=trained), jnp.array([0.6, 0.8, 5.0]), patience=2)
+    new = finetune.early_stopping_update(state.replace(members=trained), jnp.array([0.6, 0.8, 5.0]), patience=2)
     np.testing.assert_array_equal(new.best_score, np.float32([0.6, 0.9, 0.1]))
     np.testing.assert_array_equal(new.best_epoch, [3, 1, 0])
     np.testing.assert_array_equal(new.bad_epochs, [0, 2, 3])
@@ -183,14 +197,14 @@ def test_early_stopping_update_by_hand():
 
 def test_sgd_momentum_zero_is_plain_sgd():
     """momentum 0 and momentum None (Keras's SGD default) both give w ← w − lr·∇f(w) at every step."""
-    tx = optim.get_optimizer("sgd")
     w0 = jnp.array([1.0, -2.0, 3.0])
 
     def grad(w):  # ∇ Σ (w² + w)
         return 2 * w + 1
 
     def run(momentum):
-        s, w = optim.set_hyperparams(tx.init(w0), learning_rate=0.1, momentum=momentum), w0
+        tx = optim.make("sgd", 0.1, momentum=momentum)
+        s, w = tx.init(w0), w0
         for _ in range(3):
             upd, s = tx.update(grad(w), s, w)
             w = optax.apply_updates(w, upd)
@@ -204,12 +218,19 @@ def test_sgd_momentum_zero_is_plain_sgd():
     assert not np.allclose(run(0.9), plain, atol=1e-3)  # momentum really acts when asked for
 
 
-@pytest.mark.parametrize("optimizer,momentum,want", [("sgd", 0.0, 0.0), ("sgd", None, 0.0), ("sgd", 0.7, 0.7),
-                                                     ("rmsprop", 0.0, 0.0), ("rmsprop", None, 0.0)])
-def test_config_momentum_reaches_the_state(optimizer, momentum, want):
-    cfg = ensemble.TrainConfig(num_members=2, mode="head", optimizer=optimizer, momentum=momentum)
-    state = ensemble.init(ensemble.Spec(cfg, DenseHead(num_classes=2, features=4)), np.zeros((1, 2, 2, 3)))
-    np.testing.assert_allclose(state.members.opt_state.hyperparams["momentum"], [want] * 2)
+@pytest.mark.parametrize("optimizer,momentum,plain", [("sgd", 0.0, True), ("sgd", None, True), ("sgd", 0.7, False)])
+def test_config_momentum_reaches_the_optimizer(optimizer, momentum, plain):
+    """TrainConfig's optimizer and momentum are the Spec's transformation: two SGD updates equal
+    p − lr·(g1 + g2) exactly when there is no momentum; equal configs share one transformation object."""
+    cfg = finetune.TrainConfig(num_members=2, optimizer=optimizer, learning_rate=0.1, momentum=momentum)
+    tx = finetune.Spec(cfg, DenseHead(num_classes=2, features=4)).tx
+    assert finetune.Spec(cfg, DenseHead(num_classes=2, features=4)).tx is tx  # jit's static key: no recompiles
+    p = {"w": jnp.ones(2)}
+    s = tx.init(p)
+    for g in ({"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([0.5, 0.5])}):
+        u, s = tx.update(g, s, p)
+        p = optax.apply_updates(p, u)
+    assert np.allclose(p["w"], 1 - 0.1 * np.array([1.5, 2.5]), rtol=1e-6) == plain
 
 
 def test_experiment_sgd_momentum_zero_reaches_the_state():
@@ -244,16 +265,16 @@ def test_feature_cache_on_disk(cnmc, tmp_path):
     assert len(list(tmp_path.glob("*.npy"))) == 2 and c.shape[0] == 4
 
 
-def test_head_mode_axes_agree(features):
+def test_member_axes_agree(features):
     """vmap, lax.map and the sequential loop train the same members (to float tolerance)."""
     f, y, fv, yv = features
     head = DenseHead(num_classes=2, features=16)
     runs = {}
-    for axis in ensemble.AXES:
-        cfg = ensemble.TrainConfig(num_members=3, mode="head", optimizer="rmsprop", learning_rate=1e-3,
+    for axis in finetune.AXES:
+        cfg = finetune.TrainConfig(num_members=3, optimizer="rmsprop", learning_rate=1e-3,
                                    momentum=0.5, dropout_rate=0.3, batch_size=20, num_epochs=2,
-                                   ensemble_axis=axis)
-        tr = ensemble.make_train(cfg, head, (f, y), (fv, yv))
+                                   ensemble_axis=axis, normalization=None)
+        tr = finetune.make_train(cfg, head, (f, y), (fv, yv))
         runs[axis] = tr.fit()
         assert tr.predict(runs[axis], fv).shape == (3, 20, 2)
     for axis in ("map", "sequential"):
@@ -261,15 +282,15 @@ def test_head_mode_axes_agree(features):
             np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-5)
 
 
-def test_head_mode_checkpoint_resume_equals_straight(features, tmp_path):
-    """Head mode: 4 epochs straight == 2 epochs + checkpoint + resume + 2 epochs; members differ."""
+def test_checkpoint_resume_on_features_equals_straight(features, tmp_path):
+    """A GRU on features: 4 epochs straight == 2 epochs + checkpoint + resume + 2 epochs; members differ."""
     f, y, fv, yv = features
     head = GRUHead(num_classes=2, units=8, hidden=8)
-    cfg = ensemble.TrainConfig(num_members=3, mode="head", optimizer="rmsprop", learning_rate=1e-3,
-                               dropout_rate=0.1, batch_size=20, num_epochs=4, seed=3)
-    straight = ensemble.make_train(cfg, head, (f, y), (fv, yv)).fit()
-    ensemble.make_train(cfg, head, (f, y), (fv, yv)).fit(checkpoint_dir=tmp_path / "c", until_epoch=2)
-    resumed = ensemble.make_train(cfg, head, (f, y), (fv, yv)).fit(checkpoint_dir=tmp_path / "c")
+    cfg = finetune.TrainConfig(num_members=3, optimizer="rmsprop", learning_rate=1e-3,
+                               dropout_rate=0.1, batch_size=20, num_epochs=4, seed=3, normalization=None)
+    straight = finetune.make_train(cfg, head, (f, y), (fv, yv)).fit()
+    finetune.make_train(cfg, head, (f, y), (fv, yv)).fit(checkpoint_dir=tmp_path / "c", until_epoch=2)
+    resumed = finetune.make_train(cfg, head, (f, y), (fv, yv)).fit(checkpoint_dir=tmp_path / "c")
     assert int(resumed.epoch) == 4
     assert tree_equal(straight, resumed)
     kernel = np.asarray(jax.tree.leaves(resumed.members.params)[0])

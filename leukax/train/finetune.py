@@ -1,14 +1,21 @@
-"""Deep-ensemble trainer (purejaxrl style): M members with a leading member axis on every state leaf.
+"""Finetune-mode deep-ensemble trainer (purejaxrl style): M members, backbone + head trained end to end on
+images, with a leading member axis on every state leaf. (Heads on cached frozen features train in
+`leukax.train.compiled`, head mode.)
 
 Each member has its own init seed, dropout keys, data order (a permutation per epoch) and augmentation
-draws. Two modes:
-- "finetune": `model` is a `Classifier`; inputs are uint8 images, augmented then normalised in the step;
-- "head": `model` is any head module; inputs are cached frozen-backbone features (see `features.py`).
+draws. `model` is a `Classifier` (or any module with the head contract); inputs are uint8 images, augmented then
+normalised (`config.normalization`) inside the jitted step.
 
 The run's state is an `EnsembleState` (a `flax.struct.dataclass`, saved and restored whole by Orbax). The
 module-level functions are pure: `init`, `train_epoch`, `evaluate`, `predict`, `record_history`,
 `early_stopping_update`. `fit` only sequences them, with logging, a progress bar, a finiteness check and
 checkpoints. `make_train` binds a config, a model and data into a `Train` of those functions.
+
+Member axis: `member_train_step` is one member's optimizer step, `member_probs` one member's softmax; they are
+mapped over M members with "vmap" (jax.vmap), "map" (lax.map) or "sequential" (a Python loop over members
+calling the jitted per-member function). The jitted functions take the model, optimizer, augmentation and
+normalisation as one static tuple, so equal configs share one compilation. Optimizer and early stopping are
+`leukax.train.optim`'s, the same as the compiled trainer's.
 """
 from __future__ import annotations
 
@@ -20,26 +27,34 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import struct
+from jax import lax
 
 from leukax import metrics
+from leukax.preprocess import normalize
 from leukax.train import checkpoint as ckpt_lib
-from leukax.train import members as mb
-from leukax.train.members import AXES, TRACES, Members, resolve_axis  # noqa: F401  (public)
-from leukax.train.optim import get_optimizer, set_hyperparams
+from leukax.train import optim
 
 log = logging.getLogger(__name__)
 HISTORY_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc")
+
+# Member-axis choice per backend, from results/benchmarks/ensemble_axis.md (2 quiet CPU cores): finetune
+# MobileNetV2-0.35 at 96 px, M=3: lax.map 1.61, sequential 1.29, vmap 1.16 ensemble steps/s (the tiny test net
+# favours sequential, but real backbones are what finetune trains). GPU backends default to vmap (not yet
+# measured here).
+AUTO_AXIS = {"cpu": "map"}
+AXES = ("vmap", "map", "sequential")
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Hyper-parameters of one ensemble run. `monitor`: "val_loss" (lower is better) or "val_acc".
 
-    momentum: sgd / rmsprop momentum, adam's b1; None keeps the Keras default (sgd 0, rmsprop 0, adam b1 0.9).
+    optimizer / learning_rate / momentum: `optim.make` (momentum: sgd's and rmsprop's, None = Keras's 0;
+    Adam's b1 stays 0.9). normalization: `leukax.preprocess.normalize` of the inputs inside the step.
     """
     num_members: int = 3
-    mode: str = "finetune"
     optimizer: str = "adam"
     learning_rate: float = 1e-3
     momentum: float | None = None
@@ -55,6 +70,21 @@ class TrainConfig:
     progress: bool = False
 
 
+def resolve_axis(axis: str) -> str:
+    """Maps "auto" to the measured fastest strategy for this backend."""
+    if axis == "auto":
+        return AUTO_AXIS.get(jax.default_backend(), "vmap")
+    if axis not in AXES:
+        raise ValueError(f"leukax/train/finetune.py: ensemble_axis must be auto|{'|'.join(AXES)}, got {axis!r}")
+    return axis
+
+
+@functools.cache
+def _optimizer(name: str, learning_rate: float, momentum: float | None) -> optax.GradientTransformation:
+    """One transformation object per (name, lr, momentum): jit keys its cache on it (a static argument)."""
+    return optim.make(name, learning_rate, momentum=momentum)
+
+
 @dataclasses.dataclass(frozen=True)
 class Spec:
     """What stays fixed during a run: config, model, augmentation; validated on construction."""
@@ -64,25 +94,39 @@ class Spec:
 
     def __post_init__(self):
         cfg = self.config
-        if cfg.mode not in ("finetune", "head"):
-            raise ValueError(f"leukax/train/ensemble.py: mode must be finetune|head, got {cfg.mode!r}")
-        if cfg.mode == "head" and self.augment_fn is not None:
-            raise ValueError("leukax/train/ensemble.py: augment_fn needs images; head mode trains on features")
         if cfg.monitor not in ("val_loss", "val_acc"):
-            raise ValueError(f"leukax/train/ensemble.py: monitor must be val_loss|val_acc, got {cfg.monitor!r}")
-        resolve_axis(cfg.ensemble_axis, cfg.mode)
+            raise ValueError(f"leukax/train/finetune.py: monitor must be val_loss|val_acc, got {cfg.monitor!r}")
+        if cfg.optimizer not in optim.OPTIMIZERS:
+            raise ValueError(f"leukax/train/finetune.py: optimizer must be one of {optim.OPTIMIZERS}, "
+                             f"got {cfg.optimizer!r}")
+        resolve_axis(cfg.ensemble_axis)
 
     @property
     def axis(self) -> str:
-        return resolve_axis(self.config.ensemble_axis, self.config.mode)
+        return resolve_axis(self.config.ensemble_axis)
 
     @property
     def normalization(self) -> str | None:
-        return self.config.normalization if self.config.mode == "finetune" else None
+        return self.config.normalization
 
     @property
     def tx(self):
-        return get_optimizer(self.config.optimizer)
+        return _optimizer(self.config.optimizer, float(self.config.learning_rate),
+                          None if self.config.momentum is None else float(self.config.momentum))
+
+
+@struct.dataclass
+class Members:
+    """The training state of M members; every leaf has a leading member axis M.
+
+    params / batch_stats: flax variables; opt_state: optax state; key: M×2 PRNG keys for dropout and
+    augmentation; active: M bool, False once early stopping stopped the member.
+    """
+    params: dict
+    batch_stats: dict
+    opt_state: optax.OptState
+    key: jax.Array
+    active: jax.Array
 
 
 @struct.dataclass
@@ -109,6 +153,110 @@ class NonFiniteError(FloatingPointError):
     """A member's training loss or parameters became nan or inf; nothing of that epoch was saved."""
 
 
+# ---------------------------------------------------------------- one member, and the member axis
+def apply_model(model, params, batch_stats, x, train: bool, dropout_rate, rng):
+    """Returns (logits_bk, batch_stats after the call)."""
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    kw = {} if dropout_rate is None else {"dropout_rate": dropout_rate}
+    rngs = {"dropout": rng} if rng is not None else None
+    if train and batch_stats:
+        (logits, _), new = model.apply(variables, x, train=True, rngs=rngs, mutable=["batch_stats"], **kw)
+        return logits, new["batch_stats"]
+    logits, _ = model.apply(variables, x, train=train, rngs=rngs, **kw)
+    return logits, batch_stats
+
+
+def member_train_step(member: Members, idx_b, shared_args, static):
+    """One member's step on examples idx_b: loss = mean_b CE(softmax(f(aug(x_b))), y_b), then the optimizer.
+
+    shared_args = (data_x, data_y, dropout_rate); static = (model, tx, augment_fn, normalization).
+    A member with active == False is returned unchanged. Returns (new member, {"loss", "acc"}).
+    """
+    data_x, data_y, dropout_rate = shared_args
+    model, tx, augment_fn, normalization = static
+    key, aug_key, drop_key = jax.random.split(member.key, 3)
+    x, y = jnp.take(data_x, idx_b, axis=0), jnp.take(data_y, idx_b, axis=0)
+    if augment_fn is not None:
+        x = augment_fn(aug_key, x)
+    x = normalize(x, normalization)
+
+    def loss_fn(params):
+        logits, bs = apply_model(model, params, member.batch_stats, x, True, dropout_rate, drop_key)
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y).mean()
+        return loss, (logits, bs)
+
+    (loss, (logits, bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(member.params)
+    updates, opt_state = tx.update(grads, member.opt_state, member.params)
+    new = member.replace(params=optax.apply_updates(member.params, updates), batch_stats=bs,
+                         opt_state=opt_state, key=key)
+    new = jax.tree.map(lambda a, b: jnp.where(member.active, a, b), new, member)  # stopped: frozen
+    acc = jnp.mean(jnp.argmax(logits, -1) == y)
+    return new, {"loss": loss, "acc": acc}
+
+
+def member_probs(params, batch_stats, shared_args, static):
+    """Returns softmax probabilities B×K of one member."""
+    (x,) = shared_args
+    model, normalization = static
+    logits, _ = apply_model(model, params, batch_stats, normalize(x, normalization), False, None, None)
+    return jax.nn.softmax(logits.astype(jnp.float32), -1)
+
+
+def _over_members(fn, axis: str):
+    """fn(a, b, shared, static) with member axes on a and b -> the same over all members."""
+    if axis == "vmap":
+        return lambda a, b, sa, st: jax.vmap(lambda u, v: fn(u, v, sa, st))(a, b)
+    if axis == "map":
+        return lambda a, b, sa, st: lax.map(lambda uv: fn(uv[0], uv[1], sa, st), (a, b))
+    return fn  # "sequential": the per-member function, looped over in Python
+
+
+_jit = functools.partial(jax.jit, static_argnums=3)
+train_step = _jit(member_train_step, donate_argnums=0)
+# STEP[axis](members, idx_mb, shared, static): looked up at call time, so a test may wrap an entry.
+STEP = {a: _jit(_over_members(member_train_step, a), donate_argnums=0) for a in ("vmap", "map")}
+STEP["sequential"] = train_step
+PROBS = {a: _jit(_over_members(member_probs, a)) for a in AXES}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def init_variables(model, key, x, normalization):
+    """Returns model.init's variables for one member (dropout stream seeded by the same key)."""
+    return model.init({"params": key, "dropout": key}, normalize(x, normalization), train=False)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def unstack(tree, num: int):
+    """Returns the list of `num` per-member trees of a member-stacked tree."""
+    return [jax.tree.map(lambda v: v[m], tree) for m in range(num)]
+
+
+@jax.jit
+def stack(trees):
+    """Returns one member-stacked tree from a list of per-member trees."""
+    return jax.tree.map(lambda *v: jnp.stack(v), *trees)
+
+
+@jax.jit
+def select(mask_m, new, old):
+    """Per member: `new` where mask_m else `old` (leaves have a leading member axis)."""
+    return jax.tree.map(lambda a, b: jnp.where(mask_m.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def permutations(data_keys, epoch, n: int):
+    """Returns M×n: member m's order of the n training examples in `epoch` (from its own data key)."""
+    return jax.vmap(lambda k: jax.random.permutation(jax.random.fold_in(k, epoch), n))(data_keys)
+
+
+@jax.jit
+def finite_m(tree):
+    """Returns M bool: True where every floating leaf of member m is finite."""
+    flags = [jnp.all(jnp.isfinite(v).reshape(v.shape[0], -1), 1) for v in jax.tree.leaves(tree)
+             if jnp.issubdtype(v.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(flags), 0) if flags else None
+
+
 # ---------------------------------------------------------------- pure functions of the run
 def init(spec: Spec, x_example, pretrained: dict | None = None) -> EnsembleState:
     """Returns the epoch-0 state. Keys: fold_in(PRNGKey(seed), 0 | 1 | 2) → inits | data orders | dropout.
@@ -120,15 +268,14 @@ def init(spec: Spec, x_example, pretrained: dict | None = None) -> EnsembleState
     init_keys = jax.random.split(jax.random.fold_in(root, 0), num)
     per_member = []
     for m in range(num):
-        variables = dict(mb.init_variables(spec.model, init_keys[m], jnp.asarray(x_example[:1]), spec.normalization))
+        variables = dict(init_variables(spec.model, init_keys[m], jnp.asarray(x_example[:1]), spec.normalization))
         params, bstats = variables["params"], variables.get("batch_stats", {})
         if pretrained is not None:
             params = {**params, "backbone": pretrained["params"]}
             if pretrained.get("batch_stats"):
                 bstats = {**bstats, "backbone": pretrained["batch_stats"]}
-        opt_state = set_hyperparams(tx.init(params), learning_rate=cfg.learning_rate, momentum=cfg.momentum)
-        per_member.append((params, bstats, opt_state))
-    params, bstats, opt_state = mb.stack(per_member)
+        per_member.append((params, bstats, tx.init(params)))
+    params, bstats, opt_state = stack(per_member)
     members = Members(params=params, batch_stats=bstats, opt_state=opt_state,
                       key=jax.random.split(jax.random.fold_in(root, 2), num), active=jnp.ones((num,), bool))
     nan_me = jnp.full((num, cfg.num_epochs), jnp.nan, jnp.float32)
@@ -150,24 +297,24 @@ def train_epoch(spec: Spec, members: Members, data_key, epoch: int, data) -> tup
     batch = min(cfg.batch_size, n)
     dropout = None if cfg.dropout_rate is None else jnp.float32(cfg.dropout_rate)
     static = (spec.model, spec.tx, spec.augment_fn, spec.normalization)
-    perm_mn = np.asarray(mb.permutations(data_key, epoch, n))
+    perm_mn = np.asarray(permutations(data_key, epoch, n))
     active = np.asarray(members.active)
     run_m = np.flatnonzero(active) if axis == "sequential" else np.arange(num)
     mets = []
-    per_member = mb.unstack(members, num) if axis == "sequential" else None
+    per_member = unstack(members, num) if axis == "sequential" else None
     for s in range(n // batch):
         idx_mb = perm_mn[:, s * batch:(s + 1) * batch]
         if per_member is None:
-            members, met = mb.STEP[axis](members, jnp.asarray(idx_mb), (x, y, dropout), static)
+            members, met = STEP[axis](members, jnp.asarray(idx_mb), (x, y, dropout), static)
         else:  # a stopped member's step would leave it unchanged: skip it
             out = {}
             for m in run_m:
-                per_member[m], out[m] = mb.STEP[axis](per_member[m], jnp.asarray(idx_mb[m]), (x, y, dropout), static)
+                per_member[m], out[m] = STEP[axis](per_member[m], jnp.asarray(idx_mb[m]), (x, y, dropout), static)
             met = {k: jnp.stack([out[m][k] for m in run_m]) for k in ("loss", "acc")} if len(run_m) else None
         if met is not None:
             mets.append(met)
     if per_member is not None:
-        members = mb.stack(per_member)
+        members = stack(per_member)
     loss_m, acc_m = np.full(num, np.nan, np.float32), np.full(num, np.nan, np.float32)
     if mets and len(run_m):
         loss_m[run_m] = np.mean(np.stack([np.asarray(v["loss"]) for v in mets]), 0)
@@ -184,16 +331,16 @@ def predict(spec: Spec, state: EnsembleState, x, use_best: bool = True) -> np.nd
     x = jnp.asarray(x)
     n = x.shape[0]
     bs = min(spec.config.eval_batch_size, n)
-    per_member = mb.unstack((params, bstats), spec.config.num_members) if spec.axis == "sequential" else None
+    per_member = unstack((params, bstats), spec.config.num_members) if spec.axis == "sequential" else None
     out = []
     for s in range(0, n, bs):
         xb = x[s:s + bs]
         if xb.shape[0] < bs:  # pad the last batch by repeating its last row (fixed shapes)
             xb = jnp.concatenate([xb, jnp.repeat(xb[-1:], bs - xb.shape[0], 0)], 0)
         if per_member is None:
-            p = mb.PROBS[spec.axis](params, bstats, (xb,), static)
+            p = PROBS[spec.axis](params, bstats, (xb,), static)
         else:
-            p = jnp.stack([mb.PROBS[spec.axis](*pv, (xb,), static) for pv in per_member])
+            p = jnp.stack([PROBS[spec.axis](*pv, (xb,), static) for pv in per_member])
         out.append(np.asarray(p)[:, : min(bs, n - s)])
     return np.concatenate(out, 1)
 
@@ -222,35 +369,28 @@ def _set_column(history, epoch, values):
 
 @functools.partial(jax.jit, static_argnames="patience")
 def early_stopping_update(state: EnsembleState, score_m, patience: int | None) -> EnsembleState:
-    """Returns the state after an epoch whose trained members (`state.members`) scored score_m (higher is better).
-
-    improved_m = active_m ∧ score_m > best_score_m: best params/score/epoch ← this epoch's;
-    bad_m = 0 if improved_m else bad_m + active_m; active_m ← active_m ∧ bad_m < patience; epoch += 1.
-    """
+    """Returns the state after an epoch whose trained members (`state.members`) scored score_m (higher is better):
+    `optim.early_stopping` per member; improved members' params become their best; epoch += 1."""
     members = state.members
-    active = members.active
-    score_m = jnp.asarray(score_m, jnp.float32)
-    improved = active & (score_m > state.best_score)
-    bad = jnp.where(improved, 0, state.bad_epochs + active.astype(jnp.int32))
-    still = active if patience is None else active & (bad < patience)
+    improved, best_score, bad, still = optim.early_stopping(jnp.asarray(score_m, jnp.float32), state.best_score,
+                                                            state.bad_epochs, members.active, patience)
     return state.replace(
         members=members.replace(active=still),
-        best_params=mb.select(improved, members.params, state.best_params),
-        best_batch_stats=mb.select(improved, members.batch_stats, state.best_batch_stats),
-        best_score=jnp.where(improved, score_m, state.best_score),
-        best_epoch=jnp.where(improved, state.epoch, state.best_epoch),
-        bad_epochs=bad.astype(jnp.int32), epoch=state.epoch + 1)
+        best_params=select(improved, members.params, state.best_params),
+        best_batch_stats=select(improved, members.batch_stats, state.best_batch_stats),
+        best_score=best_score, best_epoch=jnp.where(improved, state.epoch, state.best_epoch),
+        bad_epochs=bad, epoch=state.epoch + 1)
 
 
 def check_finite(members: Members, loss_m: np.ndarray, epoch: int) -> None:
     """Raises NonFiniteError naming the epoch (1-based) and members whose loss or parameters are nan/inf."""
     active = np.asarray(members.active)
-    ok_m = np.asarray(mb.finite_m((members.params, members.batch_stats, members.opt_state)))
+    ok_m = np.asarray(finite_m((members.params, members.batch_stats, members.opt_state)))
     bad = [m for m in range(len(active)) if active[m] and not (np.isfinite(loss_m[m]) and ok_m[m])]
     if bad:
         what = ", ".join(f"member {m} (loss {loss_m[m]}, parameters {'finite' if ok_m[m] else 'non-finite'})"
                          for m in bad)
-        raise NonFiniteError(f"leukax/train/ensemble.py: epoch {epoch + 1}: non-finite training in {what}; "
+        raise NonFiniteError(f"leukax/train/finetune.py: epoch {epoch + 1}: non-finite training in {what}; "
                              f"stopped before saving this epoch, so the last checkpoint (epoch {epoch}) is "
                              f"intact. Lower the learning rate or check the inputs for nan/inf.")
 
@@ -259,16 +399,6 @@ def history(state: EnsembleState) -> dict[str, np.ndarray]:
     """Returns {"train_loss", "train_acc", "val_loss", "val_acc"}: M×epochs_done float32 (nan after a stop)."""
     e = int(state.epoch)
     return {k: np.asarray(v)[:, :e] for k, v in state.history.items()}
-
-
-def member_variables(state: EnsembleState, m: int, use_best: bool = True) -> dict[str, Any]:
-    """Returns member m's flax variables {"params", "batch_stats"?} (e.g. for Grad-CAM or export)."""
-    params = state.best_params if use_best else state.members.params
-    bstats = state.best_batch_stats if use_best else state.members.batch_stats
-    out = {"params": jax.tree.map(lambda v: v[m], params)}
-    if bstats:
-        out["batch_stats"] = jax.tree.map(lambda v: v[m], bstats)
-    return out
 
 
 # ---------------------------------------------------------------- the loop (I/O lives here)
@@ -349,9 +479,8 @@ def make_train(config: TrainConfig, model, train_data, val_data=None, *, augment
                pretrained: dict | None = None) -> Train:
     """Returns a `Train` for `model` on in-memory data.
 
-    train_data / val_data: (x, y). finetune mode: x = uint8 images N×S×S×3 (normalised in the step by
-    `config.normalization`); head mode: x = cached features of any shape N×..., normalisation None.
-    augment_fn(key, x_b...) -> x_b: per-member augmentation (finetune mode only).
+    train_data / val_data: (x, y), x = uint8 images N×S×S×3 (normalised in the step by `config.normalization`;
+    None leaves any input as it is). augment_fn(key, x_b...) -> x_b: per-member augmentation.
     pretrained: {"params": ..., "batch_stats": ...} copied into every member's "backbone" submodule.
     fit(state=None, checkpoint_dir=None, until_epoch=None); evaluate(state, data, use_best=False);
     predict(state, x, use_best=True); history(state).

@@ -1,0 +1,101 @@
+"""Streaming feature extraction (`views.stream_view_features`): the same features as the in-memory path, from a
+grain pipeline over the TFDS source, 16-bit on disk, and resumable after a crash."""
+import json
+
+import numpy as np
+import pytest
+
+from leukax.data import load_arrays, load_index
+from leukax.pretrained import pretrained
+from leukax.train import features, views
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("tfds")
+    module, variables, spec = pretrained("mobilenet_v2", weights=None, seed=0)
+    return data_dir, module, variables, spec
+
+
+def test_load_index_has_the_metadata_of_load_arrays_and_no_pixels(setup):
+    data_dir = setup[0]
+    idx, arr = load_index("cnmc2019", data_dir=data_dir), load_arrays("cnmc2019", SIZE, data_dir=data_dir)
+    assert idx.images is None and len(idx.source) == len(arr) == 60
+    np.testing.assert_array_equal(idx.labels, arr.labels)
+    np.testing.assert_array_equal(idx.groups, arr.groups)
+    assert idx.filenames == arr.filenames and idx.class_names == arr.class_names
+    assert len(idx.fingerprint) == 40 and idx.fingerprint == load_index("cnmc2019", data_dir=data_dir).fingerprint
+
+
+def test_streamed_features_equal_in_memory_features(setup, tmp_path):
+    data_dir, module, variables, spec = setup
+    idx, arr = load_index("cnmc2019", data_dir=data_dir), load_arrays("cnmc2019", SIZE, data_dir=data_dir)
+    want = views.view_features(module, variables, arr.images, spec.normalization, "dihedral", num_affine=1)
+    got = views.stream_view_features(module, variables, idx.source, SIZE, spec.normalization, tmp_path / "f.npy",
+                                     num_affine=1, batch_size=16, progress=False)
+    assert isinstance(got, views.FeatureFile) and got.dtype == np.float16 and got.shape == want.shape == (9, 60, 1, 1280)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, rtol=2e-3, atol=2e-3)
+    np.testing.assert_array_equal(got.take([3, 1]), np.asarray(got)[:, [3, 1]])
+    assert not (tmp_path / "f.npy.partial").exists() and not (tmp_path / "f.npy.progress.json").exists()
+
+
+class _Source:
+    """The TFDS source, recording what is read, and failing at example `crash_at` (a killed extraction)."""
+
+    def __init__(self, source, crash_at=-1):
+        self.source, self.crash_at, self.read = source, crash_at, []
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        if i == self.crash_at:
+            raise RuntimeError("killed")
+        self.read.append(i)
+        return self.source[i]
+
+
+def test_killed_extraction_resumes_where_it_stopped(setup, tmp_path):
+    data_dir, module, variables, spec = setup
+    src = load_index("cnmc2019", data_dir=data_dir).source
+    path = tmp_path / "f.npy"
+    kw = dict(batch_size=16, progress=False, num_threads=1)
+    with pytest.raises(Exception):
+        views.stream_view_features(module, variables, _Source(src, 40), SIZE, spec.normalization, path, **kw)
+    assert not path.exists()
+    done = json.loads((tmp_path / "f.npy.progress.json").read_text())["done"]
+    assert done in (16, 32)  # whole batches before the one holding example 40
+    again = _Source(src)
+    got = views.stream_view_features(module, variables, again, SIZE, spec.normalization, path, **kw)
+    assert min(again.read) == done  # the images already done are not read again
+    want = views.stream_view_features(module, variables, src, SIZE, spec.normalization, tmp_path / "g.npy", **kw)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_stream_key_changes_with_data_and_settings(setup):
+    _, module, variables, spec = setup
+    base = features.stream_key(module, variables, spec.normalization, "abc", SIZE, "dihedral", 0)
+    assert base == features.stream_key(module, variables, spec.normalization, "abc", SIZE, "dihedral", 0)
+    assert base != features.stream_key(module, variables, spec.normalization, "abd", SIZE, "dihedral", 0)
+    assert base != features.stream_key(module, variables, spec.normalization, "abc", SIZE, "none", 0)
+
+
+def test_transform_from_disk_equals_in_memory_transform(setup, tmp_path):
+    """Standardisation + PCA fitted on sampled rows read from disk equal the in-memory fit on the same rows;
+    the chunked 16-bit transform equals the float32 one within float16 rounding."""
+    from leukax.train import recipe
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 40, 5, 12)).astype(np.float16)
+    np.save(tmp_path / "x.npy", x)
+    f = views.FeatureFile(tmp_path / "x.npy")
+    train = np.array([0, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37])
+    for max_rows in (50, 10_000):  # sampled rows, and all rows
+        a = recipe.fit_transform(f, dim=4, max_rows=max_rows, seed=1, indices=train)
+        b = recipe.fit_transform(x.astype(np.float32)[:, train], dim=4, max_rows=max_rows, seed=1)
+        np.testing.assert_allclose(a.mean_c, b.mean_c, atol=1e-6)
+        np.testing.assert_allclose(a.proj_cd, b.proj_cd, atol=1e-5)
+    z = recipe.transform(a, f, train, chunk=5)
+    assert z.dtype == np.float16 and z.shape == (3, 12, 5, 4)
+    np.testing.assert_allclose(z.astype(np.float32), a.apply(x[:, train]), rtol=2e-3, atol=2e-3)
