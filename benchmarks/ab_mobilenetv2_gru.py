@@ -6,12 +6,12 @@ Variants (each a set of swaps applied while the model is traced):
   dw       before + the custom-VJP depthwise (leukax.models.layers now)
   dw_relu  dw + relu6 with TF's gradient
   now      everything in leukax.models now (adds the fused-backward BatchNorm and the 2-D 1×1 matmul), with the
-           shift depthwise (LEUKAX_DEPTHWISE=shift while tracing)
-  ffi      now with the native FFI depthwise (leukax.models.depthwise_ffi; LEUKAX_DEPTHWISE=ffi while tracing)
+           default pure-XLA shift depthwise (cpu_kernels=xla)
+  native   now with the opt-in native depthwise (leukax.native.depthwise; cpu_kernels=native)
   torch    the PyTorch network of cpu_mobilenetv2_gru.py
 
   python benchmarks/ab_mobilenetv2_gru.py --variants=before,dw,dw_relu,now,torch --repeats=5 --cores=1
-  python benchmarks/ab_mobilenetv2_gru.py --variants=ffi,now,torch --repeats=7 --cores=1 [--mode=infer]
+  python benchmarks/ab_mobilenetv2_gru.py --variants=native,now,torch --repeats=7 --cores=1 [--mode=infer]
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def swaps(name: str) -> dict:
     clip6 = lambda x: jnp.clip(x, 0.0, 6.0)  # noqa: E731
     old = {(mv2, "relu6"): clip6, (mv2, "BatchNorm"): nn.BatchNorm, (mv2, "PointwiseConv2D"): Pointwise4D}
     table = {"before": {**old, (layers, "depthwise_conv_shift"): old_shift}, "dw": old,
-             "dw_relu": {k: v for k, v in old.items() if k[1] != "relu6"}, "now": {}, "ffi": {}}
+             "dw_relu": {k: v for k, v in old.items() if k[1] != "relu6"}, "now": {}, "native": {}}
     return table[name]
 
 
@@ -83,8 +83,6 @@ def swaps(name: str) -> dict:
 def variant(name: str):
     table = swaps(name)
     saved = {k: getattr(*k) for k in table}
-    saved_env = os.environ.get("LEUKAX_DEPTHWISE")
-    os.environ["LEUKAX_DEPTHWISE"] = "ffi" if name == "ffi" else "shift"  # read by depthwise impl "auto"
     for (mod, attr), v in table.items():
         setattr(mod, attr, v)
     try:
@@ -92,10 +90,6 @@ def variant(name: str):
     finally:
         for (mod, attr), v in saved.items():
             setattr(mod, attr, v)
-        if saved_env is None:
-            os.environ.pop("LEUKAX_DEPTHWISE")
-        else:
-            os.environ["LEUKAX_DEPTHWISE"] = saved_env
 
 
 def run(cfg: Config) -> dict:
@@ -108,7 +102,8 @@ def run(cfg: Config) -> dict:
             steps[name] = gru.bench_torch(args, (cfg.mode,))[1][cfg.mode]
             continue
         with variant(name):
-            fns = gru.bench_jax(args, (cfg.mode,))[1]
+            kernels = "native" if name == "native" else "xla"
+            fns = gru.bench_jax(dataclasses.replace(args, cpu_kernels=kernels), (cfg.mode,))[1]
             fns[cfg.mode]()  # trace + compile while the swaps are in place
         steps[name] = fns[cfg.mode]
     times = interleave.interleaved(steps, cfg.repeats, cfg.warmup)

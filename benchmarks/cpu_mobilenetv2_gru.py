@@ -10,6 +10,12 @@ Both frameworks are built first, then their steps alternate in one process (`int
 median (min–max) over `--steps` rounds, ratio = median of the per-round ratios. `--cores=1` pins the process
 to one CPU with torch on one thread (steady on a shared machine); `--cores=2` is the 2-thread comparison.
 `--xla_flags` is appended to XLA_FLAGS before the first JAX computation (XLA reads it when the backend starts).
+The allocator is the process's (README, performance): preload one for both frameworks, e.g.
+
+  LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 \
+    python benchmarks/cpu_mobilenetv2_gru.py --cores=2
+
+The record names it (`leukax.runtime.allocator`), with peak RSS and minor page faults per step.
 """
 from __future__ import annotations
 
@@ -35,7 +41,8 @@ class Config:
     hidden: int = field(128, "Dense layer after the GRU.")
     frameworks: tuple = field(("jax", "torch"), "Frameworks to time.")
     modes: tuple = field(("train", "infer"), "What to time: train step and/or inference.")
-    depthwise_impl: str = field("auto", "leukax DepthwiseConv2D impl.")
+    cpu_kernels: str = field("xla", "Depthwise convolutions: xla (pure JAX, the default graph) or native "
+                             "(leukax.native's C++ kernel, built with g++).", choices=("xla", "native"))
     pointwise_impl: str = field("auto", "leukax PointwiseConv2D impl.")
     xla_flags: str = field("", "Appended to XLA_FLAGS before the first JAX computation.")
     threads: int = field(0, "torch threads (0: = cores, or torch's default when cores is 0).")
@@ -53,7 +60,8 @@ def bench_jax(args, modes):
     from leukax.models.heads import GRUHead
     from leukax.models.mobilenet_v2 import MobileNetV2
 
-    model = Classifier(MobileNetV2(depthwise_impl=args.depthwise_impl,
+    depthwise_impl = "native" if args.cpu_kernels == "native" else "auto"
+    model = Classifier(MobileNetV2(depthwise_impl=depthwise_impl,
                                    pointwise_impl=args.pointwise_impl),
                        GRUHead(num_classes=2, units=args.units, hidden=args.hidden, dropout=0.3))
     rng = np.random.default_rng(0)
@@ -61,7 +69,7 @@ def bench_jax(args, modes):
     y = jnp.asarray(rng.integers(0, 2, args.batch).astype(np.int32))
     out = {"framework": "jax", "jax": jax.__version__, "device": str(jax.devices()[0]),
            "backend": jax.default_backend(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
-           "depthwise_impl": args.depthwise_impl, "pointwise_impl": args.pointwise_impl}
+           "cpu_kernels": args.cpu_kernels, "depthwise_impl": depthwise_impl, "pointwise_impl": args.pointwise_impl}
     return out, interleave.flax_steps(model, x, y)  # hlo() feeds profile_mobilenetv2_gru.py
 
 
@@ -158,11 +166,14 @@ def markdown(result: dict) -> str:
              "architecture written in the script.",
              f"- **Method:** {result['warmup']} warm-up steps, then {result['steps']} rounds alternating the "
              "frameworks; img/s median (min–max); ratio = median of per-round torch/JAX step-time ratios (> 1: JAX faster).",
-             "", "| mode | leukax/JAX img/s | PyTorch img/s | JAX / PyTorch |", "|---|---|---|---|"]
+             "", "| mode | leukax/JAX img/s | PyTorch img/s | JAX / PyTorch | minor faults per step, JAX / PyTorch |",
+             "|---|---|---|---|---|"]
     for mode, r in result["modes"].items():
         t = interleave.fmt(r["torch"]) if "torch" in r else "—"
         ratio = f"**{r['ratio']:.2f}×**" if "ratio" in r else "—"
-        lines.append(f"| {mode} | {interleave.fmt(r['jax'])} | {t} | {ratio} |")
+        faults = " / ".join(f"{r[fw]['minflt_per_step']:,.0f}" if fw in r and r[fw].get("minflt_per_step") is not None
+                            else "—" for fw in ("jax", "torch"))
+        lines.append(f"| {mode} | {interleave.fmt(r['jax'])} | {t} | {ratio} | {faults} |")
     return "\n".join(lines) + "\n"
 
 
@@ -180,7 +191,7 @@ def run(args: Config) -> dict:
     for mode in args.modes:
         times = interleave.interleaved({fw: fns[mode] for fw, (_, fns) in built.items()}, args.steps, args.warmup)
         result["modes"][mode] = interleave.summarize(times, args.batch, "jax", "torch")
-        print(mode, {k: (round(v["img_per_s"], 2) if isinstance(v, dict) else round(v, 3))
+        print(mode, {k: ((round(v["img_per_s"], 2), v["minflt_per_step"]) if isinstance(v, dict) else round(v, 3))
                      for k, v in result["modes"][mode].items()}, flush=True)
     result["machine"] = interleave.machine()
     md = markdown(result)

@@ -41,8 +41,8 @@ def vector_isa() -> str:
 
     Ratios to PyTorch move with it: the same "AMD EPYC" name covered an AVX-512 machine (PyTorch on its
     AVX512 kernels) and an AVX2-only one in this project's tables."""
-    from leukax import native_build
-    line = native_build.cpu_flags()
+    from leukax.native.build import cpu_flags
+    line = cpu_flags()
     if not line.startswith("flags"):
         return platform.machine()
     flags = set(line.split(":", 1)[1].split())
@@ -51,52 +51,66 @@ def vector_isa() -> str:
 
 
 def machine() -> dict:
-    """CPU model, vector ISA, CPU counts, 1/5/15-min load average now, platform, the malloc settings of
-    `leukax.cpu_memory` and this process's peak resident memory so far (GB)."""
+    """CPU model, vector ISA, CPU counts, 1/5/15-min load average now, platform, the allocator this process
+    runs with (`leukax.runtime.allocator`: both frameworks share it) and its peak resident memory so far (GB)."""
     import resource
 
-    from leukax import cpu_memory
+    from leukax import runtime
     return {"cpu_model": cpu_model(), "isa": vector_isa(), "cpu_count": os.cpu_count(),
             "cpus_used": sorted(os.sched_getaffinity(0)),
             "loadavg": [round(x, 2) for x in os.getloadavg()], "platform": platform.platform(),
-            "malloc": cpu_memory.status(),
+            "malloc": runtime.allocator(),
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)}
 
 
+def allocator_note(a: dict) -> str:
+    """'jemalloc (MALLOC_CONF=...)', 'glibc', ...: the allocator and the settings it ran with."""
+    env = [f"{k}={a[k]}" for k in ("MALLOC_CONF", "TCMALLOC_RELEASE_RATE", "GLIBC_TUNABLES") if a.get(k)]
+    return a.get("name", "?") + (f" ({', '.join(env)})" if env else " (default settings)")
+
+
 def memory_note(m: dict) -> str:
-    """One phrase for a table's device line: the malloc mode and the peak RSS of the whole run."""
-    mode = ("leukax block cache for XLA's buffers (leukax.cpu_memory; PyTorch on glibc)"
-            if m.get("malloc", {}).get("installed") else "glibc for both frameworks (LEUKAX_MALLOC=system)")
-    return f"malloc: {mode}; peak RSS of the process {m.get('peak_rss_gb', '?')} GB"
+    """One phrase for a table's device line: the allocator of the process and the peak RSS of the whole run."""
+    return (f"malloc: {allocator_note(m.get('malloc', {}))} for both frameworks (one process); "
+            f"peak RSS of the process {m.get('peak_rss_gb', '?')} GB")
 
 
 def interleaved(steps: dict, repeats: int, warmup: int) -> dict:
     """steps: name -> zero-argument callable that runs one step and waits for it.
 
     Runs each `warmup` times (compile), then `repeats` rounds calling each once per round.
-    Returns name -> {"step_s": [...], "warmup_s": seconds}."""
+    Returns name -> {"step_s": [...], "minflt": [...], "warmup_s": seconds}; minflt = the process's minor
+    page faults during that step (`getrusage`, all threads)."""
+    import resource
+
+    def minflt():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
     out = {}
     for name, fn in steps.items():
         t0 = time.perf_counter()
         for _ in range(warmup):
             fn()
-        out[name] = {"step_s": [], "warmup_s": time.perf_counter() - t0}
+        out[name] = {"step_s": [], "minflt": [], "warmup_s": time.perf_counter() - t0}
     for _ in range(repeats):
         for name, fn in steps.items():
-            t0 = time.perf_counter()
+            f0, t0 = minflt(), time.perf_counter()
             fn()
             out[name]["step_s"].append(time.perf_counter() - t0)
+            out[name]["minflt"].append(minflt() - f0)
     return out
 
 
 def summarize(times: dict, batch: int, ref: str | None = None, other: str | None = None) -> dict:
-    """Adds img/s (median, min, max) per entry and, with ref/other, `ratio` = median over rounds of
+    """Adds img/s (median, min, max) and the median minor faults per step per entry and, with ref/other,
+    `ratio` = median over rounds of
     other's step time / ref's step time (ref's speed relative to other's: >1 means ref is faster)."""
     res = {}
     for name, t in times.items():
         s = t["step_s"]
         res[name] = {"img_per_s": batch / statistics.median(s), "img_per_s_min": batch / max(s),
-                     "img_per_s_max": batch / min(s), "median_step_s": statistics.median(s), **t}
+                     "img_per_s_max": batch / min(s), "median_step_s": statistics.median(s),
+                     "minflt_per_step": statistics.median(t["minflt"]) if t.get("minflt") else None, **t}
     if ref and other and ref in times and other in times:
         res["ratio"] = statistics.median(o / r for r, o in zip(times[ref]["step_s"], times[other]["step_s"]))
     return res

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from leukax import cpu_memory, metrics, uncertainty
+from leukax import metrics, runtime, uncertainty
 from leukax.data.splits import repeated_holdout, stratified_group_kfold
 from leukax.models.classifier import count_params
 from leukax.pretrained import pretrained
@@ -150,39 +150,18 @@ def enable_compilation_cache(path: str | None = None) -> str:
     return path
 
 
-HUGEPAGES_TUNABLE = "glibc.malloc.hugetlb=1"
-
-
-def ensure_malloc_hugepages() -> None:
-    """With LEUKAX_HUGEPAGES=1, re-executes this program once with glibc's `glibc.malloc.hugetlb=1` tunable
-    (malloc asks the kernel for transparent huge pages), unless that is set already. Off by default.
-
-    XLA:CPU allocates its large temporaries anew every step; with 4 KiB pages a MobileNetV2 + GRU training step
-    took ~318,000 page faults (0.57 s of system time in a 1.45 s step). With huge pages, pinned to ONE core, the
-    step ran 1.39× PyTorch instead of 1.16× and inference 1.28× instead of 1.03×; but with two threads the JAX
-    training step became erratic and 2.2× slower (results/benchmarks/README.md), hence opt-in. Glibc reads
-    tunables only at start-up, hence the re-exec (same interpreter and command line, `sys.orig_argv`)."""
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if (sys.platform != "linux" or os.environ.get("LEUKAX_HUGEPAGES", "0") != "1" or "glibc.malloc.hugetlb" in tunables
-            or not getattr(sys, "orig_argv", None)):
-        return
-    env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (tunables, HUGEPAGES_TUNABLE) if t))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execve(sys.executable, sys.orig_argv, env)
-
-
 def main(config_cls, run, compilation_cache: bool = True) -> None:
     """The `if __name__ == "__main__"` of an experiment: flags from `config_cls`, then `run(config)`.
 
-    With `compilation_cache` (experiments; benchmarks that time compilation pass False) the persistent
-    compilation cache is on (`enable_compilation_cache`). With LEUKAX_HUGEPAGES=1 the program first
-    re-executes itself once with malloc huge pages (`ensure_malloc_hugepages`).
+    The process settings come first, before any JAX backend starts: the XLA:CPU flags of
+    `leukax.runtime.apply_xla_cpu_flags` (a flag already in XLA_FLAGS keeps its value). With
+    `compilation_cache` (experiments; benchmarks that time compilation pass False) the persistent
+    compilation cache is on (`enable_compilation_cache`).
 
     A bad flag value, a manual folder with the wrong layout or a dataset too small for the protocol ends the
     program with one line on stderr and exit status 2 (no traceback); experiments check these before any
     feature extraction or compilation."""
-    ensure_malloc_hugepages()
+    runtime.apply_xla_cpu_flags()
     from leukax.data.builders.base import DatasetError, ManualDownloadError
     define_flags(config_cls, module_name=sys.argv[0])
     define_distributed_flags()
@@ -193,7 +172,8 @@ def main(config_cls, run, compilation_cache: bool = True) -> None:
         if compilation_cache:
             enable_compilation_cache()
         try:
-            run(process_config(config_from_flags(config_cls), init_distributed_from_flags()))  # returns None: app.run would print and exit 1 on a returned value
+            cfg = process_config(config_from_flags(config_cls), init_distributed_from_flags())
+            run(cfg)  # returns None: app.run would print and exit 1 on a returned value
         except (InputError, DatasetError, ManualDownloadError) as e:
             print(f"{pathlib.Path(sys.argv[0]).stem}: error: {e}", file=sys.stderr)
             sys.exit(2)
@@ -291,15 +271,14 @@ def git_commit() -> str:
 
 def environment() -> dict:
     """Returns the provenance every result records: commit, device, backend, versions, CPU cores, XLA_FLAGS and
-    whether leukax's block cache for XLA:CPU buffers is on (`leukax.cpu_memory`)."""
+    the allocator the process runs with (`leukax.runtime.allocator`)."""
     dev = jax.devices()[0]
-    cache = cpu_memory.status()
     return dict(commit=git_commit(), device=str(dev), device_kind=getattr(dev, "device_kind", ""),
                 backend=jax.default_backend(), process_count=jax.process_count(), device_count=jax.device_count(),
                 jax=jax.__version__, python=platform.python_version(),
                 cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
                 xla_flags=os.environ.get("XLA_FLAGS", ""),
-                block_cache={k: cache[k] for k in ("installed", "reason")},
+                allocator=runtime.allocator(),
                 argv=" ".join([pathlib.Path(sys.argv[0]).name] + sys.argv[1:]))
 
 
@@ -361,21 +340,26 @@ def check_and_save(split, groups, leaky: bool, splits_dir) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- backbones
-def load_backbone(name: str, weights: str, weights_dir, substitute: str = "", seed: int = 0):
+CPU_KERNELS = ("xla", "native")
+
+
+def load_backbone(name: str, weights: str, weights_dir, substitute: str = "", seed: int = 0, cpu_kernels: str = "xla"):
     """Returns (module, variables, spec, record): `name` with ImageNet or random weights, or `substitute`
-    when its ImageNet weights are missing; `record` says what was used."""
+    when its ImageNet weights are missing; `record` says what was used. cpu_kernels: "xla" (default graph) or
+    "native" (`leukax.native`'s depthwise kernel; a program's --cpu_kernels)."""
     w = None if weights in ("none", "random", "") else weights
     try:
-        module, variables, spec = pretrained(name, weights=w, weights_dir=weights_dir, seed=seed)
+        module, variables, spec = pretrained(name, weights=w, weights_dir=weights_dir, seed=seed, cpu_kernels=cpu_kernels)
         used, note = name, None
     except FileNotFoundError as e:
         if not substitute:
             raise FileNotFoundError(f"experiments: no ImageNet weights for {name!r} ({e}); pass --weights=none "
                                     "or choose a backbone with offline weights") from e
-        module, variables, spec = pretrained(substitute, weights=w, weights_dir=weights_dir, seed=seed)
+        module, variables, spec = pretrained(substitute, weights=w, weights_dir=weights_dir, seed=seed,
+                                             cpu_kernels=cpu_kernels)
         used, note = substitute, f"{name} ImageNet weights not found; {substitute} used in its place"
     record = dict(requested=name, used=used, substitution=note, weights=weights if w else "random init",
-                  normalization=spec.normalization, params=count_params(variables),
+                  normalization=spec.normalization, params=count_params(variables), cpu_kernels=cpu_kernels,
                   label=used if used == name else f"{used} (for {name})",
                   **weights_provenance(name, used, w, weights_dir))
     return module, variables, spec, record

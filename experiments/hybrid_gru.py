@@ -96,6 +96,8 @@ class Config:
     weights_dir: str | None = field(None, "Folder of weight files.")
     image_size: int = field(0, "Input size in pixels (0 = each backbone's own: 224 / 299 / 260).")
     mode: str = field("head", "head (frozen features) | finetune.", choices=("head", "finetune"))
+    cpu_kernels: str = field("xla", "Depthwise convolutions on CPU: xla (pure JAX, the default graph) | native "
+                             "(leukax.native's C++ kernel, built with g++; for finetuning).", choices=common.CPU_KERNELS)
     heads: tuple = field(("probe", "linear", "dense", "gru"), "Heads trained on the same features and splits: "
                          "probe (logistic regression), linear, dense, gru.")
     head: str = field("gru", "The head whose ensembles the main result fuses.", choices=("gru", "dense", "linear", "probe"))
@@ -303,7 +305,8 @@ def run(cfg: Config) -> dict:
     for name in cfg.backbones:
         t0 = time.perf_counter()
         module, variables, spec, record = common.load_backbone(
-            name, cfg.weights, cfg.weights_dir, cfg.b3_substitute if name == "efficientnet_b3" else "", cfg.seed)
+            name, cfg.weights, cfg.weights_dir, cfg.b3_substitute if name == "efficientnet_b3" else "", cfg.seed,
+            cfg.cpu_kernels)
         size = cfg.image_size or spec.input_size
         smoothing = None if cfg.smoothing == "none" else (lambda x: np.asarray(smooth(x, cfg.smoothing)))
         if cfg.mode == "finetune":

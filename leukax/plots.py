@@ -1,18 +1,26 @@
 """Figures for reports, readable by a hematologist: class names on axes, titled panels, labelled units.
 
 Every function returns a `matplotlib.figure.Figure` (built without pyplot, rendered by Agg) and, when
-`path` is given, also saves it there as a palette PNG (`leukax.records.save_figure`).
+`path` is given, also saves it there as a palette PNG (`leukax.records.save_figure`). matplotlib is imported
+at the first figure, not at import (its font manager runs fc-list and writes a cache under HOME), and no
+backend is selected for the process.
 """
 from __future__ import annotations
 
-import matplotlib
+from typing import TYPE_CHECKING
 
-matplotlib.use("Agg")
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import numpy as np
 
-from leukax import metrics, records, uncertainty  # noqa: E402
+from leukax import metrics, records, uncertainty
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def _figure(**kw) -> Figure:
+    """A new `matplotlib.figure.Figure(**kw)` (no pyplot)."""
+    from matplotlib.figure import Figure
+    return Figure(**kw)
 
 _COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray")
 
@@ -36,7 +44,7 @@ def confusion_matrix(labels_n, probs_nk, class_names, title: str = "Confusion ma
     cm = np.asarray(metrics.confusion_matrix(np.asarray(labels_n), np.asarray(probs_nk).argmax(-1), k))
     row = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     size = 2.2 + 0.9 * k
-    fig = Figure(figsize=(2 * size + 1, size))
+    fig = _figure(figsize=(2 * size + 1, size))
     for ax, data, sub, fmt in ((fig.add_subplot(1, 2, 1), cm, "counts", "{:d}"),
                                (fig.add_subplot(1, 2, 2), row * 100, "% of true class", "{:.1f}%")):
         im = ax.imshow(data, cmap="Blues", vmin=0)
@@ -67,7 +75,7 @@ def _roc_points(is_pos, scores):
 def roc_curves(labels_n, probs_nk, class_names, pos_label: int | None = None, path=None) -> Figure:
     """ROC curves one-vs-rest (only the positive class when K = 2), AUC in the legend."""
     labels_n, probs_nk = np.asarray(labels_n), np.asarray(probs_nk, np.float64)
-    fig = Figure(figsize=(5.5, 5))
+    fig = _figure(figsize=(5.5, 5))
     ax = fig.add_subplot()
     for c in _curve_classes(probs_nk.shape[-1], pos_label):
         is_pos = labels_n == c
@@ -87,7 +95,7 @@ def roc_curves(labels_n, probs_nk, class_names, pos_label: int | None = None, pa
 def pr_curves(labels_n, probs_nk, class_names, pos_label: int | None = None, path=None) -> Figure:
     """Precision-recall curves one-vs-rest (only the positive class when K = 2), average precision in legend."""
     labels_n, probs_nk = np.asarray(labels_n), np.asarray(probs_nk, np.float64)
-    fig = Figure(figsize=(5.5, 5))
+    fig = _figure(figsize=(5.5, 5))
     ax = fig.add_subplot()
     for c in _curve_classes(probs_nk.shape[-1], pos_label):
         is_pos = labels_n == c
@@ -120,7 +128,7 @@ def training_curves(histories, path=None) -> Figure:
         histories = [{k: v[i] for k, v in stacked.items() if i < v.shape[0]} for i in range(m)]
     if not isinstance(histories, dict):
         histories = {f"member {i}": h for i, h in enumerate(histories)}
-    fig = Figure(figsize=(11, 4.2))
+    fig = _figure(figsize=(11, 4.2))
     axes = [fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)]
     for m, (name, hist) in enumerate(histories.items()):
         color = _COLORS[m % len(_COLORS)]
@@ -131,6 +139,7 @@ def training_curves(histories, path=None) -> Figure:
                     continue
                 ax.plot(np.arange(1, len(ys) + 1), np.asarray(ys, float), ls, color=color, lw=1.5,
                         label=f"{name} {'train' if split == 'train' else 'validation'}")
+    from matplotlib.ticker import MaxNLocator
     for ax, label in zip(axes, ("Loss (cross-entropy)", "Accuracy")):
         ax.set(xlabel="Epoch", ylabel=label, title=f"{label.split(' ')[0]} per epoch, train vs validation")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -150,7 +159,7 @@ def reliability_diagram(labels_n, probs_nk, num_bins: int = 15, title: str = "Re
     centers = (b["edges"][:-1] + b["edges"][1:]) / 2
     width = 1.0 / num_bins
     has = b["count"] > 0
-    fig = Figure(figsize=(5.5, 6.5))
+    fig = _figure(figsize=(5.5, 6.5))
     ax, ax_n = fig.add_subplot(4, 1, (1, 3)), fig.add_subplot(4, 1, 4)
     ax.bar(centers[has], b["accuracy"][has], width=width, edgecolor="black", color="tab:blue", label="accuracy")
     ax.bar(centers[has], b["confidence"][has] - b["accuracy"][has], bottom=b["accuracy"][has], width=width,
@@ -170,7 +179,7 @@ def uncertainty_histograms(uncertainty_n, correct_n, name: str = "Predictive ent
     """Histograms of an uncertainty for correct vs misclassified images (optionally the referral threshold)."""
     u, correct = np.asarray(uncertainty_n, float), np.asarray(correct_n, bool)
     edges = np.histogram_bin_edges(u, bins=bins)
-    fig = Figure(figsize=(6, 4.2))
+    fig = _figure(figsize=(6, 4.2))
     ax = fig.add_subplot()
     ax.hist(u[correct], bins=edges, alpha=0.6, color="tab:green", label=f"correct (n = {correct.sum()})")
     ax.hist(u[~correct], bins=edges, alpha=0.6, color="tab:red", label=f"misclassified (n = {(~correct).sum()})")
@@ -186,7 +195,7 @@ def accuracy_coverage(uncertainty_n, correct_n, threshold: float | None = None,
     """Accuracy on retained images vs coverage (least uncertain first), the referral threshold marked."""
     t, cov, acc = uncertainty.accuracy_coverage_curve(uncertainty_n, correct_n)
     a = float(uncertainty.aurc(np.asarray(uncertainty_n, np.float32), np.asarray(correct_n)))
-    fig = Figure(figsize=(6, 4.5))
+    fig = _figure(figsize=(6, 4.5))
     ax = fig.add_subplot()
     ax.plot(np.r_[0, cov], np.r_[acc[0], acc], color="tab:blue", lw=2, drawstyle="steps-pre",
             label=f"ranked by {name} (AURC = {a:.3f})")
@@ -217,7 +226,7 @@ def gradcam_overlays(images_bhwc, heatmaps_bhw, labels_n, probs_nk, class_names,
     n = min(len(images), max_images)
     if n == 0:
         raise ValueError("leukax/plots.py: gradcam_overlays needs at least one image")
-    fig = Figure(figsize=(2.6 * n, 5.6))
+    fig = _figure(figsize=(2.6 * n, 5.6))
     for i in range(n):
         pred = int(probs[i].argmax())
         ok = pred == int(labels[i])
@@ -259,7 +268,7 @@ def model_comparison_curves(labels_n, probs_by_model: dict, class_names, title: 
     in the legend. probs_by_model: {model name: N×K probabilities}. The class names are in the title."""
     labels_n = np.asarray(labels_n)
     grid = np.linspace(0, 1, 201)
-    fig = Figure(figsize=(11, 5))
+    fig = _figure(figsize=(11, 5))
     roc_ax, pr_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for i, (name, probs) in enumerate(probs_by_model.items()):
         tpr, prec, auc, ap = _macro_curves(labels_n, np.asarray(probs, np.float64), grid)
@@ -291,7 +300,7 @@ def gradcam_branches(images_bhwc, heat_by_branch: dict, labels_n, probs_by_branc
     n, rows = len(images), 1 + len(heat_by_branch)
     if n == 0:
         raise ValueError("leukax/plots.py: gradcam_branches needs at least one image")
-    fig = Figure(figsize=(2.5 * n + 1, 2.6 * rows))
+    fig = _figure(figsize=(2.5 * n + 1, 2.6 * rows))
     im = None
     for i in range(n):
         ax = fig.add_subplot(rows, n, i + 1)
@@ -319,7 +328,7 @@ def image_pairs(raw_bhwc, enhanced_bhwc, labels_n, class_names, path=None) -> Fi
     """Himel et al. Fig. 1: each image raw (top) and enhanced (bottom), titled with its class."""
     raw, enh, labels = np.asarray(raw_bhwc), np.asarray(enhanced_bhwc), np.asarray(labels_n)
     n = len(raw)
-    fig = Figure(figsize=(2.3 * n, 5))
+    fig = _figure(figsize=(2.3 * n, 5))
     for i in range(n):
         for row, (img, what) in enumerate(((raw, "raw"), (enh, "enhanced"))):
             ax = fig.add_subplot(2, n, row * n + i + 1)
@@ -334,7 +343,7 @@ def metric_bars(values_by_model: dict, metric_names, title: str = "", path=None)
     optional std as error bar). values_by_model: {model: [(mean, std), ...] in metric_names order}."""
     models = list(values_by_model)
     m = len(metric_names)
-    fig = Figure(figsize=(max(6, 1.3 * len(models) * m / 3 + 3), 4.5))
+    fig = _figure(figsize=(max(6, 1.3 * len(models) * m / 3 + 3), 4.5))
     ax = fig.add_subplot()
     width = 0.8 / m
     for j, name in enumerate(metric_names):

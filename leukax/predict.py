@@ -407,7 +407,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also write the rows here (.csv, .json or .jsonl), per batch")
     p.add_argument("--batch_size", type=int, default=16, help="images per forward pass (bounds memory)")
     p.add_argument("--max_pixels", type=int, default=None,
-                   help="refuse images with more pixels (default $LEUKAX_MAX_PIXELS or 64e6)")
+                   help="refuse images with more pixels (default 64e6)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="progress bar on stderr")
     return p
@@ -457,7 +457,10 @@ def cli(argv: list[str] | None = None) -> int:
 
 
 def run():
-    """Console-script entry point (`leukax-predict`)."""
+    """Console-script entry point (`leukax-predict`, `python -m leukax.predict`): the program's process
+    settings (`leukax.runtime.apply_xla_cpu_flags`), then `cli()`."""
+    from leukax import runtime
+    runtime.apply_xla_cpu_flags()
     sys.exit(cli())
 
 

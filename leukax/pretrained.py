@@ -37,13 +37,15 @@ log = logging.getLogger(__name__)
 # ------------------------------------------------------------------------------------ the entry point
 def pretrained(name: str, weights: Any = "imagenet", num_classes: int | None = None, head: Any = None,
                weights_dir=None, offline: bool | None = None, allow_unverified: bool = False,
-               seed: int = 0, init_size: int = 96, **kw):
+               seed: int = 0, init_size: int = 96, cpu_kernels: str = "xla", **kw):
     """Returns ``(module, variables, spec)``: backbone ``name`` (or ``Classifier(backbone, head)``) with weights.
 
     weights: "imagenet" (registry files in order: official keras file if found or downloadable, then the
       offline alternatives, for mobilenet_v2 finally the embedded float16 copy), "embedded" (mobilenet_v2
       only: the float16 copy shipped in the package), a file path (.h5 / .npz / .pth), or None (random init).
     head: a head Module, or "gru" | "dense" | "linear" (needs num_classes); num_classes alone means "linear".
+    cpu_kernels: "xla" (the default graph, pure JAX/XLA) or "native": a backbone with depthwise convolutions
+      gets ``depthwise_impl="native"`` (`leukax.native`, opt-in C++ kernels for CPU finetuning).
     kw: backbone constructor kwargs (e.g. depthwise_impl, dtype). Weights that need a variant of the
       network (InceptionV3 tf2015: mixed10_pool="max") set it themselves.
     """
@@ -80,7 +82,11 @@ def pretrained(name: str, weights: Any = "imagenet", num_classes: int | None = N
     if weights == "imagenet" and path is None and name != "mobilenet_v2":
         raise FileNotFoundError(f"leukax/pretrained.py: no ImageNet weights for {name!r} could be found or "
                                 "downloaded:\n  " + "\n  ".join(errors or ["no weights registered for it"]))
+    if cpu_kernels not in ("xla", "native"):
+        raise ValueError(f"leukax/pretrained.py: cpu_kernels must be 'xla' or 'native', got {cpu_kernels!r}")
     backbone = spec.make(**kw)
+    if cpu_kernels == "native" and hasattr(backbone, "depthwise_impl"):
+        backbone = backbone.clone(depthwise_impl="native")
     module = backbone if head is None else classifier.Classifier(backbone, head)
     x = jnp.zeros((1, init_size, init_size, 3), jnp.float32)
     variables = jax.jit(module.init)(jax.random.key(seed), x)

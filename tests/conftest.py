@@ -1,5 +1,5 @@
-"""Test setup: Keras on the JAX backend, a persistent JAX compilation cache, the shared/ folder, and the
-skip policy.
+"""Test setup: Keras on the JAX backend, the programs' XLA:CPU flags (`leukax.runtime`), a persistent JAX
+compilation cache, the shared/ folder, and the skip policy.
 
 Skip policy: the only skips a test run may contain are those whose reason is on ALLOWED_SKIPS. With CI=true
 (CI sets it) or LEUKAX_STRICT_SKIPS=1, any other skip (a package CI should have, a file that should ship)
@@ -16,6 +16,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+from leukax import runtime  # noqa: E402
+
+# The test run is a program: it applies the programs' XLA:CPU flags before the first computation, as
+# experiments/common.main does (the compiled head-mode trainer can deadlock without the scheduler flag).
+runtime.apply_xla_cpu_flags()
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(REPO / ".jax_cache"))

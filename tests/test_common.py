@@ -50,7 +50,7 @@ def test_git_commit_has_dirty_marker():
     assert commit == "unknown" or re.fullmatch(r"[0-9a-f]{40}(\+uncommitted)?", commit)
     env = common.environment()
     assert env["commit"] == commit and {"device", "backend", "jax", "python", "cpu_count"} <= set(env)
-    assert "--xla_cpu_experimental_ynn_fusion_type" in env["xla_flags"] and set(env["block_cache"]) == {"installed", "reason"}
+    assert {"name", "library"} <= set(env["allocator"]) and "xla_flags" in env
 
 
 def test_splits_by_protocol():
@@ -114,18 +114,38 @@ def test_every_dependency_is_imported():
     assert not unused, f"pyproject.toml dependencies never imported: {unused}"
 
 
-def test_main_reexecs_once_with_malloc_hugepages():
-    """With LEUKAX_HUGEPAGES=1, ensure_malloc_hugepages re-executes the program with glibc.malloc.hugetlb=1
-    appended to GLIBC_TUNABLES (keeping what was there), exactly once; by default it leaves the process alone."""
+def test_main_applies_the_xla_cpu_flags_before_the_backend_starts():
+    """`common.main` (every experiment's and benchmark's entry point) sets the XLA:CPU flags of
+    `leukax.runtime` before any JAX backend starts, after `import jax` (the experiments import it at the top);
+    a value the user gave in XLA_FLAGS wins."""
+    import json
     import os
     import subprocess
     import sys
-    code = ("import os; print('start', flush=True); from experiments import common; common.ensure_malloc_hugepages(); "
-            "print(os.environ.get('GLIBC_TUNABLES', ''))")
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LEUKAX_HUGEPAGES")}
-    out = subprocess.run([sys.executable, "-c", code], env=dict(env, GLIBC_TUNABLES="glibc.malloc.check=0", LEUKAX_HUGEPAGES="1"),
-                         capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["start", "start", "glibc.malloc.check=0:glibc.malloc.hugetlb=1"]  # ran twice, then stayed
-    out = subprocess.run([sys.executable, "-c", code], env=env,
-                         capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["start"]
+    code = ("import dataclasses, json, os\n"
+            "from experiments import common\n"
+            "from jax._src import xla_bridge\n"
+            "@dataclasses.dataclass\n"
+            "class Config:\n"
+            "    x: int = common.field(0, 'unused')\n"
+            "def run(cfg):\n"
+            "    started = xla_bridge.backends_are_initialized()\n"
+            "    import jax.numpy as jnp; float(jnp.ones(3).sum())\n"
+            "    print(json.dumps([os.environ.get('XLA_FLAGS', ''), started]))\n"
+            "common.main(Config, run, compilation_cache=False)\n")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+
+    def flags_seen(**extra):
+        out = subprocess.run([sys.executable, "-c", code], env=dict(env, **extra), cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.strip().splitlines()[-1]
+        return json.loads(out)
+
+    xla_flags, started = flags_seen()
+    assert not started
+    assert xla_flags.split() == ["--xla_cpu_enable_concurrency_optimized_scheduler=false",
+                                 "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"]
+    xla_flags, _ = flags_seen(XLA_FLAGS="--xla_cpu_enable_concurrency_optimized_scheduler=true")
+    assert xla_flags.split() == ["--xla_cpu_enable_concurrency_optimized_scheduler=true",
+                                 "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"]
+

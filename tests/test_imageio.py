@@ -7,7 +7,6 @@ import pytest
 import tifffile
 from PIL import Image
 
-from leukax.data import imageio
 from leukax.data.imageio import ImageReadError, decode_image, image_size, read_image
 
 RNG = np.random.default_rng(0)
@@ -142,23 +141,19 @@ def test_zero_size_image(tmp_path):
         read_image(p)
 
 
-def test_too_large_checked_before_decoding(tmp_path, monkeypatch):
+def test_too_large_checked_before_decoding(tmp_path):
     p = _save(tmp_path, "big.png", Image.fromarray(RGB))
     with pytest.raises(ImageReadError, match="big.png: too large: 10x12 = 120 pixels > max_pixels=100"):
         read_image(p, max_pixels=100)
-    monkeypatch.setenv("LEUKAX_MAX_PIXELS", "119")
     with pytest.raises(ImageReadError, match="too large"):
-        read_image(p)
-    monkeypatch.setenv("LEUKAX_MAX_PIXELS", "120")
-    assert read_image(p).shape == (12, 10, 3)
+        read_image(p, max_pixels=119)
+    assert read_image(p, max_pixels=120).shape == (12, 10, 3)
+    assert read_image(p).shape == (12, 10, 3)  # default limit: 64 Mpx
     # A header claiming 100k x 100k pixels: rejected from the header alone (the data is not there).
-    monkeypatch.delenv("LEUKAX_MAX_PIXELS")
     with pytest.raises(ImageReadError, match="bomb.png: too large: 9000x9000 = 81000000 pixels > max_pixels=64000000"):
         decode_image(_png_claiming(9000, 9000), name="bomb.png")
     with pytest.raises(ImageReadError, match="bomb.png: too large"):  # beyond PIL's own hard limit
         decode_image(_png_claiming(100_000, 100_000), name="bomb.png", max_pixels=10**12)
-    monkeypatch.setenv("LEUKAX_MAX_PIXELS", "120")
-    assert imageio.max_pixels_default() == 120
 
 
 def test_image_size_from_header(tmp_path):

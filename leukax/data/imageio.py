@@ -11,13 +11,12 @@ Conventions (the same for every dataset, so the models always see H×W×3 uint8)
 - CMYK, YCbCr, LAB, HSV go through PIL's convert("RGB").
 - Multi-frame files give their first frame; EXIF orientation is ignored (raw pixel order, as Keras/TF).
 - Decompression-bomb check: the pixel count from the header is compared to `max_pixels`
-  (default 64 Mpx, env LEUKAX_MAX_PIXELS) BEFORE any pixel is decoded.
+  (an argument; default `DEFAULT_MAX_PIXELS` = 64 Mpx) BEFORE any pixel is decoded.
 TIFFs that PIL cannot decode (e.g. 16-bit RGB, planar, exotic compression) are read with tifffile.
 """
 from __future__ import annotations
 
 import io
-import os
 import pathlib
 import warnings
 
@@ -35,17 +34,6 @@ class ImageReadError(ValueError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"{self.path}: {reason}")
-
-
-def max_pixels_default() -> int:
-    """Returns the pixel limit: env LEUKAX_MAX_PIXELS if set, else DEFAULT_MAX_PIXELS."""
-    env = os.environ.get("LEUKAX_MAX_PIXELS")
-    if env:
-        try:
-            return int(float(env))
-        except ValueError as e:
-            raise ValueError(f"LEUKAX_MAX_PIXELS={env!r} is not a number") from e
-    return DEFAULT_MAX_PIXELS
 
 
 def read_image(path, max_pixels: int | None = None) -> np.ndarray:
@@ -76,7 +64,7 @@ def image_size(data: bytes, name="<bytes>") -> tuple[int, int]:
 
 def decode_image(data: bytes, name="<bytes>", max_pixels: int | None = None) -> np.ndarray:
     """Returns encoded image bytes decoded to np.uint8 H×W×3; `name` is used in error messages."""
-    max_pixels = max_pixels_default() if max_pixels is None else int(max_pixels)
+    max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else int(max_pixels)
     if not data:
         raise ImageReadError(name, "empty file (0 bytes)")
     is_tiff = data[:4] in _TIFF_MAGIC
@@ -122,7 +110,7 @@ def _check_size(name, height: int, width: int, max_pixels: int) -> None:
     if height * width > max_pixels:
         raise ImageReadError(
             name, f"too large: {width}x{height} = {height * width} pixels > max_pixels={max_pixels} "
-            "(decompression-bomb check; raise max_pixels or LEUKAX_MAX_PIXELS if the file is trusted)")
+            "(decompression-bomb check; raise max_pixels, e.g. predict --max_pixels, if the file is trusted)")
 
 
 def _pil_to_rgb8(im: Image.Image, name) -> np.ndarray:

@@ -5,10 +5,10 @@
 - ``"shift"``: a sum of ``kh*kw`` strided slices times per-channel weights. XLA:CPU's grouped
   convolution is ~10x slower than this, forward and backward. Its custom VJP keeps only the input and
   computes the kernel gradient's kh*kw sums in one variadic reduce (see `_depthwise_taps_bwd`).
-- ``"ffi"``: native C++ handlers through the XLA FFI (`leukax.models.depthwise_ffi`, built with g++ at first
-  use), forward, input gradient and kernel gradient on CPU.
-``impl="auto"`` picks "ffi" on the CPU backend when its library builds (else "shift") and "lax" elsewhere;
-the environment variable ``LEUKAX_DEPTHWISE=shift|ffi|lax`` overrides "auto".
+- ``"native"``: opt-in C++ handlers through the XLA FFI (`leukax.native.depthwise`, built with g++ when first
+  used), forward, input gradient and kernel gradient on CPU; "ffi" is its old name.
+``impl="auto"`` is pure JAX/XLA on every machine: "shift" on the CPU backend, "lax" elsewhere. It never
+depends on a compiler or an environment variable; "native" is only ever chosen explicitly.
 
 `PointwiseConv2D` (1×1 conv) is a channel matmul ("dot") on CPU: on XLA:CPU its backward is
 ~3x faster than the 1×1 convolution's ("conv", used on other backends); forward about equal.
@@ -20,15 +20,12 @@ training mode; `relu6` has TF's gradient (no tie-splitting). Both were measured 
 from __future__ import annotations
 
 import functools
-import os
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
-
-from leukax.models import depthwise_ffi
 
 Padding = str | Sequence[tuple[int, int]]
 
@@ -140,36 +137,37 @@ def depthwise_conv_shift(x_bhwc, kernel_hw1c, strides=(1, 1), padding: Padding =
     return _depthwise_taps(x_bhwc, kernel_hw1c, tuple(strides), tuple(tuple(p) for p in pads))
 
 
-DEPTHWISE_IMPLS = ("shift", "lax", "ffi")
+DEPTHWISE_IMPLS = ("shift", "lax", "native")
+_ALIASES = {"ffi": "native"}
 
 
 def resolve_depthwise_impl(impl: str) -> str:
-    """Maps "auto" to $LEUKAX_DEPTHWISE if set, else to "ffi" on CPU when `depthwise_ffi.available()` (else
-    "shift"), and to "lax" on other backends. Other values are returned as they are."""
+    """Maps "auto" to "shift" on the CPU backend and "lax" elsewhere, "ffi" to "native"; other names of
+    `DEPTHWISE_IMPLS` are returned as they are."""
     if impl == "auto":
-        env = os.environ.get("LEUKAX_DEPTHWISE", "").strip().lower()
-        if env:
-            if env not in DEPTHWISE_IMPLS:
-                raise ValueError(f"LEUKAX_DEPTHWISE must be one of {DEPTHWISE_IMPLS}, got {env!r}")
-            return env
-        if jax.default_backend() != "cpu":
-            return "lax"
-        return "ffi" if depthwise_ffi.available() else "shift"
+        return "shift" if jax.default_backend() == "cpu" else "lax"
+    impl = _ALIASES.get(impl, impl)
     if impl not in DEPTHWISE_IMPLS:
-        raise ValueError(f"depthwise impl must be auto|shift|lax|ffi, got {impl!r}")
+        raise ValueError(f"depthwise impl must be auto|shift|lax|native, got {impl!r}")
     return impl
 
 
 def depthwise_conv(x_bhwc, kernel_hw1c, strides=(1, 1), padding: Padding = "SAME", impl: str = "auto"):
     """Depthwise conv by the implementation `resolve_depthwise_impl(impl)` names. Returns B×Ho×Wo×C.
 
-    "ffi" runs the shift path instead where the handlers cannot (not float32, negative pads, no library)."""
+    "native" imports `leukax.native.depthwise` (only then) and raises RuntimeError when its library cannot be
+    built or loaded; it runs "lax" on other backends and "shift" where its handlers cannot (not float32,
+    negative pads)."""
     name = resolve_depthwise_impl(impl)
-    if name == "ffi":
+    if name == "native":
+        from leukax.native import depthwise as native_depthwise
         pads = _explicit_padding(x_bhwc, kernel_hw1c.shape[:2], strides, padding)
-        if depthwise_ffi.supports(x_bhwc, pads):
-            return depthwise_ffi.depthwise_conv_ffi(x_bhwc, kernel_hw1c, strides, pads)
-        name = "shift"
+        if jax.default_backend() != "cpu":
+            name = "lax"
+        elif native_depthwise.supports(x_bhwc, pads):
+            return native_depthwise.depthwise_conv(x_bhwc, kernel_hw1c, strides, pads)
+        else:
+            name = "shift"
     return (depthwise_conv_shift if name == "shift" else depthwise_conv_lax)(x_bhwc, kernel_hw1c, strides, padding)
 
 

@@ -17,7 +17,6 @@ import warnings
 from typing import Any, Callable
 
 import numpy as np
-from bayes_opt import BayesianOptimization
 
 from leukax.train import compiled
 
@@ -38,7 +37,8 @@ def load_log(path) -> list[dict[str, Any]]:
     return json.loads(path.read_text())["trials"]
 
 
-def _optimizer(space: dict[str, Any], trials: list[dict[str, Any]], seed: int, i: int) -> BayesianOptimization:
+def _optimizer(space: dict[str, Any], trials: list[dict[str, Any]], seed: int, i: int):
+    from bayes_opt import BayesianOptimization  # here, not at import: it imports scikit-learn, which sets KMP_* variables
     """Returns a GP optimizer over `space` that knows `trials`, seeded by (seed, i) only: trial i's suggestion
     depends on the finished trials and nothing else, so a resumed search suggests what an uninterrupted one would."""
     with warnings.catch_warnings():  # bayes_opt warns that non-float parameters are "experimental"

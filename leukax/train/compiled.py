@@ -41,7 +41,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from leukax import metrics
+from leukax import metrics, runtime
 from leukax.train import optim
 
 HPARAMS = ("learning_rate", "weight_decay", "momentum", "dropout", "input_dropout", "recurrent_dropout")
@@ -170,7 +170,10 @@ def make_train(recipe: Recipe, head, num_classes: int, mesh=None) -> Callable:
     data: {"train_x": V×N×T×C float (float32, or 16-bit: cast per batch), "train_y": N int, "val_x": V'×N'×T×C,
     "val_y": N'} (device arrays).
     key_t: T PRNG keys (one per trial); hparams_t: `stack_trials(...)` (every value a length-T vector).
+    On the CPU backend with XLA:CPU's concurrency-optimised scheduler on, warns once per process: it can
+    deadlock this program (`leukax.runtime`).
     """
+    runtime.warn_if_deadlock_prone()
     r = recipe
     smooth = r.label_smoothing
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import os
 import pathlib
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-import h5py
 import numpy as np
 
 from leukax.weights.errors import WeightsError
+
+if TYPE_CHECKING:
+    import h5py
 
 # Keras weight name -> (collection, flax name).
 KERAS_TO_FLAX = {
@@ -71,6 +73,7 @@ def read_h5(path: str | os.PathLike) -> H5Dict:
 
 def _read_h5(path: pathlib.Path) -> H5Dict:
     out: H5Dict = {}
+    import h5py  # here, not at import: h5py's import runs `uname -p`
     with h5py.File(path, "r") as f:
         root = f["model_weights"] if "model_weights" in f else f
         layer_names = _attr_strings(root, "layer_names")
@@ -217,6 +220,7 @@ def write_h5(path: str | os.PathLike, layers: H5Dict, layer_names: list[str] | N
     layer_names: every layer in model order (weightless ones too); defaults to `layers`' keys.
     """
     layer_names = list(layers) if layer_names is None else layer_names
+    import h5py
     with h5py.File(path, "w") as f:
         f.attrs["layer_names"] = np.array([n.encode("utf8") for n in layer_names])
         f.attrs["backend"] = b"tensorflow"

@@ -1,10 +1,11 @@
-"""Builds leukax's native sources (`leukax/csrc/*.cc`) with g++ at first use and caches the shared libraries.
+"""Builds leukax's native sources (`leukax/native/*.cc`) with g++ when first asked, and caches the libraries.
 
-A library lands in ``$LEUKAX_FFI_CACHE`` (default ``$XDG_CACHE_HOME/leukax/ffi`` or ``~/.cache/leukax/ffi``),
-named ``<source stem>-<key>.so`` where the key hashes the source, the compiler and its flags, the jaxlib version
-and the CPU's feature flags (the build uses ``-march=native``). A file lock keeps concurrent processes
-(pytest-xdist) from building the same library twice. Users: `leukax.models.depthwise_ffi` (the XLA FFI
-depthwise convolution) and `leukax.cpu_memory` (the block cache for XLA:CPU's buffers).
+Nothing here runs at import: `build` is called by `leukax.native.depthwise.available()`, which only a model
+built with ``depthwise_impl="native"`` (``--cpu_kernels=native``) reaches. A library lands in ``cache_dir``
+(an argument; default ``$XDG_CACHE_HOME/leukax/native`` or ``~/.cache/leukax/native``), named
+``<source stem>-<key>.so`` where the key hashes the source, the compiler and its flags, the jaxlib version and
+the CPU's feature flags (the build uses ``-march=native``). A file lock keeps concurrent processes
+(pytest-xdist) from building the same library twice.
 """
 from __future__ import annotations
 
@@ -16,16 +17,14 @@ import shutil
 import subprocess
 import tempfile
 
-CSRC = pathlib.Path(__file__).resolve().parent / "csrc"
+SOURCES = pathlib.Path(__file__).resolve().parent
 CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 
 
-def cache_dir() -> pathlib.Path:
-    """$LEUKAX_FFI_CACHE, else $XDG_CACHE_HOME/leukax/ffi, else ~/.cache/leukax/ffi."""
-    if os.environ.get("LEUKAX_FFI_CACHE"):
-        return pathlib.Path(os.environ["LEUKAX_FFI_CACHE"])
+def default_cache_dir() -> pathlib.Path:
+    """$XDG_CACHE_HOME/leukax/native, else ~/.cache/leukax/native."""
     base = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    return pathlib.Path(base) / "leukax" / "ffi"
+    return pathlib.Path(base) / "leukax" / "native"
 
 
 def cpu_flags() -> str:
@@ -50,12 +49,14 @@ def build_key(source: pathlib.Path, cxx: str, flags: tuple[str, ...] = CXXFLAGS)
     return h.hexdigest()[:16]
 
 
-def build(source: pathlib.Path, cxx: str, includes: tuple[str, ...] = (), libs: tuple[str, ...] = ()) -> pathlib.Path:
-    """Compiles `source` (if not cached) and returns the .so path. Raises RuntimeError on failure."""
+def build(source: pathlib.Path, cxx: str, includes: tuple[str, ...] = (), libs: tuple[str, ...] = (),
+          cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """Compiles `source` (if not cached in `cache_dir`, default `default_cache_dir()`) and returns the .so path.
+    Raises RuntimeError on failure."""
     exe = shutil.which(cxx)
     if exe is None:
         raise RuntimeError(f"C++ compiler {cxx!r} not found")
-    out_dir = cache_dir()
+    out_dir = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     flags = (*CXXFLAGS, *(f"-I{i}" for i in includes))
     so = out_dir / f"{source.stem}-{build_key(source, cxx, flags + libs)}.so"

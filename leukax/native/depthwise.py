@@ -1,25 +1,24 @@
-"""Native CPU depthwise convolution through the XLA FFI (`leukax/csrc/depthwise.cc`).
+"""Native CPU depthwise convolution through the XLA FFI (`leukax/native/depthwise.cc`), opt-in.
 
     y[b,o,p,c] = Σ_ij xpad[b, o·sh + i, p·sw + j, c] · k[i,j,0,c]     (xpad: x zero-padded by pads)
 
 with a custom VJP whose input gradient dx[b,h,w,c] = Σ_ij g[b, (h+plo_h−i)/sh, (w+plo_w−j)/sw, c] · k[i,j,0,c]
 (exact divisions only) and kernel gradient dk[i,j,0,c] = Σ_bop xpad[b, o·sh+i, p·sw+j, c] · g[b,o,p,c] are two
-more handlers. float32 only; `layers.depthwise_conv(..., impl="ffi")` resolves the padding and falls back to
-the shift path for other dtypes.
+more handlers. float32 only; `layers.depthwise_conv(..., impl="native")` resolves the padding and runs the
+shift path for other dtypes or negative pads.
 
-The shared library is compiled with g++ (``$CXX``) at first use into ``$LEUKAX_FFI_CACHE`` (default
-``~/.cache/leukax/ffi``), named by a hash of the source, the compiler and its flags, the jaxlib version and the
-CPU's feature flags (the build uses ``-march=native``); a file lock keeps concurrent processes (pytest-xdist)
-from building it twice. `available()` is False, with one logged line saying why, when the compiler is missing,
-the build fails or the library does not load; `layers.resolve_depthwise_impl("auto")` then picks "shift".
+Chosen only explicitly: ``depthwise_impl="native"`` on a backbone, ``--cpu_kernels=native`` in the programs.
+The shared library is compiled with g++ (``$CXX``, or `CXX` here) when `available()` is first called, into
+`CACHE_DIR` (None: `leukax.native.build.default_cache_dir()`), named by a hash of the source, the compiler and
+its flags, the jaxlib version and the CPU's feature flags (the build uses ``-march=native``); a file lock keeps
+concurrent processes (pytest-xdist) from building it twice. When the compiler is missing, the build fails or
+the library does not load, `available()` is False with `unavailable_reason()`, and a native call raises.
 
 Under `jax.vmap` the calls use ``vmap_method="broadcast_all"``: the handlers take any leading dimensions as
 independent problems, so an ensemble's members run in one call (3 members × 8 × 56×56×144, forward and
 backward, one core: 51 ms median against 56 ms with "sequential").
 
-Measured (benchmarks/ab_mobilenetv2_gru.py, MobileNetV2 + GRU, batch 16, 224 px, one core of a shared AMD EPYC,
-load average ~3): the training step 1.55–1.77× the shift path's speed and inference 1.08×; the step then
-matches PyTorch's (oneDNN) within the run-to-run spread.
+Measured gain over the default pure-XLA ("shift") path: results/benchmarks/README.md.
 """
 from __future__ import annotations
 
@@ -33,12 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from leukax import native_build
+from leukax.native import build as native_build
 
 log = logging.getLogger(__name__)
 
-SOURCE = native_build.CSRC / "depthwise.cc"
-CXX = os.environ.get("CXX", "g++")
+SOURCE = native_build.SOURCES / "depthwise.cc"
+CXX: str | None = None        # None: $CXX, else g++
+CACHE_DIR: str | None = None  # None: native_build.default_cache_dir()
 TARGETS = {"forward": "LeukaxDepthwiseForward", "input_grad": "LeukaxDepthwiseInputGrad",
            "kernel_grad": "LeukaxDepthwiseKernelGrad", "pool_threads": "LeukaxPoolThreads"}
 _PREFIX = "leukax_depthwise_"
@@ -47,10 +47,11 @@ VMAP_METHOD = "broadcast_all"  # one call over all mapped problems (see the modu
 _state: dict = {"ok": None, "reason": "", "lib": None}
 
 
-def build(cxx: str | None = None) -> pathlib.Path:
-    """Compiles the handlers (if not cached; `leukax.native_build`) and returns the .so path. Raises
+def build(cxx: str | None = None, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """Compiles the handlers (if not cached; `leukax.native.build`) and returns the .so path. Raises
     RuntimeError on failure."""
-    return native_build.build(SOURCE, cxx or CXX, includes=(jax.ffi.include_dir(),))
+    return native_build.build(SOURCE, cxx or CXX or os.environ.get("CXX", "g++"),
+                              includes=(jax.ffi.include_dir(),), cache_dir=cache_dir or CACHE_DIR)
 
 
 def _load_and_register(cxx: str | None = None) -> ctypes.CDLL:
@@ -66,9 +67,9 @@ def available() -> bool:
         try:
             _state["lib"] = _load_and_register()
             _state["ok"] = True
-        except Exception as e:  # noqa: BLE001  (any failure means: use the shift path)
+        except Exception as e:  # noqa: BLE001  (any failure: not available, and why)
             _state["ok"], _state["reason"] = False, f"{type(e).__name__}: {e}"
-            log.warning("leukax FFI depthwise unavailable, using the shift path: %s", _state["reason"])
+            log.warning("leukax native depthwise unavailable: %s", _state["reason"])
     return _state["ok"]
 
 
@@ -124,18 +125,17 @@ _depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 def supports(x_bhwc, pads) -> bool:
-    """True when the handlers can take this call: CPU backend, float32 input, pads ≥ 0, library available."""
-    return (jax.default_backend() == "cpu" and x_bhwc.dtype == jnp.float32 and min(min(p) for p in pads) >= 0
-            and available())
+    """True when the handlers can take this call: float32 input and pads ≥ 0."""
+    return x_bhwc.dtype == jnp.float32 and min(min(p) for p in pads) >= 0
 
 
-def depthwise_conv_ffi(x_bhwc, kernel_hw1c, strides=(1, 1), padding=((0, 0), (0, 0))):
+def depthwise_conv(x_bhwc, kernel_hw1c, strides=(1, 1), padding=((0, 0), (0, 0))):
     """Depthwise conv by the native handlers. Returns B×Ho×Wo×C. float32 only; `padding` explicit
-    ((lo_h, hi_h), (lo_w, hi_w)), each ≥ 0 (`layers.depthwise_conv(..., impl="ffi")` resolves 'SAME'/'VALID'
-    and falls back to the shift path where `supports` is False)."""
+    ((lo_h, hi_h), (lo_w, hi_w)), each ≥ 0 (`layers.depthwise_conv(..., impl="native")` resolves 'SAME'/'VALID'
+    and runs the shift path where `supports` is False)."""
     pads = tuple(tuple(int(v) for v in p) for p in padding)
     if x_bhwc.dtype != jnp.float32 or min(min(p) for p in pads) < 0:
-        raise ValueError(f"depthwise_conv_ffi takes float32 and pads >= 0, got {x_bhwc.dtype} and {pads}")
+        raise ValueError(f"depthwise_conv takes float32 and pads >= 0, got {x_bhwc.dtype} and {pads}")
     if not available():
-        raise RuntimeError(f"FFI depthwise unavailable: {unavailable_reason()}")
+        raise RuntimeError(f"leukax native depthwise unavailable: {unavailable_reason()}")
     return _depthwise(x_bhwc, kernel_hw1c.astype(jnp.float32), tuple(int(s) for s in strides), pads)
