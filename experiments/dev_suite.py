@@ -135,8 +135,9 @@ def _hparams(cfg, kind: str):
     return rcp, compiled.default_hparams()
 
 
-def run_dataset(cfg: Config, name: str, out: pathlib.Path, npz: dict) -> dict:
-    """Every backbone × split × head on one dataset; returns its section of metrics.json."""
+def run_dataset(cfg: Config, name: str, out: pathlib.Path, npz: dict, on_split=lambda section: None) -> dict:
+    """Every backbone × split × head on one dataset; returns its section of metrics.json. `on_split(section)`
+    is called after every split with the section so far (the run writes a partial metrics.json)."""
     root = pathlib.Path(cfg.data_root)
     ds = _load(name, 224, root, cfg.data_dir)
     labels, k = np.asarray(ds.labels), len(ds.class_names)
@@ -173,7 +174,9 @@ def run_dataset(cfg: Config, name: str, out: pathlib.Path, npz: dict) -> dict:
             npz[f"{name}_{sid}_test_index"] = split.test
             print(f"dev_suite: {name} {bb} {sid}: " + " ".join(
                 f"{kind}={scores[kind][-1]['accuracy']:.3f}" for kind in cfg.heads), flush=True)
-        section["backbones"][bb] = _section(cfg, scores, record)
+            section["backbones"][bb] = _section(cfg, scores, record)
+            section["splits_done"] = i + 1
+            on_split(section)
     if len(cfg.backbones) > 1:  # sum rule over the backbones' ensemble means, per head kind
         scores = {kind: [split_scores(labels[s.test], np.asarray(fusion.sum_rule(np.stack(probs_fused[kind][i]))))
                          for i, s in enumerate(splits)] for kind in cfg.heads}
@@ -204,19 +207,28 @@ def run(cfg: Config) -> dict:
     out = pathlib.Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     npz: dict = {}
-    results = {name: run_dataset(cfg, name, out, npz) for name in cfg.datasets}
-    np.savez_compressed(out / "predictions_per_split.npz", **npz)
-    m = dict(study="issue 20 development suite: every head on every real set, same features and splits, paired "
-                   "differences", datasets=results,
-             protocol=dict(name="stratified grouped k-fold, repeated", folds=cfg.folds, repeats=cfg.repeats,
-                           val_fraction=cfg.val_fraction,
-                           verdict="loses if mean difference < -2 se, wins if > 2 se (se = std/sqrt(S)), else tie"),
-             model=dict(heads=list(cfg.heads), members=cfg.members, feature_dim=cfg.feature_dim, units=cfg.units,
-                        hidden=cfg.hidden, order=cfg.order, views="dihedral (8), TTA", epochs=cfg.epochs,
-                        coverage=COVERAGE),
-             timing_s=dict(total=time.perf_counter() - t_start), environment=env,
-             command=common.command_line("experiments.dev_suite", cfg))
-    (out / "metrics.json").write_text(json.dumps(m, indent=2))
+    results: dict = {}
+
+    def write(complete: bool) -> dict:
+        """Writes metrics.json (after every split: a run cut short keeps its finished splits, complete=False)."""
+        m = dict(study="issue 20 development suite: every head on every real set, same features and splits, "
+                       "paired differences", complete=complete, datasets=results,
+                 protocol=dict(name="stratified grouped k-fold, repeated", folds=cfg.folds, repeats=cfg.repeats,
+                               val_fraction=cfg.val_fraction,
+                               verdict="loses if mean difference < -2 se, wins if > 2 se (se = std/sqrt(S)), else tie"),
+                 model=dict(heads=list(cfg.heads), members=cfg.members, feature_dim=cfg.feature_dim, units=cfg.units,
+                            hidden=cfg.hidden, order=cfg.order, views="dihedral (8), TTA", epochs=cfg.epochs,
+                            coverage=COVERAGE),
+                 timing_s=dict(total=time.perf_counter() - t_start), environment=env,
+                 command=common.command_line("experiments.dev_suite", cfg))
+        (out / "metrics.json").write_text(json.dumps(m, indent=2))
+        np.savez_compressed(out / "predictions_per_split.npz", **npz)
+        return m
+
+    for name in cfg.datasets:
+        results[name] = run_dataset(cfg, name, out, npz, lambda section, name=name: (
+            results.__setitem__(name, section), write(False)))
+    m = write(True)
     print(summary_table(m))
     print(f"dev_suite: wrote {out}/ in {m['timing_s']['total']:.0f} s")
     return m
