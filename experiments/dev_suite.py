@@ -109,13 +109,15 @@ def split_scores(labels_n, probs_nk, coverage: float = COVERAGE) -> dict[str, fl
                 acc_at_coverage=float(metrics.accuracy(y[top], p[top])))
 
 
-def paired(a_s, b_s) -> dict:
-    """Paired difference a − b over S splits: mean, std, se = std/√S, per split, wins/losses and the verdict."""
+def paired(a_s, b_s, higher_is_better: bool = True) -> dict:
+    """Paired difference a − b over S splits: mean, std, se = std/√S, per split, and a's wins/losses and verdict
+    (a wins a split when it is better there: a − b > 0 for accuracy, < 0 for NLL with higher_is_better=False)."""
     d = np.asarray(a_s, float) - np.asarray(b_s, float)
     mean, std = float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else 0.0
     se = std / np.sqrt(len(d))
-    verdict = "loses" if mean < -2 * se else "wins" if mean > 2 * se else "tie"
-    return dict(mean=mean, std=std, se=float(se), wins=int((d > 0).sum()), losses=int((d < 0).sum()),
+    g = d if higher_is_better else -d    # the gain of a over b
+    verdict = "loses" if g.mean() < -2 * se else "wins" if g.mean() > 2 * se else "tie"
+    return dict(mean=mean, std=std, se=float(se), wins=int((g > 0).sum()), losses=int((g < 0).sum()),
                 verdict=verdict, per_split=d.tolist())
 
 
@@ -186,12 +188,17 @@ def run_dataset(cfg: Config, name: str, out: pathlib.Path, npz: dict, on_split=l
     return section
 
 
+def paired_table(heads: dict) -> dict:
+    """Returns {"a - b": {"accuracy": paired(...), "nll": paired(...)}} for the `PAIRS` present in `heads` (the
+    per-head summaries of one dataset and backbone, each with per_split values)."""
+    return {f"{a} - {b}": {m: paired(heads[a][m]["per_split"], heads[b][m]["per_split"], m != "nll")
+                           for m in ("accuracy", "nll")}
+            for a, b in PAIRS if a in heads and b in heads}
+
+
 def _section(cfg, scores: dict, record) -> dict:
-    out = dict(heads={kind: _summary(s) for kind, s in scores.items()}, paired={})
-    for a, b in PAIRS:
-        if a in scores and b in scores:
-            out["paired"][f"{a} - {b}"] = {m: paired([s[m] for s in scores[a]], [s[m] for s in scores[b]])
-                                           for m in ("accuracy", "nll")}
+    out = dict(heads={kind: _summary(s) for kind, s in scores.items()})
+    out["paired"] = paired_table(out["heads"])
     if record is not None:
         out["backbone"] = record
     return out
