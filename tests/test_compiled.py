@@ -1,4 +1,5 @@
 """The compiled head-mode trainer (leukax.train.compiled), views, the linear probe and temperature scaling."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -65,6 +66,51 @@ def test_early_stopping_keeps_each_members_best_epoch(toy):
         done = val[m][np.isfinite(val[m])]
         assert int(res.best_epoch[m]) == int(np.argmin(done))  # best = lowest validation NLL seen
         assert len(done) - 1 - int(res.best_epoch[m]) == 2     # stopped after `patience` bad epochs
+
+
+
+def test_fit_returns_each_members_best_epoch_params_not_the_last(toy):
+    """The returned params are each member's params at its recorded best epoch: their validation NLL is the
+    history's value at best_epoch (not at the last epoch run), and retraining the same seed for best_epoch + 1
+    epochs (constant schedule, so the first epochs are identical) ends on the very same params."""
+    x, y, xv, yv = toy
+    head = LinearHead(K)
+    rcp = compiled.Recipe(num_members=2, num_epochs=30, batch_size=16, patience=3, schedule="constant",
+                          optimizer="sgd", label_smoothing=0.0, val_views=0)
+    hp = compiled.default_hparams(learning_rate=5.0, momentum=0.0)
+    res = compiled.fit(rcp, head, K, x, y, xv, yv, hp, seed=4)
+    val = np.asarray(res.history["val_loss"])
+    best = np.asarray(res.best_epoch)
+    last = np.asarray([np.flatnonzero(np.isfinite(v))[-1] for v in val])
+    assert np.all(best < last)  # validation got worse after the best epoch: last ≠ best
+    probs_mnk = np.asarray(compiled.make_predict(head)(res.params, jnp.asarray(xv)))
+    for m in range(2):
+        nll = float(metrics.nll(jnp.asarray(yv), jnp.asarray(probs_mnk[m])))
+        np.testing.assert_allclose(nll, val[m, best[m]], rtol=1e-4)
+        assert abs(nll - val[m, last[m]]) > 1e-3
+    for m in range(2):  # the same member, trained afresh for best_epoch + 1 epochs
+        short = compiled.fit(dataclasses.replace(rcp, num_epochs=int(best[m]) + 1, patience=100), head, K, x, y,
+                             xv, yv, hp, seed=4)
+        for a, b in zip(jax.tree.leaves(res.params), jax.tree.leaves(short.params)):
+            np.testing.assert_allclose(np.asarray(a)[m], np.asarray(b)[m], rtol=1e-5, atol=1e-6)
+
+
+def test_make_predict_averages_the_softmax_over_all_views():
+    """make_predict(head)(params_m, x_vntc) equals the mean over all V views of each member's per-view softmax,
+    written out by hand (also when V·N is not a multiple of the chunk, which pads the last chunk)."""
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(3, 7, 4, 6)), jnp.float32)   # V = 3 different views of N = 7 examples
+    head = GRUHead(K, units=8, hidden=8, dropout=0.0)
+    params_m = jax.vmap(lambda k: head.init(k, x[0])["params"])(jax.random.split(jax.random.PRNGKey(6), 2))
+    want = np.stack([np.mean([np.asarray(jax.nn.softmax(head.apply({"params": jax.tree.map(lambda a: a[m], params_m)},
+                                                                    x[v])[0], -1)) for v in range(3)], 0)
+                     for m in range(2)])
+    per_view0 = np.asarray(jax.nn.softmax(head.apply({"params": jax.tree.map(lambda a: a[0], params_m)}, x[0])[0], -1))
+    assert not np.allclose(want[0], per_view0, atol=1e-3)          # the views disagree: view 0 alone is not it
+    for chunk in (256, 5):
+        got = np.asarray(compiled.make_predict(head, chunk)(params_m, x))
+        assert got.shape == (2, 7, K)
+        np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_trials_share_one_program_and_equal_separate_runs(toy):

@@ -23,7 +23,8 @@ FM = jax.random.normal(jax.random.key(0), (3, 2, 3, 16))
 
 @pytest.mark.parametrize("head,dim", [(heads.GRUHead(2, units=8, hidden=6), 6),
                                       (heads.DenseHead(3, features=10), 10),
-                                      (heads.LinearHead(4), 16)])
+                                      (heads.LinearHead(4), 16),
+                                      (heads.GRUPoolHead(3, units=8, hidden=6), 6)])
 def test_head_shapes(head, dim):
     v = head.init(jax.random.key(1), FM)
     logits, out = head.apply(v, FM)
@@ -108,7 +109,8 @@ def test_paper_gru_heads_table():
         "sgd", "sgd", "rmsprop"]
 
 
-@pytest.mark.parametrize("head", [heads.GRUHead(2, units=8, hidden=32), heads.DenseHead(2, features=64)])
+@pytest.mark.parametrize("head", [heads.GRUHead(2, units=8, hidden=32), heads.DenseHead(2, features=64),
+                                  heads.GRUPoolHead(2, units=8, hidden=32)])
 def test_traced_dropout_rate_no_retrace(head):
     v = head.init(jax.random.key(3), FM)
     traces = []
@@ -181,3 +183,32 @@ def test_gru_reads_the_centre_last_when_asked():
     assert not np.allclose(raster.apply(v, x)[0], centre.apply(v, x)[0])  # same weights, another reading order
     seq = x.reshape(2, 9, 5)[:, order]  # reading order by hand: the raster head on the permuted positions
     np.testing.assert_allclose(centre.apply(v, x)[0], raster.apply(v, seq[:, :, None, :])[0], atol=1e-6)
+
+
+def test_gru_pool_head_with_its_gru_rows_zeroed_is_the_dense_head_on_pooled_features():
+    """GRUPoolHead's dense layer reads [h_T ; mean_t x_t]: with the U rows that read h_T set to zero, its
+    logits equal DenseHead(features=hidden)'s whose kernel is the remaining C rows (the dense head on the
+    same pooled features is a special case); with them nonzero, the GRU changes the logits."""
+    units, hidden, k = 5, 7, 3
+    pool_head = heads.GRUPoolHead(k, units=units, hidden=hidden, dropout=0.0)
+    v = pool_head.init(jax.random.key(11), FM)["params"]
+    assert v["dense"]["kernel"].shape == (units + FM.shape[-1], hidden)
+    v["logits"]["bias"] = jnp.asarray(np.random.default_rng(0).normal(size=k), jnp.float32)  # a nonzero bias too
+    dense = {"dense": {"kernel": v["dense"]["kernel"][units:], "bias": v["dense"]["bias"] + 0.1},
+             "logits": v["logits"]}
+    zeroed = {**v, "dense": {"kernel": v["dense"]["kernel"].at[:units].set(0.0), "bias": dense["dense"]["bias"]}}
+    want, want_aux = heads.DenseHead(k, features=hidden, dropout=0.0).apply({"params": dense}, FM)
+    got, got_aux = pool_head.apply({"params": zeroed}, FM)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(got_aux["pre_logits"], want_aux["pre_logits"], atol=1e-5)
+    full = {**v, "dense": {"kernel": v["dense"]["kernel"], "bias": dense["dense"]["bias"]}}
+    assert not np.allclose(pool_head.apply({"params": full}, FM)[0], want, atol=1e-3)
+    # the same on a flattened B×T×C map, the form the compiled trainer feeds
+    got_flat = pool_head.apply({"params": zeroed}, FM.reshape(3, 6, 16))[0]
+    np.testing.assert_allclose(got_flat, want, atol=1e-5)
+
+
+def test_make_head_knows_gru_pool():
+    from leukax.train import recipe
+    assert isinstance(heads.make_head("gru_pool", 2, units=4), heads.GRUPoolHead)
+    assert "gru_pool" in recipe.HEAD_KINDS and isinstance(recipe.make_model("gru_pool", 2, 4, 4), heads.GRUPoolHead)

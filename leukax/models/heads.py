@@ -5,6 +5,8 @@
 - `DenseHead` (Himel et al. 2024): global-average-pool → Dense(1024, relu) → Dropout(0.3) →
   Dense(num_classes). Its 1024-d relu output is the feature the second stage fuses.
 - `LinearHead`: global-average-pool → Dense(num_classes) (the no-GRU baseline).
+- `GRUPoolHead`: the GRU's final state concatenated with the globally pooled features before the dense layers,
+  so the dense head on pooled features is a special case (issue 20).
 
 Every head: ``__call__(feature_map_bhwc, train=False, dropout_rate=None, input_dropout_rate=None, ...)`` returns
 ``(logits_bk, {"pre_logits": B×D})``; softmax is applied by callers. ``dropout_rate`` overrides the
@@ -176,6 +178,25 @@ def sequence_order(h: int, w: int, order: str):
     return np.lexsort((np.arange(h * w), -(yy ** 2 + xx ** 2).ravel()))
 
 
+def _read_sequence(head, feature_map_bhwc, train: bool, input_dropout_rate):
+    """Returns the B×T×C sequence a GRU head reads: the H·W positions in `head.order`, with spatial input dropout
+    (one channel mask per image, shared by all positions) when training. A B×T×C input is a flattened
+    (row-major) square map, or a plain sequence when T is not a square."""
+    if feature_map_bhwc.ndim == 3:
+        b, t, c = feature_map_bhwc.shape
+        side = int(round(t ** 0.5))
+        feature_map_bhwc = feature_map_bhwc.reshape(b, side, t // side, c) if side * side == t else \
+            feature_map_bhwc[:, :, None, :]
+    b, h, w, c = feature_map_bhwc.shape
+    seq_btc = feature_map_bhwc.reshape(b, h * w, c).astype(head.dtype or jnp.float32)
+    seq_btc = seq_btc[:, sequence_order(h, w, head.order)]
+    if train:
+        keep_b1c = dropout(jnp.ones((b, 1, c), seq_btc.dtype), _rate(head.input_dropout, input_dropout_rate),
+                           head.make_rng("dropout"), True)
+        seq_btc = seq_btc * keep_b1c
+    return seq_btc
+
+
 class GRUHead(nn.Module):
     """GRU over the H·W feature-map positions, then two dense layers. Returns (logits B×K, {"pre_logits": B×hidden}).
 
@@ -195,23 +216,43 @@ class GRUHead(nn.Module):
     @nn.compact
     def __call__(self, feature_map_bhwc, train: bool = False, dropout_rate=None, input_dropout_rate=None,
                  recurrent_dropout_rate=None):
-        if feature_map_bhwc.ndim == 3:  # a flattened (row-major) square map B×T×C
-            b, t, c = feature_map_bhwc.shape
-            side = int(round(t ** 0.5))
-            feature_map_bhwc = feature_map_bhwc.reshape(b, side, t // side, c) if side * side == t else \
-                feature_map_bhwc[:, :, None, :]
-        b, h, w, c = feature_map_bhwc.shape
-        seq_btc = feature_map_bhwc.reshape(b, h * w, c).astype(self.dtype or jnp.float32)
-        seq_btc = seq_btc[:, sequence_order(h, w, self.order)]
-        if train:
-            keep_b1c = dropout(jnp.ones((b, 1, c), seq_btc.dtype), _rate(self.input_dropout, input_dropout_rate),
-                               self.make_rng("dropout"), True)
-            seq_btc = seq_btc * keep_b1c
+        seq_btc = _read_sequence(self, feature_map_bhwc, train, input_dropout_rate)
         rec_rate = _rate(self.recurrent_dropout, recurrent_dropout_rate)
         state_bu = GRU(self.units, name="gru")(seq_btc, rec_rate, self.make_rng("dropout") if train else None)
         hid_bd = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="dense")(state_bu))
         rate = _rate(self.dropout, dropout_rate)
         x = dropout(hid_bd, rate, self.make_rng("dropout") if train else None, train)
+        logits_bk = nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(x)
+        return logits_bk.astype(jnp.float32), {"pre_logits": hid_bd}
+
+
+class GRUPoolHead(nn.Module):
+    """The GRU head with a skip of the pooled features: the GRU's final state h_T and the global mean of the
+    (input-dropped) sequence, concatenated, go through the same two dense layers:
+
+        u = [h_T ; (1/T) Σ_t x_t]  (B×(U+C))      a = relu(u W + b)  (B×hidden)      logits = a W_o + b_o
+
+    With the rows of W that read h_T at zero this IS `DenseHead(features=hidden)` on the pooled features, so
+    the dense head on the same features is a special case the GRU can only add to (tests/test_heads.py).
+    Returns (logits B×K, {"pre_logits": B×hidden}); regularisation as `GRUHead`."""
+    num_classes: int
+    units: int = 128
+    dropout: float = 0.3
+    hidden: int = 128
+    input_dropout: float = 0.0
+    recurrent_dropout: float = 0.0
+    order: str = "center_last"
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, feature_map_bhwc, train: bool = False, dropout_rate=None, input_dropout_rate=None,
+                 recurrent_dropout_rate=None):
+        seq_btc = _read_sequence(self, feature_map_bhwc, train, input_dropout_rate)
+        rec_rate = _rate(self.recurrent_dropout, recurrent_dropout_rate)
+        state_bu = GRU(self.units, name="gru")(seq_btc, rec_rate, self.make_rng("dropout") if train else None)
+        joint_bj = jnp.concatenate([state_bu, jnp.mean(seq_btc, 1)], -1)
+        hid_bd = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="dense")(joint_bj))
+        x = dropout(hid_bd, _rate(self.dropout, dropout_rate), self.make_rng("dropout") if train else None, train)
         logits_bk = nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(x)
         return logits_bk.astype(jnp.float32), {"pre_logits": hid_bd}
 
@@ -251,11 +292,11 @@ class LinearHead(nn.Module):
         return logits_bk.astype(jnp.float32), {"pre_logits": pooled_bc}
 
 
-HEADS = {"gru": GRUHead, "dense": DenseHead, "linear": LinearHead}
+HEADS = {"gru": GRUHead, "gru_pool": GRUPoolHead, "dense": DenseHead, "linear": LinearHead}
 
 
 def make_head(kind: str, num_classes: int, **kwargs) -> nn.Module:
-    """Returns a head by name: "gru" | "dense" | "linear"."""
+    """Returns a head by name: "gru" | "gru_pool" | "dense" | "linear"."""
     if kind not in HEADS:
         raise ValueError(f"leukax/models/heads.py: unknown head {kind!r}; known: {', '.join(HEADS)}")
     return HEADS[kind](num_classes=num_classes, **kwargs)

@@ -22,7 +22,7 @@ import numpy as np
 from leukax.models.heads import make_head
 from leukax.train import compiled, probe
 
-HEAD_KINDS = ("gru", "dense", "linear", "probe")
+HEAD_KINDS = ("gru", "dense", "linear", "probe", "gru_pool")
 
 # Akter et al. 2024, Table 2 (Bayesian-optimised hyper-parameters per backbone), all of it. EfficientNetB3's row
 # also serves its offline substitute (EfficientNet-Lite2), which is recorded in the results.
@@ -101,9 +101,10 @@ def pooled_standardized(tf: FeatureTransform, features_vntc, indices, chunk: int
 
 def make_model(kind: str, num_classes: int, units: int = 128, hidden: int = 128, dense_features: int = 256,
                order: str = "center_last"):
-    """Returns the head module of `kind` ("gru" | "dense" | "linear"); `order`: the GRU's reading order."""
-    if kind == "gru":
-        return make_head("gru", num_classes, units=units, hidden=hidden, dropout=0.0, order=order)
+    """Returns the head module of `kind` ("gru" | "gru_pool" | "dense" | "linear"); `order`: the GRU's reading
+    order."""
+    if kind in ("gru", "gru_pool"):
+        return make_head(kind, num_classes, units=units, hidden=hidden, dropout=0.0, order=order)
     if kind == "dense":
         return make_head("dense", num_classes, features=dense_features, dropout=0.0)
     return make_head("linear", num_classes)

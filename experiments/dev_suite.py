@@ -1,0 +1,263 @@
+"""The development suite of issue 20: every head kind on every real set at hand, same features, same splits,
+paired differences against the baselines — so a head-mode recipe change is judged on all sets, never on one.
+
+Command:   python -m experiments.dev_suite --weights_dir=../shared/weights --feature_cache=<dir>
+           (writes results/dev_suite/: metrics.json, predictions_per_split.npz, splits/)
+           python -m experiments.dev_suite --datasets=pbc,cnmc2019,aml_lmu,standin,lab_probe --repeats=3
+Runtime:   see results/dev_suite/README.md (measured, with the command, commit and peak RSS).
+
+Datasets (under `--data_root`, the shared folder of ../shared/data/README.md):
+- `pbc`: the PBC subset, 320 normal blood cells, 8 classes (groups: duplicate pixels; PBC has no subjects);
+- `cnmc2019`: the C-NMC 2019 sample, 60 cells, ALL vs healthy (hem), grouped by subject (37 subjects);
+- `aml_lmu`: the AML-Cytomorphology_LMU sample, 50 cells, 5 classes (EOS, LYT, MON, MYO, NGS);
+- `standin` (ALL/AML/healthy from two labs) and `lab_probe` (C-NMC hem vs LMU LYT: learns the lab), optional.
+
+Per dataset and backbone: frozen features of the 8 dihedral views (cached), repeated stratified grouped k-fold
+(`--folds` × `--repeats`, a grouped validation part inside every training part), and on every split the
+standardisation (+ PCA) fitted on the training part, then every head of `--heads` on those same features:
+the logistic-regression probe, and linear / dense / gru / gru_pool deep ensembles of `--members` from the
+compiled trainer (`leukax.train.recipe.train_and_predict`, TTA over the views). The GRU heads get the recipe
+flags below (hybrid_gru's defaults); linear and dense get `compiled.default_hparams()`, as in hybrid_gru.
+
+Reported per dataset, backbone and head: test accuracy, NLL, ECE and the accuracy of the 90 % most confident
+cells, mean ± std over splits; and paired differences a − b on the same splits (`PAIRS`), with mean, std,
+standard error se = std/√S and a verdict: "loses" if mean < −2·se, "wins" if mean > 2·se, else "tie". Splits of
+repeated k-fold share training data, so se understates the noise: a "tie" is a tie, a "loses" is a flag to
+look at, not a test.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import common
+from experiments.common import field
+from leukax import fusion, metrics
+from leukax.data import load_arrays
+from leukax.train import compiled, recipe
+from leukax.train.views import view_features
+
+# (a, b): the paired differences a − b reported for every dataset and backbone (when both heads ran).
+PAIRS = (("gru", "probe"), ("gru", "dense"), ("gru_pool", "probe"), ("gru_pool", "dense"), ("gru_pool", "gru"),
+         ("dense", "probe"))
+COVERAGE = 0.9  # selective prediction: accuracy of the most confident 90 % of a split's test cells
+
+
+def _load(name: str, size: int, root: pathlib.Path, data_dir):
+    """Returns the Dataset `name` of the suite at `size` px from the shared data folder `root`."""
+    if name == "pbc":
+        return load_arrays("pbc", size, data_dir=data_dir, manual_dir=str(root / "pbc-subset"))
+    if name == "cnmc2019":
+        return load_arrays("cnmc2019", size, data_dir=data_dir)  # the embedded sample (= cnmc2019-sample)
+    if name == "aml_lmu":
+        return load_arrays("image_folder", size, data_dir=data_dir, root=str(root / "aml-lmu-sample" / "images"),
+                           label_regex=r"^([A-Z]+)_")
+    if name == "standin":
+        return load_arrays("all_aml_healthy_standin", size, data_dir=data_dir, manual_dir=str(root))
+    if name == "lab_probe":
+        return load_arrays("lab_probe", size, data_dir=data_dir, manual_dir=str(root))
+    raise common.InputError(f"experiments/dev_suite.py: unknown dataset {name!r}; known {DATASETS}")
+
+
+DATASETS = ("pbc", "cnmc2019", "aml_lmu", "standin", "lab_probe")
+
+
+@dataclasses.dataclass
+class Config:
+    out_dir: str = field("results/dev_suite", "Where metrics.json, predictions_per_split.npz and splits/ go.")
+    datasets: tuple = field(("pbc", "cnmc2019", "aml_lmu"), f"Comma-separated, of {', '.join(DATASETS)}.")
+    data_root: str = field("../shared/data", "The shared data folder (pbc-subset/, aml-lmu-sample/, ...).")
+    data_dir: str | None = field(None, "TFDS data dir of prepared datasets.")
+    backbones: tuple = field(("mobilenet_v2",), "Comma-separated backbones (frozen, ImageNet weights).")
+    weights: str = field("imagenet", "imagenet | none (random init, for tests).")
+    weights_dir: str | None = field(None, "Folder of weight files.")
+    image_size: int = field(0, "Input size in pixels (0 = each backbone's own).")
+    heads: tuple = field(("probe", "linear", "dense", "gru", "gru_pool"), "Head kinds, all on the same features "
+                         f"and splits, of {', '.join(recipe.HEAD_KINDS)}.")
+    members: int = field(5, "Deep-ensemble members M per head.")
+    feature_dim: int = field(256, "PCA feature channels fitted on the training part (0 = all standardised).")
+    units: int = field(128, "GRU units.")
+    hidden: int = field(128, "Width of the dense layer after the GRU.")
+    order: str = field("center_last", "GRU reading order.", choices=("center_last", "raster"))
+    learning_rate: float = field(3e-3, "Peak learning rate of the GRU heads (hybrid_gru's recipe).")
+    weight_decay: float = field(1e-2, "Weight decay of the GRU heads.")
+    dropout: float = field(0.3, "Dropout before the last layer (GRU heads).")
+    input_dropout: float = field(0.2, "Dropout of feature channels (GRU heads).")
+    label_smoothing: float = field(0.1, "Label smoothing.")
+    batch_size: int = field(32, "Batch size (capped at a quarter of the smallest training part).")
+    epochs: int = field(40, "Maximum epochs.")
+    patience: int = field(10, "Early-stopping patience (epochs).")
+    folds: int = field(5, "k of the grouped k-fold.")
+    repeats: int = field(2, "Seeds of the k-fold (S = folds × repeats splits per dataset).")
+    val_fraction: float = field(0.2, "Grouped validation part (fraction of all) inside every training part.")
+    feature_cache: str | None = field(None, "Folder to keep frozen features as .npy between runs.")
+    seed: int = field(0, "Seed of everything.")
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def split_scores(labels_n, probs_nk, coverage: float = COVERAGE) -> dict[str, float]:
+    """Returns accuracy, NLL, ECE and the accuracy of the ⌈coverage·N⌉ most confident cells (max probability)."""
+    y, p = jnp.asarray(labels_n, jnp.int32), jnp.asarray(probs_nk, jnp.float32)
+    keep = max(1, int(np.ceil(coverage * len(labels_n))))
+    top = np.argsort(-np.asarray(p).max(-1), kind="stable")[:keep]
+    return dict(accuracy=float(metrics.accuracy(y, p)), nll=float(metrics.nll(y, p)), ece=float(metrics.ece(y, p)),
+                acc_at_coverage=float(metrics.accuracy(y[top], p[top])))
+
+
+def paired(a_s, b_s, higher_is_better: bool = True) -> dict:
+    """Paired difference a − b over S splits: mean, std, se = std/√S, per split, and a's wins/losses and verdict
+    (a wins a split when it is better there: a − b > 0 for accuracy, < 0 for NLL with higher_is_better=False)."""
+    d = np.asarray(a_s, float) - np.asarray(b_s, float)
+    mean, std = float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else 0.0
+    se = std / np.sqrt(len(d))
+    g = d if higher_is_better else -d    # the gain of a over b
+    verdict = "loses" if g.mean() < -2 * se else "wins" if g.mean() > 2 * se else "tie"
+    return dict(mean=mean, std=std, se=float(se), wins=int((g > 0).sum()), losses=int((g < 0).sum()),
+                verdict=verdict, per_split=d.tolist())
+
+
+def _summary(per_split: list[dict]) -> dict:
+    return {k: dict(mean=float(np.mean([s[k] for s in per_split])), std=float(np.std([s[k] for s in per_split])),
+                    per_split=[s[k] for s in per_split]) for k in per_split[0]}
+
+
+# ---------------------------------------------------------------------------------------------------- run
+def _hparams(cfg, kind: str):
+    """(Recipe, traced hyper-parameters) of a head kind: GRU heads the recipe flags, others the defaults."""
+    rcp = compiled.Recipe(num_members=cfg.members, num_epochs=cfg.epochs, batch_size=cfg.batch_size,
+                          patience=cfg.patience, label_smoothing=cfg.label_smoothing)
+    if kind.startswith("gru"):
+        return rcp, compiled.default_hparams(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                             dropout=cfg.dropout, input_dropout=cfg.input_dropout)
+    return rcp, compiled.default_hparams()
+
+
+def run_dataset(cfg: Config, name: str, out: pathlib.Path, npz: dict, on_split=lambda section: None) -> dict:
+    """Every backbone × split × head on one dataset; returns its section of metrics.json. `on_split(section)`
+    is called after every split with the section so far (the run writes a partial metrics.json)."""
+    root = pathlib.Path(cfg.data_root)
+    ds = _load(name, 224, root, cfg.data_dir)
+    labels, k = np.asarray(ds.labels), len(ds.class_names)
+    splits = common.make_splits("grouped_kfold", labels, ds.groups, list(ds.class_names), folds=cfg.folds,
+                                repeats=cfg.repeats, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    smallest = min(len(s.train) for s in splits)
+    batch = min(cfg.batch_size, max(4, smallest // 4))
+    c = dataclasses.replace(cfg, batch_size=batch)
+    section = dict(n=len(labels), classes=list(ds.class_names), counts=ds.counts,
+                   groups=int(len(np.unique(ds.groups))), splits=len(splits), batch_size=batch, backbones={})
+    probs_fused = {kind: [[] for _ in splits] for kind in cfg.heads}
+    t0 = time.perf_counter()
+    for bb in cfg.backbones:
+        module, variables, spec, record = common.load_backbone(bb, cfg.weights, cfg.weights_dir, "", cfg.seed)
+        size = cfg.image_size or spec.input_size
+        images = _load(name, size, root, cfg.data_dir).images
+        views = view_features(module, variables, images, spec.normalization, "dihedral", 0, cfg.seed,
+                              cache_dir=cfg.feature_cache, cache_tag=f"devsuite_{name}_{record['used']}_{size}")
+        scores = {kind: [] for kind in cfg.heads}
+        for i, split in enumerate(splits):
+            sid = common.check_and_save(split, ds.groups, False, out / "splits" / name)
+            seed = cfg.seed + 1000 * split.repeat + split.fold
+            tf = recipe.fit_transform(views[:, split.train], cfg.feature_dim, seed=seed)
+            tr, va, te = (tf.apply(views[:, idx]) for idx in (split.train, split.val, split.test))
+            for kind in cfg.heads:
+                rcp, hp = _hparams(c, kind)
+                _, p_te, _ = recipe.train_and_predict(kind, rcp, hp, k, tr, labels[split.train], va, te,
+                                                      labels[split.val], units=cfg.units, hidden=cfg.hidden,
+                                                      order=cfg.order, seed=seed)
+                mean_nk = p_te.mean(0)
+                scores[kind].append(split_scores(labels[split.test], mean_nk))
+                probs_fused[kind][i].append(mean_nk)
+                npz[f"{name}_{bb}_{kind}_{sid}_test"] = mean_nk.astype(np.float32)
+            npz[f"{name}_{sid}_test_index"] = split.test
+            print(f"dev_suite: {name} {bb} {sid}: " + " ".join(
+                f"{kind}={scores[kind][-1]['accuracy']:.3f}" for kind in cfg.heads), flush=True)
+            section["backbones"][bb] = _section(cfg, scores, record)
+            section["splits_done"] = i + 1
+            on_split(section)
+    if len(cfg.backbones) > 1:  # sum rule over the backbones' ensemble means, per head kind
+        scores = {kind: [split_scores(labels[s.test], np.asarray(fusion.sum_rule(np.stack(probs_fused[kind][i]))))
+                         for i, s in enumerate(splits)] for kind in cfg.heads}
+        section["backbones"]["fused (sum rule)"] = _section(cfg, scores, None)
+    section["training_s"] = time.perf_counter() - t0
+    npz[f"{name}_labels"] = labels
+    return section
+
+
+def paired_table(heads: dict) -> dict:
+    """Returns {"a - b": {"accuracy": paired(...), "nll": paired(...)}} for the `PAIRS` present in `heads` (the
+    per-head summaries of one dataset and backbone, each with per_split values)."""
+    return {f"{a} - {b}": {m: paired(heads[a][m]["per_split"], heads[b][m]["per_split"], m != "nll")
+                           for m in ("accuracy", "nll")}
+            for a, b in PAIRS if a in heads and b in heads}
+
+
+def _section(cfg, scores: dict, record) -> dict:
+    out = dict(heads={kind: _summary(s) for kind, s in scores.items()})
+    out["paired"] = paired_table(out["heads"])
+    if record is not None:
+        out["backbone"] = record
+    return out
+
+
+def run(cfg: Config) -> dict:
+    """Runs the suite; writes <out_dir>/metrics.json, predictions_per_split.npz, splits/ and returns the metrics."""
+    t_start = time.perf_counter()
+    env = common.environment()
+    unknown = (set(cfg.datasets) - set(DATASETS)) | (set(cfg.heads) - set(recipe.HEAD_KINDS))
+    if unknown:
+        raise common.InputError(f"experiments/dev_suite.py: unknown datasets/heads {sorted(unknown)}")
+    out = pathlib.Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    npz: dict = {}
+    results: dict = {}
+
+    def write(complete: bool) -> dict:
+        """Writes metrics.json (after every split: a run cut short keeps its finished splits, complete=False)."""
+        m = dict(study="issue 20 development suite: every head on every real set, same features and splits, "
+                       "paired differences", complete=complete, datasets=results,
+                 protocol=dict(name="stratified grouped k-fold, repeated", folds=cfg.folds, repeats=cfg.repeats,
+                               val_fraction=cfg.val_fraction,
+                               verdict="loses if mean difference < -2 se, wins if > 2 se (se = std/sqrt(S)), else tie"),
+                 model=dict(heads=list(cfg.heads), members=cfg.members, feature_dim=cfg.feature_dim, units=cfg.units,
+                            hidden=cfg.hidden, order=cfg.order, views="dihedral (8), TTA", epochs=cfg.epochs,
+                            coverage=COVERAGE),
+                 timing_s=dict(total=time.perf_counter() - t_start), environment=env,
+                 command=common.command_line("experiments.dev_suite", cfg))
+        (out / "metrics.json").write_text(json.dumps(m, indent=2))
+        np.savez_compressed(out / "predictions_per_split.npz", **npz)
+        return m
+
+    for name in cfg.datasets:
+        results[name] = run_dataset(cfg, name, out, npz, lambda section, name=name: (
+            results.__setitem__(name, section), write(False)))
+    m = write(True)
+    print(summary_table(m))
+    print(f"dev_suite: wrote {out}/ in {m['timing_s']['total']:.0f} s")
+    return m
+
+
+def summary_table(m: dict) -> str:
+    """Markdown: accuracy per head, then the paired accuracy differences (mean ± std over splits, verdict)."""
+    heads = m["model"]["heads"]
+    rows = ["| dataset | backbone | " + " | ".join(heads) + " |", "|---|---|" + "---|" * len(heads)]
+    prs = []
+    for name, d in m["datasets"].items():
+        for bb, sec in d["backbones"].items():
+            acc = [sec["heads"][h]["accuracy"] for h in heads]
+            rows.append(f"| {name} (S={d['splits']}) | {bb} | " + " | ".join(
+                f"{a['mean']:.3f} ± {a['std']:.3f}" for a in acc) + " |")
+            for pair, p in sec["paired"].items():
+                a = p["accuracy"]
+                prs.append(f"| {name} | {bb} | {pair} | {a['mean']:+.3f} ± {a['std']:.3f} | {a['wins']}/{a['losses']} | "
+                           f"{a['verdict']} |")
+    return "\n".join(rows + ["", "| dataset | backbone | paired accuracy | mean ± std | wins/losses | verdict |",
+                             "|---|---|---|---|---|---|"] + prs)
+
+
+if __name__ == "__main__":
+    common.main(Config, run)
