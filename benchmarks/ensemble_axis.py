@@ -26,6 +26,7 @@ import numpy as np
 
 from experiments import common
 from experiments.common import field
+from leukax import records
 from leukax.models.classifier import Classifier
 from leukax.models.heads import GRUHead
 from leukax.models.layers import DepthwiseConv2D
@@ -121,7 +122,7 @@ def run(args: Config) -> dict:
     key = lambda r: (r["meta"]["backbone"], r["meta"]["size"], r["meta"]["backend"])
     new = {"meta": meta, "rows": rows, "fastest": best}
     runs = [r for r in runs if key(r) != key(new)] + [new]
-    out.with_suffix(".json").write_text(json.dumps({"runs": runs}, indent=1))
+    records.write_json(out.with_suffix(".json"), {"runs": runs})
     lines = ["# Ensemble-axis strategies of the deep-ensemble train step", "",
              "One ensemble step = one optimizer step of every member (batch per member below), timed over whole "
              "epochs after a warm-up epoch (per-epoch overhead included). Content of the images is random: "

@@ -17,7 +17,6 @@ as history, with the commit that measured it.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 import time
@@ -28,6 +27,7 @@ import numpy as np
 from experiments import common
 from experiments.common import field
 from leukax.models.heads import GRUHead
+from leukax import records
 from leukax.train import bayes, compiled
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def run(cfg: Config) -> dict:
                               f"{bayes.RECIPE_SPACE['units']}, optimizer traced), {cfg.epochs} epochs each without early "
                               "stopping, one fold")
     pathlib.Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    (pathlib.Path(cfg.out_dir) / "head_mode.json").write_text(json.dumps(out, indent=2))
+    records.write_json(pathlib.Path(cfg.out_dir) / "head_mode.json", out)
     (pathlib.Path(cfg.out_dir) / "head_mode.md").write_text(markdown(out))
     print(markdown(out))
     return out

@@ -8,12 +8,13 @@ whenever another job takes a core, so its speed swings with the load far more th
 """
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import platform
 import statistics
 import time
+
+from leukax import records
 
 
 def pin(cores: int) -> list[int]:
@@ -120,7 +121,7 @@ def write(result: dict, json_path: str, markdown: str) -> None:
     """Writes result as JSON at json_path and `markdown` beside it (same stem, .md)."""
     path = pathlib.Path(json_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+    records.write_json(path, result)
     path.with_suffix(".md").write_text(markdown)
     print(f"wrote {path} and {path.with_suffix('.md')}")
 

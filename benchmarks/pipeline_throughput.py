@@ -20,7 +20,7 @@ import jax
 
 from experiments import common
 from experiments.common import field
-from leukax import augment
+from leukax import augment, records
 from leukax.data import pipeline
 from leukax.data.builders import get_builder
 
@@ -100,7 +100,7 @@ def run(args: Config) -> dict:
     }
     out = pathlib.Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "pipeline_throughput.json").write_text(json.dumps(record, indent=2) + "\n")
+    records.write_json(out / "pipeline_throughput.json", record)
     rows = "\n".join(f"| {k} | {v['images_per_s']} | {v['images']} | {v['seconds']} |" for k, v in results.items())
     (out / "pipeline_throughput.md").write_text(
         f"# Input pipeline throughput\n\nCommand: `{record['command']}`  \nCommit: `{commit}`  \n"

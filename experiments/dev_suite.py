@@ -28,7 +28,6 @@ look at, not a test.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import time
 
@@ -37,7 +36,7 @@ import numpy as np
 
 from experiments import common
 from experiments.common import field
-from leukax import fusion, metrics
+from leukax import fusion, metrics, records
 from leukax.data import load_arrays
 from leukax.train import compiled, recipe
 from leukax.train.views import view_features
@@ -228,7 +227,7 @@ def run(cfg: Config) -> dict:
                             coverage=COVERAGE),
                  timing_s=dict(total=time.perf_counter() - t_start), environment=env,
                  command=common.command_line("experiments.dev_suite", cfg))
-        (out / "metrics.json").write_text(json.dumps(m, indent=2))
+        records.write_json(out / "metrics.json", m)
         np.savez_compressed(out / "predictions_per_split.npz", **npz)
         return m
 

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from experiments import common, feature_fusion, hybrid_gru
-from leukax import fusion
 from leukax.train import bayes
 
 TINY = ["--weights=none", "--image_size=32", "--members=2", "--folds=2", "--batch_size=8"]

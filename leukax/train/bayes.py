@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from leukax import records
 from leukax.train import compiled
 
 log = logging.getLogger(__name__)
@@ -107,8 +108,8 @@ def run_batched(objective_batch: Callable[[list[dict[str, Any]]], list[tuple[flo
                  best["target"], best["trial"])
         log_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = log_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"space": {k: repr(v) for k, v in space.items()}, "seed": seed, "batch": batch,
-                                   "trials": trials, "best": best}, indent=1))
+        tmp.write_text(records.dumps_json({"space": {k: repr(v) for k, v in space.items()}, "seed": seed,
+                                           "batch": batch, "trials": trials, "best": best}))
         tmp.replace(log_path)
     return {"trials": trials, "best": max(trials, key=lambda t: t["target"]) if trials else None}
 
