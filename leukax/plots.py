@@ -385,7 +385,7 @@ def augmentation_examples(image_hwc, seed: int = 0, path=None) -> Figure:
                 break
         panels[name] = y
     panels["all seven (one stored copy)"] = np.asarray(augment_paper1(jax.random.fold_in(key, 10_000), x))[0]
-    fig = Figure(figsize=(3 * 5, 3 * 2))
+    fig = _figure(figsize=(3 * 5, 3 * 2))
     for i, (name, img) in enumerate(panels.items()):
         ax = fig.add_subplot(2, 5, i + 1)
         ax.imshow(np.clip(img, 0, 255).astype(np.uint8))
