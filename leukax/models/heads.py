@@ -15,7 +15,7 @@ Dropout draws from the rng stream ``"dropout"`` (needed whenever ``train=True``)
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -212,6 +212,7 @@ class GRUHead(nn.Module):
     recurrent_dropout: float = 0.0
     order: str = "raster"
     dtype: Any = None
+    pool_skip: ClassVar[bool] = False  # `GRUPoolHead`: the pooled features beside the final state
 
     @nn.compact
     def __call__(self, feature_map_bhwc, train: bool = False, dropout_rate=None, input_dropout_rate=None,
@@ -219,6 +220,8 @@ class GRUHead(nn.Module):
         seq_btc = _read_sequence(self, feature_map_bhwc, train, input_dropout_rate)
         rec_rate = _rate(self.recurrent_dropout, recurrent_dropout_rate)
         state_bu = GRU(self.units, name="gru")(seq_btc, rec_rate, self.make_rng("dropout") if train else None)
+        if self.pool_skip:
+            state_bu = jnp.concatenate([state_bu, jnp.mean(seq_btc, 1)], -1)  # u = [h_T ; mean_t x_t]
         hid_bd = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="dense")(state_bu))
         rate = _rate(self.dropout, dropout_rate)
         x = dropout(hid_bd, rate, self.make_rng("dropout") if train else None, train)
@@ -226,7 +229,7 @@ class GRUHead(nn.Module):
         return logits_bk.astype(jnp.float32), {"pre_logits": hid_bd}
 
 
-class GRUPoolHead(nn.Module):
+class GRUPoolHead(GRUHead):
     """The GRU head with a skip of the pooled features: the GRU's final state h_T and the global mean of the
     (input-dropped) sequence, concatenated, go through the same two dense layers:
 
@@ -235,26 +238,10 @@ class GRUPoolHead(nn.Module):
     With the rows of W that read h_T at zero this IS `DenseHead(features=hidden)` on the pooled features, so
     the dense head on the same features is a special case the GRU can only add to (tests/test_heads.py).
     Returns (logits B×K, {"pre_logits": B×hidden}); regularisation as `GRUHead`."""
-    num_classes: int
     units: int = 128
     dropout: float = 0.3
-    hidden: int = 128
-    input_dropout: float = 0.0
-    recurrent_dropout: float = 0.0
     order: str = "center_last"
-    dtype: Any = None
-
-    @nn.compact
-    def __call__(self, feature_map_bhwc, train: bool = False, dropout_rate=None, input_dropout_rate=None,
-                 recurrent_dropout_rate=None):
-        seq_btc = _read_sequence(self, feature_map_bhwc, train, input_dropout_rate)
-        rec_rate = _rate(self.recurrent_dropout, recurrent_dropout_rate)
-        state_bu = GRU(self.units, name="gru")(seq_btc, rec_rate, self.make_rng("dropout") if train else None)
-        joint_bj = jnp.concatenate([state_bu, jnp.mean(seq_btc, 1)], -1)
-        hid_bd = nn.relu(nn.Dense(self.hidden, dtype=self.dtype, name="dense")(joint_bj))
-        x = dropout(hid_bd, _rate(self.dropout, dropout_rate), self.make_rng("dropout") if train else None, train)
-        logits_bk = nn.Dense(self.num_classes, dtype=self.dtype, name="logits")(x)
-        return logits_bk.astype(jnp.float32), {"pre_logits": hid_bd}
+    pool_skip: ClassVar[bool] = True
 
 
 class DenseHead(nn.Module):
