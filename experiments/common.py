@@ -28,7 +28,7 @@ from absl import app, flags
 from leukax import metrics, runtime, uncertainty
 from leukax.data.splits import repeated_holdout, stratified_group_kfold
 from leukax.models.classifier import count_params
-from leukax.pretrained import pretrained
+from leukax.pretrained import pretrained_with_source
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -349,49 +349,43 @@ def load_backbone(name: str, weights: str, weights_dir, substitute: str = "", se
     "native" (`leukax.native`'s depthwise kernel; a program's --cpu_kernels)."""
     w = None if weights in ("none", "random", "") else weights
     try:
-        module, variables, spec = pretrained(name, weights=w, weights_dir=weights_dir, seed=seed, cpu_kernels=cpu_kernels)
+        module, variables, spec, source = pretrained_with_source(name, weights=w, weights_dir=weights_dir, seed=seed,
+                                                                 cpu_kernels=cpu_kernels)
         used, note = name, None
     except FileNotFoundError as e:
         if not substitute:
             raise FileNotFoundError(f"experiments: no ImageNet weights for {name!r} ({e}); pass --weights=none "
                                     "or choose a backbone with offline weights") from e
-        module, variables, spec = pretrained(substitute, weights=w, weights_dir=weights_dir, seed=seed,
-                                             cpu_kernels=cpu_kernels)
+        module, variables, spec, source = pretrained_with_source(substitute, weights=w, weights_dir=weights_dir,
+                                                                 seed=seed, cpu_kernels=cpu_kernels)
         used, note = substitute, f"{name} ImageNet weights not found; {substitute} used in its place"
     record = dict(requested=name, used=used, substitution=note, weights=weights if w else "random init",
                   normalization=spec.normalization, params=count_params(variables), cpu_kernels=cpu_kernels,
                   label=used if used == name else f"{used} (for {name})",
-                  **weights_provenance(name, used, w, weights_dir))
+                  **weights_provenance(name, used, source))
     return module, variables, spec, record
 
 
-def weights_provenance(requested: str, used: str, weights: str | None, weights_dir=None) -> dict:
-    """Returns {"weights_file", "weights_source", "differs_from_paper"}: the file `pretrained(used, weights)`
-    loaded (the first of the registry's candidates that is on disk, as `pretrained` takes them; for
-    mobilenet_v2 with none on disk, the embedded float16 copy), where it comes from, and how the network that
-    ran differs from the paper's keras.applications `requested` with ImageNet weights."""
+def weights_provenance(requested: str, used: str, source: dict) -> dict:
+    """Returns {"weights_file", "weights_source", "differs_from_paper"} from the `source` that
+    `pretrained_with_source` reports for the network `used`: the file it loaded, where that comes from, and how
+    the network that ran differs from the paper's keras.applications `requested` with ImageNet weights."""
     from leukax.weights import registry as weights_registry
     sub = "" if used == requested else f"{used} ran in place of the paper's {requested}. "
-    if weights is None:
-        return dict(weights_file=None, weights_source="random initialisation",
-                    differs_from_paper=sub + "random weights, not ImageNet")
-    if weights != "imagenet":
-        return dict(weights_file="embedded float16 MobileNetV2 (leukax/weights/embedded)" if weights == "embedded"
-                    else str(weights), weights_source=weights if weights == "embedded" else "a file given by the user",
-                    differs_from_paper=sub + weights_registry.DIFFERS_FROM_KERAS_IMAGENET.get(weights, "unknown"))
-    for cand in weights_registry.imagenet_candidates(used):
-        try:  # pretrained() refuses an unverifiable or corrupt file and takes the next candidate: so do we
-            path = weights_registry.find_weights(cand.name, weights_dir)
-        except weights_registry.WeightsError:
-            continue
-        if path is not None:
-            return dict(weights_file=f"{path.name} ({cand.name}, {cand.hash_type} {cand.hash})",
-                        weights_source=cand.url or cand.notes,
-                        differs_from_paper=sub + (weights_registry.DIFFERS_FROM_KERAS_IMAGENET.get(cand.name)
-                                                  or "the keras.applications ImageNet weights"))
-    return dict(weights_file="mobilenet_v2_1.0_224_no_top.f16.npz (embedded)",
-                weights_source="leukax/weights/embedded/NOTICE",
-                differs_from_paper=sub + weights_registry.DIFFERS_FROM_KERAS_IMAGENET["embedded"])
+    differs = weights_registry.DIFFERS_FROM_KERAS_IMAGENET
+    cand, path = source["candidate"], source["file"]
+    if cand is not None:
+        return dict(weights_file=f"{path.name} ({cand.name}, {cand.hash_type} {cand.hash})",
+                    weights_source=cand.url or cand.notes,
+                    differs_from_paper=sub + (differs.get(cand.name) or "the keras.applications ImageNet weights"))
+    if source["embedded"]:
+        return dict(weights_file="mobilenet_v2_1.0_224_no_top.f16.npz (embedded)",
+                    weights_source="leukax/weights/embedded/NOTICE", differs_from_paper=sub + differs["embedded"])
+    if path is not None:
+        return dict(weights_file=str(path), weights_source="a file given by the user",
+                    differs_from_paper=sub + "unknown")
+    return dict(weights_file=None, weights_source="random initialisation",
+                differs_from_paper=sub + "random weights, not ImageNet")
 
 
 # --------------------------------------------------------------------------------------------- evaluation

@@ -35,10 +35,18 @@ log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------ the entry point
-def pretrained(name: str, weights: Any = "imagenet", num_classes: int | None = None, head: Any = None,
-               weights_dir=None, offline: bool | None = None, allow_unverified: bool = False,
-               seed: int = 0, init_size: int = 96, cpu_kernels: str = "xla", **kw):
-    """Returns ``(module, variables, spec)``: backbone ``name`` (or ``Classifier(backbone, head)``) with weights.
+def pretrained(name: str, weights: Any = "imagenet", **kwargs):
+    """Returns ``(module, variables, spec)``: backbone ``name`` (or ``Classifier(backbone, head)``) with weights;
+    the arguments of `pretrained_with_source`."""
+    return pretrained_with_source(name, weights, **kwargs)[:3]
+
+
+def pretrained_with_source(name: str, weights: Any = "imagenet", num_classes: int | None = None, head: Any = None,
+                           weights_dir=None, offline: bool | None = None, allow_unverified: bool = False,
+                           seed: int = 0, init_size: int = 96, cpu_kernels: str = "xla", **kw):
+    """Returns ``(module, variables, spec, source)``: `pretrained`'s result and what its weights came from,
+    ``source = {"file": path or None, "candidate": the registry's WeightSpec or None, "embedded": bool}``
+    (all None/False for random init).
 
     weights: "imagenet" (registry files in order: official keras file if found or downloadable, then the
       offline alternatives, for mobilenet_v2 finally the embedded float16 copy), "embedded" (mobilenet_v2
@@ -91,14 +99,15 @@ def pretrained(name: str, weights: Any = "imagenet", num_classes: int | None = N
     x = jnp.zeros((1, init_size, init_size, 3), jnp.float32)
     variables = jax.jit(module.init)(jax.random.key(seed), x)
 
+    embedded = path is None and weights in ("imagenet", "embedded")
     if path is not None:
         variables = _load_file(name, variables, path, fmt, prefix)
         log.info("pretrained %s: loaded %s (%s)", name, path, chosen.name if chosen else "given path")
-    elif weights in ("imagenet", "embedded"):      # mobilenet_v2's shipped copy (last resort for "imagenet")
+    elif embedded:      # mobilenet_v2's shipped copy (last resort for "imagenet")
         variables = load_embedded_mobilenet_v2(variables, prefix=prefix)
         if weights == "imagenet":
             log.warning("pretrained mobilenet_v2: no weights file found; using the embedded float16 copy")
-    return module, variables, spec
+    return module, variables, spec, {"file": path, "candidate": chosen, "embedded": embedded}
 
 
 # ---------------------------------------------------------------------------------- file → variables
