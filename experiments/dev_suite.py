@@ -120,11 +120,6 @@ def paired(a_s, b_s, higher_is_better: bool = True) -> dict:
                 verdict=verdict, per_split=d.tolist())
 
 
-def _summary(per_split: list[dict]) -> dict:
-    return {k: dict(mean=float(np.mean([s[k] for s in per_split])), std=float(np.std([s[k] for s in per_split])),
-                    per_split=[s[k] for s in per_split]) for k in per_split[0]}
-
-
 # ---------------------------------------------------------------------------------------------------- run
 def _hparams(cfg, kind: str):
     """(Recipe, traced hyper-parameters) of a head kind: GRU heads the recipe flags, others the defaults."""
@@ -196,7 +191,7 @@ def paired_table(heads: dict) -> dict:
 
 
 def _section(cfg, scores: dict, record) -> dict:
-    out = dict(heads={kind: _summary(s) for kind, s in scores.items()})
+    out = dict(heads={kind: common.mean_std(s, list(s[0])) for kind, s in scores.items()})
     out["paired"] = paired_table(out["heads"])
     if record is not None:
         out["backbone"] = record
@@ -225,7 +220,8 @@ def run(cfg: Config) -> dict:
                  model=dict(heads=list(cfg.heads), members=cfg.members, feature_dim=cfg.feature_dim, units=cfg.units,
                             hidden=cfg.hidden, order=cfg.order, views="dihedral (8), TTA", epochs=cfg.epochs,
                             coverage=COVERAGE),
-                 timing_s=dict(total=time.perf_counter() - t_start), environment=env,
+                 timing_s=dict(total=time.perf_counter() - t_start), peak_rss_mb=common.peak_rss_mb(),
+                 environment=env,
                  command=common.command_line("experiments.dev_suite", cfg))
         records.write_json(out / "metrics.json", m)
         np.savez_compressed(out / "predictions_per_split.npz", **npz)

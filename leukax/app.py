@@ -167,7 +167,7 @@ def _csv_text(cfg, rows: list[dict]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=predict.columns(cfg))
     w.writeheader()
-    w.writerows({k: "" if v is None else v for k, v in r.items()} for r in rows)
+    w.writerows(predict.csv_cells(r) for r in rows)
     return buf.getvalue()
 
 

@@ -350,6 +350,11 @@ def predict_files(model_dir, files, batch_size: int = 16, max_pixels: int | None
 
 
 # ------------------------------------------------------------------------------------- output
+def csv_cells(row: dict) -> dict:
+    """A result row as CSV cells: a missing value (None) is an empty cell."""
+    return {k: "" if v is None else v for k, v in row.items()}
+
+
 class RowWriter:
     """Writes rows to .csv / .json (one array) / .jsonl as they come, flushing after every batch."""
 
@@ -372,7 +377,7 @@ class RowWriter:
     def write(self, rows: list[dict]) -> None:
         for r in rows:
             if self.kind == ".csv":
-                self.csv.writerow({k: "" if v is None else v for k, v in r.items()})
+                self.csv.writerow(csv_cells(r))
             elif self.kind == ".json":
                 self.fh.write(("," if self.n else "") + "\n" + json.dumps(r))
             else:

@@ -276,14 +276,14 @@ def trial(result: EnsembleResult, t: int) -> EnsembleResult:
 
 
 _BARRIERS = itertools.count()
-FEATURE_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
+FEATURE_DTYPES = frozenset(np.dtype(d) for d in (jnp.float32, jnp.float16, jnp.bfloat16))
 
 
 def _features(x) -> jax.Array:
     """Features on the device in their own precision when it is float32 or 16-bit (the reduced features of a
     large set stay 16-bit: half the memory; the trainer casts each batch), else as float32."""
     dtype = np.dtype(getattr(x, "dtype", np.float32))
-    return jnp.asarray(x, dtype if dtype in [np.dtype(d) for d in FEATURE_DTYPES] else jnp.float32)
+    return jnp.asarray(x, dtype if dtype in FEATURE_DTYPES else jnp.float32)
 
 
 def _await_all_processes(timeout_s: int = 3600) -> None:

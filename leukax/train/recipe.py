@@ -49,9 +49,12 @@ class FeatureTransform:
         return z if self.proj_cd is None else z @ self.proj_cd
 
 
-def _take(features_vntc, indices) -> np.ndarray:
-    """features[:, indices] of an array or a `views.FeatureFile` (which reads only those images)."""
-    return np.asarray(features_vntc[:, indices])
+def _chunks(features_vntc, indices, chunk: int):
+    """Yields (start, features[:, indices[start: start + chunk]]) of an array or a `views.FeatureFile` (which
+    reads only those images)."""
+    idx = np.asarray(indices, np.int64)
+    for s in range(0, len(idx), chunk):
+        yield s, np.asarray(features_vntc[:, idx[s: s + chunk]])
 
 
 def fit_transform(features_vntc, dim: int = 0, max_rows: int = 50_000, seed: int = 0, indices=None
@@ -69,7 +72,7 @@ def fit_transform(features_vntc, dim: int = 0, max_rows: int = 50_000, seed: int
         v_r, i_r, t_r = np.unravel_index(r, (v, len(idx), t))
         rows = np.asarray(features_vntc[v_r, idx[i_r], t_r], np.float32)
     else:
-        rows = _take(features_vntc, idx).astype(np.float32).reshape(-1, c)
+        rows = np.asarray(features_vntc[:, idx], np.float32).reshape(-1, c)
     mean, std = rows.mean(0), rows.std(0) + 1e-6
     if not dim or dim >= rows.shape[1]:
         return FeatureTransform(mean, std, None)
@@ -82,21 +85,19 @@ def fit_transform(features_vntc, dim: int = 0, max_rows: int = 50_000, seed: int
 def transform(tf: FeatureTransform, features_vntc, indices, dtype=np.float16, chunk: int = 256) -> np.ndarray:
     """Returns `tf.apply(features_vntc[:, indices])` as V×k×T×d in `dtype` (16-bit: the reduced features that
     head mode keeps), computed `chunk` images at a time (memory: the output plus one chunk)."""
-    idx = np.asarray(indices, np.int64)
     v, _, t, c = np.shape(features_vntc)
     d = c if tf.proj_cd is None else tf.proj_cd.shape[1]
-    out = np.empty((v, len(idx), t, d), dtype)
-    for s in range(0, len(idx), chunk):
-        out[:, s: s + chunk] = tf.apply(_take(features_vntc, idx[s: s + chunk])).astype(dtype)
+    out = np.empty((v, len(indices), t, d), dtype)
+    for s, x in _chunks(features_vntc, indices, chunk):
+        out[:, s: s + x.shape[1]] = tf.apply(x).astype(dtype)
     return out
 
 
 def pooled_standardized(tf: FeatureTransform, features_vntc, indices, chunk: int = 256) -> np.ndarray:
     """Returns N×C float32: the standardised features averaged over views and positions (what `leukax.predict`
     pools for the Mahalanobis OOD score), `chunk` images at a time."""
-    idx = np.asarray(indices, np.int64)
-    return np.concatenate([tf.standardize(_take(features_vntc, idx[s: s + chunk])).mean((0, 2))
-                           for s in range(0, len(idx), chunk)]) if len(idx) else np.zeros((0, len(tf.mean_c)), np.float32)
+    pooled = [tf.standardize(x).mean((0, 2)) for _, x in _chunks(features_vntc, indices, chunk)]
+    return np.concatenate(pooled) if pooled else np.zeros((0, len(tf.mean_c)), np.float32)
 
 
 def make_model(kind: str, num_classes: int, units: int = 128, hidden: int = 128, dense_features: int = 256,

@@ -109,12 +109,11 @@ def stream_view_features(backbone, variables, source, image_size: int, normaliza
     fm = jax.eval_shape(lambda x: _forward(backbone, variables, x, normalization, "feature_map"),
                         jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.uint8))
     shape = (v, n, fm.shape[1] * fm.shape[2], fm.shape[3])
-    done = 0
+    dt, stored, done = _dtype(dtype), _stored(dtype), 0
     if partial.exists() and state.exists():
         saved = json.loads(state.read_text())
-        if tuple(saved["shape"]) == shape and saved["dtype"] == _dtype(dtype).name:
+        if tuple(saved["shape"]) == shape and saved["dtype"] == dt.name:
             done = int(saved["done"])
-    stored = _stored(dtype)
     mm = np.load(partial, mmap_mode="r+") if done else np.lib.format.open_memmap(partial, "w+", stored, shape)
     bar = tqdm(total=n, initial=done, desc=desc, unit="img", file=sys.stderr, disable=not progress or done == n)
     if done < n:
@@ -129,10 +128,10 @@ def stream_view_features(backbone, variables, source, image_size: int, normaliza
             views_vb = make_views(pad, views, num_affine, seed, np.concatenate([idx_b, np.repeat(idx_b[-1:], batch_size - b)]))
             for k in range(v):
                 out = np.asarray(_forward(backbone, variables, views_vb[k], normalization, "feature_map"))[:b]
-                mm[k, idx_b[0]: idx_b[0] + b] = out.reshape(b, shape[2], shape[3]).astype(_dtype(dtype)).view(stored)
+                mm[k, idx_b[0]: idx_b[0] + b] = out.reshape(b, shape[2], shape[3]).astype(dt).view(stored)
             mm.flush()
             done = int(idx_b[0]) + b
-            state.write_text(json.dumps({"done": done, "shape": list(shape), "dtype": _dtype(dtype).name}))
+            state.write_text(json.dumps({"done": done, "shape": list(shape), "dtype": dt.name}))
             bar.update(b)
     bar.close()
     del mm
@@ -153,8 +152,8 @@ def _stored(dtype) -> np.dtype:
 
 
 class FeatureFile:
-    """V×N×T×C features in a `.npy` file, read a few images at a time: `take(indices)` maps the file, copies
-    those images' rows and unmaps it again, so the process's resident memory holds what was taken, not the
+    """V×N×T×C features in a `.npy` file, read a few images at a time: `f[key]` (e.g. `f[:, idx]`, or sampled
+    (view, image, position) rows `f[v_r, n_r, t_r]`) maps the file, copies what it indexes and unmaps it again, so the process's resident memory holds what was taken, not the
     file (pages of a long-lived memory map count as resident once touched). `np.asarray(f)` reads it all."""
 
     def __init__(self, path, dtype=None):
@@ -180,10 +179,6 @@ class FeatureFile:
             return np.array(mm[key]).view(self.dtype)
         finally:
             del mm
-
-    def rows(self, v_r, n_r, t_r) -> np.ndarray:
-        """Returns R×C: the rows (view, image, position) = (v_r[i], n_r[i], t_r[i])."""
-        return self[v_r, n_r, t_r]
 
     def __array__(self, dtype=None, copy=None):
         out = self.take(slice(None))
