@@ -288,11 +288,13 @@ def run(cfg: Config) -> dict:
             raise common.InputError(f"experiments/hybrid_gru.py: --backbones: {e.args[0]}") from None
     # Head mode streams the images from the TFDS source (labels, groups and names in memory, no pixels);
     # finetune mode trains on them in memory.
+    t_data = time.perf_counter()  # building the TFDS dataset on first use, then reading its index
     ds = (load_index(cfg.dataset, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir, **_data_kwargs(cfg))
           if cfg.mode == "head" else load_arrays(cfg.dataset, cfg.image_size or 224, data_dir=cfg.data_dir,
                                                  manual_dir=cfg.manual_dir, **_data_kwargs(cfg)))
     splits = common.make_splits(cfg.protocol, np.asarray(ds.labels), ds.groups, list(ds.class_names), folds=cfg.folds,
                                 repeats=cfg.repeats, val_fraction=cfg.val_fraction, seed=cfg.seed, leaky=cfg.leaky)
+    t_data = time.perf_counter() - t_data
     smallest = min(len(s.train) for s in splits)
     if cfg.mode == "head" and smallest < cfg.batch_size:
         raise common.InputError(f"experiments/hybrid_gru.py: a training part holds only {smallest} images, fewer "
@@ -426,7 +428,7 @@ def run(cfg: Config) -> dict:
         paper_reported=PAPER_REPORTED,
         referral_rule=f"refer if predictive entropy > threshold whose validation accuracy >= {cfg.referral_accuracy}",
         saved_model=str(model_dir) if model_dir else None,
-        timing_s=dict(total=time.perf_counter() - t_start, features=t_features, training=t_train,
+        timing_s=dict(total=time.perf_counter() - t_start, data=t_data, features=t_features, training=t_train,
                       final_model=t_final),
         peak_rss_mb=common.peak_rss_mb(),
         environment=env, command=common.command_line("experiments.hybrid_gru", cfg))
