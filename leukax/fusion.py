@@ -70,6 +70,71 @@ def weighted_rule(probs_hnk, weights_h):
     return _normalise(jnp.einsum("h,hnk->nk", weights_h, probs_hnk))
 
 
+def simplex_grid(num_hybrids: int, step: float = 0.05):
+    """Returns G×H numpy weights: every point of the probability simplex whose coordinates are multiples of
+    `step` (1/step must be an integer), plus the equal weights 1/H (the sum rule) as the last row."""
+    import itertools
+    import numpy as np
+    n = round(1 / step)
+    if abs(n * step - 1) > 1e-9 or num_hybrids < 1:
+        raise ValueError(f"leukax/fusion.py: step {step} must divide 1 and H >= 1 (got H = {num_hybrids})")
+    pts = [c for c in itertools.product(range(n + 1), repeat=num_hybrids - 1) if sum(c) <= n]
+    grid = np.asarray([list(c) + [n - sum(c)] for c in pts], np.float64) / n
+    return np.concatenate([grid, np.full((1, num_hybrids), 1 / num_hybrids)]).astype(np.float32)
+
+
+@jax.jit
+def grid_nll(probs_hnk, labels_n, weights_gh):
+    """Returns G: the NLL of `weighted_rule(probs_hnk, w_g)` for every weight row w_g (one vectorised pass)."""
+    probs_hnk = _hnk(probs_hnk)
+    fused_gnk = _normalise(jnp.einsum("gh,hnk->gnk", weights_gh.astype(probs_hnk.dtype), probs_hnk))
+    p_gn = jnp.take_along_axis(fused_gnk, labels_n.astype(jnp.int32)[None, :, None], -1)[..., 0]
+    return -jnp.mean(jnp.log(jnp.clip(p_gn, jnp.finfo(p_gn.dtype).tiny)), -1)
+
+
+TIE_NLL = 1e-6  # validation NLLs closer than this are a tie, and a tie keeps the sum rule
+
+
+def fit_weights(probs_val_hnk, labels_val_n, step: float = 0.05):
+    """Returns H weights on the simplex (multiples of `step`, or 1/H) minimising the validation NLL of the
+    weighted rule Σ_h w_h p_h: the validation-fitted alternative to the paper's fixed sum rule. Within
+    `TIE_NLL` of the minimum the sum rule's 1/H is kept."""
+    import numpy as np
+    probs = _hnk(probs_val_hnk)
+    grid = simplex_grid(probs.shape[0], step)
+    nll_g = np.asarray(grid_nll(probs, jnp.asarray(labels_val_n), jnp.asarray(grid)))
+    return grid[-1] if nll_g[-1] <= nll_g.min() + TIE_NLL else grid[int(np.argmin(nll_g))]
+
+
+def choose_rule(probs_val_hnk, labels_val_n, step: float = 0.05, folds: int = 2) -> dict:
+    """Chooses between the sum rule and validation-fitted weights on validation data without rewarding the fit
+    for seeing its own labels: the validation part is cut into `folds` interleaved, label-stratified pieces;
+    weights fitted on the others are scored on each piece (cross-fitting), and the sum rule on the same
+    pieces. Returns {"rule": "sum" | "fitted", "weights": H weights to apply (fitted on the whole validation
+    part, or 1/H), "fitted_weights", "val_nll_sum", "val_nll_fitted_crossfit"}."""
+    import numpy as np
+    probs = np.asarray(_hnk(probs_val_hnk), np.float32)
+    y = np.asarray(labels_val_n)
+    h = probs.shape[0]
+    order = np.argsort(y, kind="stable")
+    piece = np.empty(len(y), int)
+    piece[order] = np.arange(len(y)) % folds
+    equal = np.full(h, 1 / h, np.float32)
+    nll_sum = nll_fit = 0.0
+    for f in range(folds):
+        fit, held = piece != f, piece == f
+        if not held.any() or not fit.any():
+            continue
+        w = fit_weights(probs[:, fit], y[fit], step)
+        scored = np.asarray(grid_nll(probs[:, held], jnp.asarray(y[held]), jnp.asarray(np.stack([w, equal]))))
+        nll_fit += float(scored[0]) * held.sum() / len(y)
+        nll_sum += float(scored[1]) * held.sum() / len(y)
+    fitted = fit_weights(probs, y, step)
+    rule = "fitted" if nll_fit < nll_sum - TIE_NLL else "sum"
+    return dict(rule=rule, weights=(fitted if rule == "fitted" else equal).tolist(), fitted_weights=fitted.tolist(),
+                val_nll_sum=float(nll_sum), val_nll_fitted_crossfit=float(nll_fit))
+
+
 RULES = {"sum": sum_rule, "mean": mean_rule, "max": max_rule, "product": product_rule}
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import optax
 import pytest
 
-from leukax import fusion
+from leukax import fusion, metrics
 
 # 3 hybrids × 2 examples × 3 classes
 P_HNK = jnp.array([
@@ -211,3 +211,54 @@ def test_lite_imagenet_top_loads(shared_dir):
     p = imagenet_top.top_outputs("efficientnet_lite0", v, np.ones((3, 1280), np.float32))
     assert p.shape == (3, 1000)
     np.testing.assert_allclose(p.sum(-1), 1.0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ validation-fitted fusion
+def test_simplex_grid_is_every_step_multiple_plus_the_sum_rule():
+    g = fusion.simplex_grid(3, 0.05)
+    assert g.shape == (231 + 1, 3)  # C(20 + 2, 2) points, then 1/H
+    np.testing.assert_allclose(g.sum(1), 1, atol=1e-6)
+    np.testing.assert_allclose(g[:-1] * 20, np.round(g[:-1] * 20), atol=1e-4)
+    assert len({tuple(r) for r in np.round(g[:-1] * 20).astype(int)}) == 231
+    np.testing.assert_allclose(g[-1], 1 / 3)
+    with pytest.raises(ValueError, match="fusion.py"):
+        fusion.simplex_grid(3, 0.3)
+
+
+def _hybrids(seed=0, n=200, k=3):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    good = np.eye(k)[y] * 0.6 + 0.4 / k
+    return y, np.stack([good, np.full((n, k), 1 / k), rng.dirichlet(np.ones(k), n)]).astype(np.float32)
+
+
+def test_fit_weights_is_the_grid_minimum_of_validation_nll():
+    y, p_hnk = _hybrids()
+    w = fusion.fit_weights(p_hnk, y)
+    np.testing.assert_allclose(w, [1, 0, 0])  # only the first hybrid knows the labels
+    grid = fusion.simplex_grid(3)
+    brute = [float(metrics.nll(jnp.asarray(y), fusion.weighted_rule(p_hnk, g))) for g in grid]
+    assert float(metrics.nll(jnp.asarray(y), fusion.weighted_rule(p_hnk, w))) == pytest.approx(min(brute), abs=1e-6)
+
+
+def test_choose_rule_keeps_the_sum_rule_on_ties_and_fits_when_it_pays():
+    y, p_hnk = _hybrids()
+    same = np.stack([p_hnk[0]] * 3)
+    np.testing.assert_allclose(fusion.fit_weights(same, y), 1 / 3)  # every weighting ties: the sum rule's
+    c = fusion.choose_rule(same, y)
+    assert c["rule"] == "sum" and np.allclose(c["weights"], 1 / 3)
+    c = fusion.choose_rule(p_hnk, y)
+    assert c["rule"] == "fitted" and np.allclose(c["weights"], [1, 0, 0])
+    assert c["val_nll_fitted_crossfit"] < c["val_nll_sum"]
+
+
+def test_choose_rule_cross_fits_so_a_fit_to_noise_does_not_win():
+    # Three uninformative hybrids on 30 cells: weights fitted on all of validation beat the sum rule there (they saw
+    # the labels), but scored on held-out pieces they do not, and the sum rule is kept.
+    rng = np.random.default_rng(14)
+    y = rng.integers(0, 2, 30)
+    p_hnk = rng.dirichlet(np.ones(2), (3, 30)).astype(np.float32)
+    w = fusion.fit_weights(p_hnk, y)
+    in_sample = fusion.grid_nll(p_hnk, jnp.asarray(y), jnp.asarray(np.stack([w, np.full(3, 1 / 3, np.float32)])))
+    assert in_sample[0] < in_sample[1] - 0.01
+    assert fusion.choose_rule(p_hnk, y)["rule"] == "sum"
