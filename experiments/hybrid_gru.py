@@ -72,6 +72,10 @@ from leukax.train import features
 from leukax.train.finetune import TrainConfig, make_train
 from leukax.train.views import stream_view_features
 
+# Fused rows beside the paper's sum rule (`fused`), when there are several hybrids.
+FITTED_FUSION = ("fused_fitted", "fused_chosen")
+FUSION_LABELS = {"fused_fitted": "fused (validation-fitted weights)", "fused_chosen": "fused (rule chosen on validation)"}
+
 # Akter et al. 2024, as reported in the paper (their protocol: a random per-image split, i.e. `--leaky`).
 PAPER_REPORTED = {
     "source": "Akter et al. 2024, reported test accuracy of the sum-rule fused hybrid ensemble (not measured here)",
@@ -334,7 +338,8 @@ def run(cfg: Config) -> dict:
             plots.augmentation_examples(first, cfg.seed, path=out / "figures" / "augmentation_examples.png")
         hybrids.append(dict(name=name, module=module, variables=variables, spec=spec, record=record, inputs=inputs))
     names, labels, k = list(ds.class_names), np.asarray(ds.labels), len(ds.class_names)
-    models = [(h["name"], kind) for h in hybrids for kind in kinds] + [("fused", kind) for kind in kinds]
+    fused_rows = ("fused",) + (FITTED_FUSION if len(hybrids) > 1 else ())
+    models = [(h["name"], kind) for h in hybrids for kind in kinds] + [(f, kind) for f in fused_rows for kind in kinds]
     per = {m: {"reports": [], "unc": [], "referral": [], "calibration": [], "hparams": [], "probs": []} for m in models}
     first = [s for s in splits if s.repeat == 0]
     oof = {m: np.zeros((len(labels), k), np.float32) for m in models}
@@ -368,6 +373,13 @@ def run(cfg: Config) -> dict:
             _record(per[("fused", kind)], y_va, fused_va[None], y_te, fused_te[None], names, cfg, None)
             if split in first:
                 oof[("fused", kind)][split.test] = fused_te
+            if len(va_h) > 1:  # beside the paper's rule: weights fitted on validation, and the rule chosen there
+                choice = fusion.choose_rule(np.stack(va_h), y_va)
+                for row, w in zip(FITTED_FUSION, (choice["fitted_weights"], choice["weights"])):
+                    f_va, f_te = (np.asarray(fusion.weighted_rule(np.stack(x), w)) for x in (va_h, te_h))
+                    _record(per[(row, kind)], y_va, f_va[None], y_te, f_te[None], names, cfg, dict(split=sid, **choice))
+                    if split in first:
+                        oof[(row, kind)][split.test] = f_te
         oof_mask[split.test] |= split in first
     bar.close()
     t_train = time.perf_counter() - t0
@@ -422,9 +434,13 @@ def run(cfg: Config) -> dict:
         config=cfg.config or None,
         model=dict(main_head=cfg.head, heads=list(kinds), mode=cfg.mode, members=cfg.members, hparams=cfg.hparams,
                    augment=cfg.augment, smoothing=cfg.smoothing, order=cfg.order,
-                   fusion="sum rule", views=cfg.views, tta=cfg.augment == "views" and (cfg.views != "none" or cfg.num_affine > 0),
+                   fusion="sum rule (the paper's; `fused`); beside it `fused_fitted`: weights on the simplex "
+                          "fitted on each split's validation part (leukax.fusion.fit_weights), and `fused_chosen`: "
+                          "sum or fitted, chosen by cross-fitted validation NLL (leukax.fusion.choose_rule)",
+                   views=cfg.views, tta=cfg.augment == "views" and (cfg.views != "none" or cfg.num_affine > 0),
                    feature_dim=cfg.feature_dim, calibration="temperature scaling fitted on the validation part"),
         per_hybrid={h["record"]["label"]: results[h["name"]] for h in hybrids}, fused=results["fused"],
+        **{row: results[row] for row in FITTED_FUSION if row in results},
         paper_reported=PAPER_REPORTED,
         referral_rule=f"refer if predictive entropy > threshold whose validation accuracy >= {cfg.referral_accuracy}",
         saved_model=str(model_dir) if model_dir else None,
@@ -544,7 +560,8 @@ def summary_table(m: dict) -> str:
             "|---|---|---|---|---|---|---|---|"]
     any_result = next(iter(m["fused"].values()))["test_mean_std"]
     auc_key = "binary.roc_auc" if "binary.roc_auc" in any_result else "macro_roc_auc"
-    for name, heads in list(m["per_hybrid"].items()) + [("fused (sum rule)", m["fused"])]:
+    fused = [("fused (sum rule)", m["fused"])] + [(FUSION_LABELS[row], m[row]) for row in FITTED_FUSION if row in m]
+    for name, heads in list(m["per_hybrid"].items()) + fused:
         for kind, r in heads.items():
             t, c, pc = r["test_mean_std"], r["calibration_mean_std"], r["calibration_pooled_per_repeat"]
             f = lambda x: "–" if x["mean"] is None else f"{x['mean']:.3f} ± {x['std']:.3f}"  # noqa: E731

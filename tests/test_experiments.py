@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from experiments import common, feature_fusion, hybrid_gru
+from leukax import fusion
 from leukax.train import bayes
 
 TINY = ["--weights=none", "--image_size=32", "--members=2", "--folds=2", "--batch_size=8"]
@@ -93,6 +94,27 @@ def test_hybrid_gru_sum_rule_consistent(hybrid_run):
     nlls = [-np.mean(np.log(np.clip(fused[s["test"], labels[s["test"]]], np.finfo(np.float32).eps, 1)))
             for s in folds]
     np.testing.assert_allclose(m["fused"]["gru"]["test_mean_std"]["nll"]["per_split"], nlls, atol=1e-5)
+
+
+def test_hybrid_gru_validation_fitted_fusion_rows(hybrid_run):
+    """Beside the sum rule, `fused_fitted` applies weights fitted on each split's validation predictions and
+    `fused_chosen` the rule chosen there: both recomputed from the saved per-split validation / test means."""
+    out, m = hybrid_run
+    z = np.load(out / "predictions_per_split.npz")
+    for i in range(2):
+        y_va = z["labels"][z[f"split{i}_val_index"]]
+        va = np.stack([z[f"split{i}_{h}_gru_val"] for h in ("mobilenet_v2", "efficientnet_lite0")])
+        te = np.stack([z[f"split{i}_{h}_gru_test"] for h in ("mobilenet_v2", "efficientnet_lite0")])
+        choice = fusion.choose_rule(va, y_va)
+        for row, w in (("fused_fitted", choice["fitted_weights"]), ("fused_chosen", choice["weights"])):
+            hp = m[row]["gru"]["hparams_per_split"][i]
+            assert hp["rule"] == choice["rule"] and np.allclose(hp["fitted_weights"], choice["fitted_weights"])
+            expect = np.asarray(fusion.weighted_rule(te, w))
+            np.testing.assert_allclose(z[f"split{i}_{row}_gru_test"], expect, atol=1e-6)
+            y_te = z["labels"][z[f"split{i}_test_index"]]
+            assert m[row]["gru"]["test_mean_std"]["accuracy"]["per_split"][i] == pytest.approx(
+                np.mean(expect.argmax(-1) == y_te), abs=1e-6)
+    assert "fused (validation-fitted weights)" in hybrid_gru.summary_table(m)
 
 
 def test_hybrid_gru_pooled_calibration_from_saved_splits(hybrid_run):
