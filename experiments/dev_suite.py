@@ -36,7 +36,7 @@ import numpy as np
 
 from experiments import common
 from experiments.common import field
-from leukax import fusion, metrics, records
+from leukax import fusion, metrics, plots, records
 from leukax.data import load_arrays
 from leukax.train import compiled, recipe
 from leukax.train.views import view_features
@@ -44,6 +44,7 @@ from leukax.train.views import view_features
 # (a, b): the paired differences a − b reported for every dataset and backbone (when both heads ran).
 PAIRS = (("gru", "probe"), ("gru", "dense"), ("gru_pool", "probe"), ("gru_pool", "dense"), ("gru_pool", "gru"),
          ("dense", "probe"))
+FUSED_ROWS = ("fused (sum rule)", "fused (validation-fitted)", "fused (chosen on validation)")
 COVERAGE = 0.9  # selective prediction: accuracy of the most confident 90 % of a split's test cells
 
 
@@ -99,13 +100,26 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------------------ metrics
-def split_scores(labels_n, probs_nk, coverage: float = COVERAGE) -> dict[str, float]:
-    """Returns accuracy, NLL, ECE and the accuracy of the ⌈coverage·N⌉ most confident cells (max probability)."""
+def split_scores(labels_n, probs_nk, probs_val_nk=None, coverage: float = COVERAGE) -> dict[str, float]:
+    """Returns accuracy, NLL, ECE and the accuracy of the ⌈coverage·N⌉ most confident cells (max probability);
+    with the validation predictions also the referral a lab would run: the confidence threshold that keeps
+    `coverage` of the validation cells, applied to the test cells (acc_at_val_threshold on the cells kept,
+    coverage_at_val_threshold = the fraction of test cells kept)."""
     y, p = jnp.asarray(labels_n, jnp.int32), jnp.asarray(probs_nk, jnp.float32)
+    conf = np.asarray(p).max(-1)
     keep = max(1, int(np.ceil(coverage * len(labels_n))))
-    top = np.argsort(-np.asarray(p).max(-1), kind="stable")[:keep]
-    return dict(accuracy=float(metrics.accuracy(y, p)), nll=float(metrics.nll(y, p)), ece=float(metrics.ece(y, p)),
-                acc_at_coverage=float(metrics.accuracy(y[top], p[top])))
+    top = np.argsort(-conf, kind="stable")[:keep]
+    out = dict(accuracy=float(metrics.accuracy(y, p)), nll=float(metrics.nll(y, p)), ece=float(metrics.ece(y, p)),
+               acc_at_coverage=float(metrics.accuracy(y[top], p[top])))
+    if probs_val_nk is not None:
+        conf_val = np.sort(np.asarray(probs_val_nk).max(-1))[::-1]
+        t = conf_val[max(1, int(np.ceil(coverage * len(conf_val)))) - 1]  # keeps ⌈coverage·N_val⌉ of validation
+        kept = conf >= t
+        out.update(coverage_at_val_threshold=float(kept.mean()), kept_at_val_threshold=int(kept.sum()),
+                   correct_at_val_threshold=int((np.asarray(p).argmax(-1)[kept] == labels_n[kept]).sum()),
+                   acc_at_val_threshold=float(np.mean(np.asarray(p).argmax(-1)[kept] == labels_n[kept]))
+                   if kept.any() else float("nan"))
+    return out
 
 
 def paired(a_s, b_s, higher_is_better: bool = True) -> dict:
@@ -144,7 +158,8 @@ def run_dataset(cfg: Config, name: str, out: pathlib.Path, npz: dict, on_split=l
     c = dataclasses.replace(cfg, batch_size=batch)
     section = dict(n=len(labels), classes=list(ds.class_names), counts=ds.counts,
                    groups=int(len(np.unique(ds.groups))), splits=len(splits), batch_size=batch, backbones={})
-    probs_fused = {kind: [[] for _ in splits] for kind in cfg.heads}
+    probs_fused = {kind: [[] for _ in splits] for kind in cfg.heads}  # per split: the backbones' test means
+    probs_fused_val = {kind: [[] for _ in splits] for kind in cfg.heads}  # ... and validation means
     t0 = time.perf_counter()
     for bb in cfg.backbones:
         module, variables, spec, record = common.load_backbone(bb, cfg.weights, cfg.weights_dir, "", cfg.seed)
@@ -160,23 +175,46 @@ def run_dataset(cfg: Config, name: str, out: pathlib.Path, npz: dict, on_split=l
             tr, va, te = (tf.apply(views[:, idx]) for idx in (split.train, split.val, split.test))
             for kind in cfg.heads:
                 rcp, hp = _hparams(c, kind)
-                _, p_te, _ = recipe.train_and_predict(kind, rcp, hp, k, tr, labels[split.train], va, te,
-                                                      labels[split.val], units=cfg.units, hidden=cfg.hidden,
-                                                      order=cfg.order, seed=seed)
-                mean_nk = p_te.mean(0)
-                scores[kind].append(split_scores(labels[split.test], mean_nk))
+                p_va, p_te, _ = recipe.train_and_predict(kind, rcp, hp, k, tr, labels[split.train], va, te,
+                                                         labels[split.val], units=cfg.units, hidden=cfg.hidden,
+                                                         order=cfg.order, seed=seed)
+                mean_nk, mean_val_nk = p_te.mean(0), p_va.mean(0)
+                scores[kind].append(split_scores(labels[split.test], mean_nk, mean_val_nk))
                 probs_fused[kind][i].append(mean_nk)
+                probs_fused_val[kind][i].append(mean_val_nk)
                 npz[f"{name}_{bb}_{kind}_{sid}_test"] = mean_nk.astype(np.float32)
+                npz[f"{name}_{bb}_{kind}_{sid}_val"] = mean_val_nk.astype(np.float32)
             npz[f"{name}_{sid}_test_index"] = split.test
+            npz[f"{name}_{sid}_val_index"] = split.val
             print(f"dev_suite: {name} {bb} {sid}: " + " ".join(
                 f"{kind}={scores[kind][-1]['accuracy']:.3f}" for kind in cfg.heads), flush=True)
             section["backbones"][bb] = _section(cfg, scores, record)
             section["splits_done"] = i + 1
             on_split(section)
-    if len(cfg.backbones) > 1:  # sum rule over the backbones' ensemble means, per head kind
-        scores = {kind: [split_scores(labels[s.test], np.asarray(fusion.sum_rule(np.stack(probs_fused[kind][i]))))
-                         for i, s in enumerate(splits)] for kind in cfg.heads}
-        section["backbones"]["fused (sum rule)"] = _section(cfg, scores, None)
+    if len(cfg.backbones) > 1:  # per head kind, over the backbones' ensemble means: the sum rule (the paper's),
+        # weights fitted on validation, and the rule chosen on validation (leukax.fusion.choose_rule)
+        rows = {row: {kind: [] for kind in cfg.heads} for row in FUSED_ROWS}
+        for kind in cfg.heads:
+            for i, s in enumerate(splits):
+                va_h, te_h = np.stack(probs_fused_val[kind][i]), np.stack(probs_fused[kind][i])
+                choice = fusion.choose_rule(va_h, labels[s.val])
+                for row, w in zip(FUSED_ROWS, ([1.0] * len(va_h), choice["fitted_weights"], choice["weights"])):
+                    f_va, f_te = (np.asarray(fusion.weighted_rule(x, w)) for x in (va_h, te_h))
+                    rows[row][kind].append(dict(split_scores(labels[s.test], f_te, f_va), rule_fitted=float(
+                        choice["rule"] == "fitted")))
+                    npz[f"{name}_{row.replace(' ', '_')}_{kind}_r{s.repeat}_f{s.fold}_test"] = f_te.astype(np.float32)
+        for row in FUSED_ROWS:
+            section["backbones"][row] = _section(cfg, rows[row], None)
+    # Selective prediction curves of the main rows, every split's test cells pooled (1 − max probability ranks)
+    main = FUSED_ROWS[-1] if len(cfg.backbones) > 1 else cfg.backbones[0]
+    tag = main.replace(" ", "_")
+    curves = {}
+    for kind in cfg.heads:
+        p = np.concatenate([npz[f"{name}_{tag}_{kind}_r{s.repeat}_f{s.fold}_test"] for s in splits])
+        y = np.concatenate([labels[s.test] for s in splits])
+        curves[kind] = (1 - p.max(-1), p.argmax(-1) == y)
+    plots.selective_curves(curves, title=f"{name}: {main}, test cells of all {len(splits)} splits",
+                           path=out / "figures" / f"selective_{name}.png")
     section["training_s"] = time.perf_counter() - t0
     npz[f"{name}_labels"] = labels
     return section
@@ -192,6 +230,10 @@ def paired_table(heads: dict) -> dict:
 
 def _section(cfg, scores: dict, record) -> dict:
     out = dict(heads={kind: common.mean_std(s, list(s[0])) for kind, s in scores.items()})
+    for kind, s in scores.items():  # the validation-threshold referral pooled over all splits' test cells
+        if "kept_at_val_threshold" in s[0]:
+            kept = sum(r["kept_at_val_threshold"] for r in s)
+            out["heads"][kind]["pooled_acc_at_val_threshold"] = sum(r["correct_at_val_threshold"] for r in s) / max(kept, 1)
     out["paired"] = paired_table(out["heads"])
     if record is not None:
         out["backbone"] = record

@@ -214,6 +214,23 @@ def accuracy_coverage(uncertainty_n, correct_n, threshold: float | None = None,
     return _save(fig, path)
 
 
+def selective_curves(curves: dict, title: str = "Selective prediction", path=None) -> Figure:
+    """Accuracy on retained cells vs coverage for several models on the same cells: `curves` maps a label to
+    (uncertainty_n, correct_n); each is ranked least uncertain first, its AURC in the legend."""
+    fig = _figure(figsize=(6, 4.5))
+    ax = fig.add_subplot()
+    for name, (u, c) in curves.items():
+        _, cov, acc = uncertainty.accuracy_coverage_curve(u, c)
+        a = float(uncertainty.aurc(np.asarray(u, np.float32), np.asarray(c)))
+        ax.plot(np.r_[0, cov], np.r_[acc[0], acc], lw=1.8, drawstyle="steps-pre",
+                label=f"{name} (AURC {a:.3f}, all {acc[-1]:.3f})")
+    ax.set(xlim=(0, 1.02), xlabel="Coverage (fraction of cells decided automatically)",
+           ylabel="Accuracy on retained cells", title=title)
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def gradcam_overlays(images_bhwc, heatmaps_bhw, labels_n, probs_nk, class_names, max_images: int = 8,
                      alpha: float = 0.45, path=None) -> Figure:
     """Top row: the images; bottom row: Grad-CAM heatmap over them. Titles: true class, predicted class and

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from experiments import common, dev_suite
+from leukax import fusion
 
 
 def test_split_scores_and_selective_accuracy():
@@ -16,6 +17,14 @@ def test_split_scores_and_selective_accuracy():
     s = dev_suite.split_scores(y, p, coverage=0.9)
     assert s["accuracy"] == pytest.approx(0.9) and s["acc_at_coverage"] == pytest.approx(1.0)
     assert dev_suite.split_scores(y, p, coverage=1.0)["acc_at_coverage"] == pytest.approx(0.9)
+    # The lab's referral: the confidence threshold keeping 90 % of the validation cells, applied to the test cells.
+    p_val = np.full((10, 2), 0.5)
+    p_val[:, 0] = np.linspace(0.6, 0.96, 10)  # the 9 most confident validation cells reach 0.64
+    v = dev_suite.split_scores(y, p, p_val, coverage=0.9)
+    assert v["coverage_at_val_threshold"] == pytest.approx(0.9) and v["acc_at_val_threshold"] == pytest.approx(1.0)
+    p_val[:, 0] = 0.99  # a validation threshold above every test confidence: no test cell is kept
+    v = dev_suite.split_scores(y, p, p_val, coverage=0.9)
+    assert v["kept_at_val_threshold"] == 0 and np.isnan(v["acc_at_val_threshold"])
 
 
 def test_paired_differences_and_verdict():
@@ -33,7 +42,7 @@ def test_tiny_suite_run_is_consistent_with_its_saved_predictions(tmp_path):
     cfg = common.parse_argv(dev_suite.Config, [
         "prog", f"--out_dir={tmp_path}", "--datasets=cnmc2019", "--weights=none", "--image_size=32", "--members=2",
         "--folds=2", "--repeats=1", "--epochs=1", "--heads=probe,dense,gru_pool", "--units=4", "--hidden=4",
-        "--feature_dim=8", "--batch_size=8"])
+        "--feature_dim=8", "--batch_size=8", "--backbones=mobilenet_v2,efficientnet_lite0"])
     m = dev_suite.run(cfg)
     assert json.loads((tmp_path / "metrics.json").read_text())["datasets"] == json.loads(json.dumps(m["datasets"]))
     assert m["complete"] is True and m["command"].startswith("python -m experiments.dev_suite")
@@ -54,4 +63,16 @@ def test_tiny_suite_run_is_consistent_with_its_saved_predictions(tmp_path):
         for h, a in acc.items():
             assert bb["heads"][h]["accuracy"]["per_split"][i] == pytest.approx(a)
         assert bb["paired"]["gru_pool - probe"]["accuracy"]["per_split"][i] == pytest.approx(acc["gru_pool"] - acc["probe"])
+        # fusion rows: the sum rule, weights fitted on the split's validation means, the rule chosen there
+        va = np.stack([z[f"cnmc2019_{b}_dense_{sid}_val"] for b in ("mobilenet_v2", "efficientnet_lite0")])
+        te = np.stack([z[f"cnmc2019_{b}_dense_{sid}_test"] for b in ("mobilenet_v2", "efficientnet_lite0")])
+        choice = fusion.choose_rule(va, labels[z[f"cnmc2019_{sid}_val_index"]])
+        for row, w in zip(dev_suite.FUSED_ROWS, ([1, 1], choice["fitted_weights"], choice["weights"])):
+            f_te = np.asarray(fusion.weighted_rule(te, np.asarray(w, np.float32)))
+            np.testing.assert_allclose(z[f"cnmc2019_{row.replace(' ', '_')}_dense_{sid}_test"], f_te, atol=1e-6)
+            assert sec["backbones"][row]["heads"]["dense"]["accuracy"]["per_split"][i] == pytest.approx(
+                np.mean(f_te.argmax(-1) == labels[test]))
+    kept = [bb["heads"]["dense"][k]["per_split"] for k in ("kept_at_val_threshold", "correct_at_val_threshold")]
+    assert bb["heads"]["dense"]["pooled_acc_at_val_threshold"] == pytest.approx(sum(kept[1]) / sum(kept[0]))
+    assert (tmp_path / "figures" / "selective_cnmc2019.png").stat().st_size > 1000
     assert "| cnmc2019 (S=2) | mobilenet_v2 |" in dev_suite.summary_table(m)
