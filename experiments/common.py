@@ -288,6 +288,21 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def write_history(logdir, tag: str, history: dict) -> None:
+    """Writes a trained ensemble's per-epoch curves as TensorBoard scalars under `logdir` (one run per split):
+    for every key of `history` (train_loss, train_acc, val_loss = NLL, val_acc; M×E, NaN after a member
+    stopped) the mean over the members still training, step = epoch, tag "<key>/<tag>"
+    (`tensorboard --logdir <out_dir>/tensorboard` compares splits, backbones and heads)."""
+    from tensorboardX import SummaryWriter
+    with SummaryWriter(str(logdir), flush_secs=5) as w:
+        for key, v in history.items():
+            v_me = np.atleast_2d(np.asarray(v, np.float64))
+            for epoch in range(v_me.shape[1]):
+                col = v_me[:, epoch][np.isfinite(v_me[:, epoch])]
+                if len(col):
+                    w.add_scalar(f"{key}/{tag}", float(col.mean()), epoch + 1)
+
+
 def progress(total: int, desc: str, quiet: bool = False):
     """A progress bar with rate and ETA on stderr for a long phase (tqdm); `quiet` hides it."""
     from tqdm import tqdm

@@ -360,6 +360,8 @@ def run(cfg: Config) -> dict:
                        else train_heads(cfg, h, split, labels, k, seed, out / "bo"))
             bar.update(1)
             for kind, (p_va, p_te, info) in trained.items():
+                if "history" in info:  # per-epoch curves, watchable while the study runs
+                    common.write_history(out / "tensorboard" / sid, f"{h['record']['label']}/{kind}", info["history"])
                 _record(per[(h["name"], kind)], y_va, p_va, y_te, p_te, names, cfg, dict(split=sid, **info.get("hparams", {})))
                 by_kind[kind][0].append(p_va.mean(0))
                 by_kind[kind][1].append(p_te.mean(0))

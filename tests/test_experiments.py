@@ -3,6 +3,7 @@
 Random-weight backbones at 32 px on the embedded C-NMC 2019 sample (60 images), M=2, 1-2 epochs, 2 folds.
 """
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -230,3 +231,37 @@ def test_paper_80_20_is_64_16_20():
     (s,) = common.make_splits("paper_80_20", labels, np.arange(100), ["a", "b"], folds=5, repeats=1,
                               val_fraction=0.2, seed=0, leaky=True)
     assert (len(s.train), len(s.val), len(s.test)) == (64, 16, 20)
+
+
+def _read_scalars(logdir) -> dict:
+    """{tag: [(step, value)]} from the TensorBoard event files under logdir (TFRecord framing, Event protos)."""
+    import struct
+    from tensorboardX.proto import event_pb2
+    out = {}
+    for f in sorted(pathlib.Path(logdir).glob("events.out.tfevents.*")):
+        data, pos = f.read_bytes(), 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            ev = event_pb2.Event.FromString(data[pos + 12: pos + 12 + n])
+            pos += 12 + n + 4
+            for v in ev.summary.value:
+                out.setdefault(v.tag, []).append((ev.step, v.simple_value))
+    return out
+
+
+def test_write_history_means_the_members_still_training(tmp_path):
+    common.write_history(tmp_path, "mobilenet_v2/gru", {"val_loss": np.array([[1.0, 0.5, np.nan], [3.0, 1.5, 0.25]]),
+                                                        "val_acc": np.array([[np.nan, np.nan, np.nan]])})
+    s = _read_scalars(tmp_path)
+    assert set(s) == {"val_loss/mobilenet_v2/gru"}  # an all-NaN curve writes nothing
+    assert s["val_loss/mobilenet_v2/gru"] == [(1, 2.0), (2, 1.0), (3, 0.25)]
+
+
+def test_hybrid_gru_writes_tensorboard_curves_per_split(hybrid_run):
+    out, m = hybrid_run
+    for sid in ("r0_f0", "r0_f1"):
+        s = _read_scalars(out / "tensorboard" / sid)
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            for bb in ("mobilenet_v2", "efficientnet_lite0"):
+                steps = [step for step, _ in s[f"{key}/{bb}/gru"]]
+                assert steps == [1, 2] and all(np.isfinite(v) for _, v in s[f"{key}/{bb}/gru"])
