@@ -23,7 +23,8 @@ Runtime:   (2 CPU cores, AVX2 EPYC, quiet, 2026-12-02, commits fd84b3b / 6786b30
            - Measured before the 2026-12-02 speedups (so upper bounds): PBC with --repeats=5 (25 splits), 90 min of
              training (results/heads/pbc_5x5); C-NMC sample, 60 cells, all four heads, 6 min with cached features.
 
-What it does (head mode, the default; `--mode=finetune` trains backbone + GRU end to end instead):
+What it does (head mode, the default; `--mode=finetune` trains backbone + GRU end to end instead, its images
+read from the TFDS source batch by batch through grain with the paper's augmentation per member):
 1. loads `--dataset` (cnmc2019 = the embedded sample; all_idb1, all_idb2, all_idb, pbc or any builder name);
 2. per backbone of `--backbones` (EfficientNetB3 has no offline weights: `--b3_substitute` takes its place and
    the substitution is recorded) computes the frozen feature maps of `--views` (8 dihedral views per image:
@@ -60,7 +61,7 @@ from experiments.common import field
 from leukax import bundle as bundle_lib
 from leukax import calibration, fusion, metrics, plots, records, uncertainty
 from leukax.augment import augment_paper1
-from leukax.data import load_arrays, load_index
+from leukax.data import load_index
 from leukax.data.pipeline import load_example
 from leukax.models.classifier import Classifier
 from leukax.models import registry as model_registry
@@ -69,7 +70,7 @@ from leukax.preprocess import smooth
 from leukax.train import bayes, compiled, recipe
 from leukax.data.splits import repeated_holdout
 from leukax.train import features
-from leukax.train.finetune import TrainConfig, make_train
+from leukax.train.finetune import ImageStream, TrainConfig, make_train
 from leukax.train.views import stream_view_features
 
 # Fused rows beside the paper's sum rule (`fused`), when there are several hybrids.
@@ -222,16 +223,16 @@ def train_finetune(cfg, hybrid: dict, split, labels, num_classes, seed):
     if cfg.hparams == "paper":  # Table 2's whole row, as in head mode (`split_hparams`)
         row = recipe.PAPER_TABLE2[hybrid["name"]]
     head = make_head("gru", num_classes, units=row["units"], dropout=row["dropout"], hidden=cfg.hidden, order=cfg.order)
-    x = hybrid["inputs"]
+    part = lambda idx: dataclasses.replace(hybrid["inputs"], indices=hybrid["inputs"].indices[idx])  # noqa: E731
     tcfg = TrainConfig(num_members=cfg.members, optimizer=row["optimizer"],
                        learning_rate=row["learning_rate"], momentum=row["momentum"],
                        dropout_rate=row["dropout"], batch_size=cfg.batch_size, num_epochs=cfg.epochs,
                        patience=cfg.patience, monitor="val_loss", seed=seed,
                        normalization=hybrid["spec"].normalization)
-    tr = make_train(tcfg, Classifier(hybrid["module"], head), (x[split.train], labels[split.train]),
-                    (x[split.val], labels[split.val]), augment_fn=augment_paper1, pretrained=hybrid["variables"])
+    tr = make_train(tcfg, Classifier(hybrid["module"], head), (part(split.train), labels[split.train]),
+                    (part(split.val), labels[split.val]), augment_fn=augment_paper1, pretrained=hybrid["variables"])
     state = tr.fit()
-    return (tr.predict(state, x[split.val]), tr.predict(state, x[split.test]),
+    return (tr.predict(state, part(split.val)), tr.predict(state, part(split.test)),
             {"members": cfg.members, "history": tr.history(state),
              "hparams": dict(source=f"Akter et al. 2024 Table 2 [{hybrid['name']}]" if cfg.hparams == "paper"
                              else "recipe flags", **row)})
@@ -290,12 +291,10 @@ def run(cfg: Config) -> dict:
             model_registry.get_spec(name)
         except KeyError as e:
             raise common.InputError(f"experiments/hybrid_gru.py: --backbones: {e.args[0]}") from None
-    # Head mode streams the images from the TFDS source (labels, groups and names in memory, no pixels);
-    # finetune mode trains on them in memory.
+    # Both modes stream the images from the TFDS source (labels, groups and names in memory, no pixels): head mode
+    # into the feature extraction, finetune mode into every training step (finetune.ImageStream).
     t_data = time.perf_counter()  # building the TFDS dataset on first use, then reading its index
-    ds = (load_index(cfg.dataset, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir, **_data_kwargs(cfg))
-          if cfg.mode == "head" else load_arrays(cfg.dataset, cfg.image_size or 224, data_dir=cfg.data_dir,
-                                                 manual_dir=cfg.manual_dir, **_data_kwargs(cfg)))
+    ds = load_index(cfg.dataset, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir, **_data_kwargs(cfg))
     splits = common.make_splits(cfg.protocol, np.asarray(ds.labels), ds.groups, list(ds.class_names), folds=cfg.folds,
                                 repeats=cfg.repeats, val_fraction=cfg.val_fraction, seed=cfg.seed, leaky=cfg.leaky)
     t_data = time.perf_counter() - t_data
@@ -316,10 +315,8 @@ def run(cfg: Config) -> dict:
         size = cfg.image_size or spec.input_size
         smoothing = None if cfg.smoothing == "none" else (lambda x: np.asarray(smooth(x, cfg.smoothing)))
         if cfg.mode == "finetune":
-            images = load_arrays(cfg.dataset, size, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir,
-                                 **_data_kwargs(cfg)).images
-            inputs = images if smoothing is None else np.concatenate(  # before augmentation, as the paper
-                [smoothing(images[i:i + 64]) for i in range(0, len(images), 64)])
+            # decoded, resized and smoothed (before augmentation, as the paper) batch by batch while training
+            inputs = ImageStream(ds.source, np.arange(len(ds.labels)), size, image_fn=smoothing)
         else:  # V×N×T×C bfloat16 on disk, extracted batch by batch (resumable), read a few images at a time
             key = features.stream_key(module, variables, spec.normalization, ds.fingerprint, size, cfg.views,
                                       cfg.num_affine, cfg.seed, "bfloat16", cfg.smoothing)
@@ -333,7 +330,7 @@ def run(cfg: Config) -> dict:
                       feature_shape=list(np.shape(inputs)[1:]) if cfg.mode == "finetune" else list(np.shape(inputs)))
         t_features[name] = time.perf_counter() - t0
         if cfg.num_affine and name == cfg.backbones[0]:  # Akter et al. Fig. 2: what one stored copy is made of
-            first = (images[0] if cfg.mode == "finetune" else load_example(ds.source, 0, size)["image"])
+            first = load_example(ds.source, 0, size)["image"]
             first = first if smoothing is None else smoothing(first[None])[0]
             plots.augmentation_examples(first, cfg.seed, path=out / "figures" / "augmentation_examples.png")
         hybrids.append(dict(name=name, module=module, variables=variables, spec=spec, record=record, inputs=inputs))

@@ -14,6 +14,7 @@ import pytest
 
 from experiments import common, feature_fusion, hybrid_gru
 from leukax.train import bayes, recipe
+from leukax.train.finetune import ImageStream
 
 # Akter et al. 2024, Table 2 (hyper-parameters after Bayesian optimisation), as printed.
 AKTER_TABLE2 = {
@@ -110,7 +111,7 @@ def test_finetune_honours_table2(monkeypatch):
     monkeypatch.setattr(hybrid_gru, "make_train", fake_make_train)
     cfg = common.named_config(hybrid_gru.Config, "akter2024", mode="finetune")
     split = type("S", (), dict(train=np.arange(4), val=np.arange(4, 6), test=np.arange(6, 8)))
-    hybrid = dict(name="inception_v3", inputs=np.zeros((8, 32, 32, 3), np.uint8), module=None, variables=None,
+    hybrid = dict(name="inception_v3", inputs=ImageStream(None, np.arange(8), 32), module=None, variables=None,
                   spec=type("Sp", (), dict(normalization="tf")))
     with pytest.raises(Stop):
         hybrid_gru.train_finetune(cfg, hybrid, split, np.zeros(8, np.int32), 2, 0)

@@ -265,3 +265,18 @@ def test_hybrid_gru_writes_tensorboard_curves_per_split(hybrid_run):
             for bb in ("mobilenet_v2", "efficientnet_lite0"):
                 steps = [step for step, _ in s[f"{key}/{bb}/gru"]]
                 assert steps == [1, 2] and all(np.isfinite(v) for _, v in s[f"{key}/{bb}/gru"])
+
+
+def test_hybrid_gru_finetune_mode_streams_its_images(tmp_path, monkeypatch):
+    """--mode=finetune trains backbone + GRU on images read from the TFDS source batch by batch (an ImageStream
+    per part, never an image array) and reports every split."""
+    seen, make_train = [], hybrid_gru.make_train
+    monkeypatch.setattr(hybrid_gru, "make_train", lambda tcfg, model, tr, va, **k: (
+        seen.append((type(tr[0]).__name__, type(va[0]).__name__)), make_train(tcfg, model, tr, va, **k))[1])
+    cfg = _parse(hybrid_gru.Config, tmp_path, "--mode=finetune", "--backbones=mobilenet_v2", "--epochs=1",
+                 "--members=1", "--units=4", "--hidden=4", "--heads=gru", "--nosave_model", "--quiet")
+    m = hybrid_gru.run(cfg)
+    assert seen == [("ImageStream", "ImageStream")] * 2
+    acc = m["per_hybrid"]["mobilenet_v2"]["gru"]["test_mean_std"]["accuracy"]["per_split"]
+    assert len(acc) == 2 and all(0 <= a <= 1 for a in acc)
+    assert m["hybrids"][0]["feature_shape"] == [32, 32, 3] and m["model"]["mode"] == "finetune"

@@ -295,3 +295,24 @@ def test_checkpoint_resume_on_features_equals_straight(features, tmp_path):
     assert tree_equal(straight, resumed)
     kernel = np.asarray(jax.tree.leaves(resumed.members.params)[0])
     assert not np.allclose(kernel[0], kernel[1]) and not np.allclose(kernel[1], kernel[2])
+
+
+@pytest.mark.parametrize("axis", ["sequential", "map"])
+def test_streamed_images_train_exactly_as_in_memory(axis, tmp_path):
+    """Finetuning reads its images from the TFDS source batch by batch (`ImageStream`, grain threads) and ends
+    in the same state, history and predictions as the same images held in memory."""
+    from leukax.data import load_arrays, load_index
+    ds = load_index("cnmc2019", data_dir=tmp_path)
+    mem = load_arrays("cnmc2019", SIZE, data_dir=tmp_path)
+    y = np.asarray(ds.labels, np.int32)
+    np.testing.assert_array_equal(mem.labels, y)
+    tr, va = np.arange(36), np.arange(36, 60)
+    stream = lambda idx: finetune.ImageStream(ds.source, idx, SIZE, num_threads=2)  # noqa: E731
+    cfg = finetune_cfg(num_epochs=2, ensemble_axis=axis, batch_size=12, eval_batch_size=16)
+    a = finetune.make_train(cfg, MODEL, (mem.images[tr], y[tr]), (mem.images[va], y[va]), augment_fn=flip_augment)
+    b = finetune.make_train(cfg, MODEL, (stream(tr), y[tr]), (stream(va), y[va]), augment_fn=flip_augment)
+    sa, sb = a.fit(), b.fit()
+    assert tree_equal(sa.best_params, sb.best_params) and tree_equal(sa.history, sb.history)
+    assert np.isfinite(np.asarray(sa.history["val_loss"])).all()
+    np.testing.assert_array_equal(a.predict(sa, mem.images[va]), b.predict(sb, stream(va)))
+    assert stream(va).first().shape == (1, SIZE, SIZE, 3)

@@ -4,7 +4,9 @@ images, with a leading member axis on every state leaf. (Heads on cached frozen 
 
 Each member has its own init seed, dropout keys, data order (a permutation per epoch) and augmentation
 draws. `model` is a `Classifier` (or any module with the head contract); inputs are uint8 images, augmented then
-normalised (`config.normalization`) inside the jitted step.
+normalised (`config.normalization`) inside the jitted step. Images are an in-memory array or an `ImageStream`:
+decoded from the TFDS source by grain threads while the previous step runs, so a dataset of any size trains in
+the memory of a few batches; both give the same state bit for bit (tests/test_finetune.py).
 
 The run's state is an `EnsembleState` (a `flax.struct.dataclass`, saved and restored whole by Orbax). The
 module-level functions are pure: `init`, `train_epoch`, `evaluate`, `predict`, `record_history`,
@@ -22,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -173,9 +175,17 @@ def member_train_step(member: Members, idx_b, shared_args, static):
     A member with active == False is returned unchanged. Returns (new member, {"loss", "acc"}).
     """
     data_x, data_y, dropout_rate = shared_args
+    return member_batch_step(member, (jnp.take(data_x, idx_b, axis=0), jnp.take(data_y, idx_b, axis=0)),
+                             (dropout_rate,), static)
+
+
+def member_batch_step(member: Members, batch_b, shared_args, static):
+    """`member_train_step` on a batch already gathered: batch_b = (uint8 images B×S×S×3, int32 labels B), as
+    an `ImageStream` delivers them; shared_args = (dropout_rate,)."""
+    (dropout_rate,) = shared_args
+    x, y = batch_b
     model, tx, augment_fn, normalization = static
     key, aug_key, drop_key = jax.random.split(member.key, 3)
-    x, y = jnp.take(data_x, idx_b, axis=0), jnp.take(data_y, idx_b, axis=0)
     if augment_fn is not None:
         x = augment_fn(aug_key, x)
     x = normalize(x, normalization)
@@ -216,6 +226,9 @@ train_step = _jit(member_train_step, donate_argnums=0)
 # STEP[axis](members, idx_mb, shared, static): looked up at call time, so a test may wrap an entry.
 STEP = {a: _jit(_over_members(member_train_step, a), donate_argnums=0) for a in ("vmap", "map")}
 STEP["sequential"] = train_step
+# STEP_STREAM[axis](members, (x_mb, y_mb), (dropout,), static): the same step on batches streamed from disk.
+STEP_STREAM = {a: _jit(_over_members(member_batch_step, a), donate_argnums=0) for a in ("vmap", "map")}
+STEP_STREAM["sequential"] = _jit(member_batch_step, donate_argnums=0)
 PROBS = {a: _jit(_over_members(member_probs, a)) for a in AXES}
 
 
@@ -257,6 +270,52 @@ def finite_m(tree):
     return jnp.all(jnp.stack(flags), 0) if flags else None
 
 
+# ---------------------------------------------------------------- images streamed from a source
+@dataclasses.dataclass(frozen=True)
+class ImageStream:
+    """The images of `indices` of a random-access source (a TFDS data source of encoded images, as
+    `leukax.data.load_index` returns), decoded and resized to `image_size` when a batch needs them: grain reads
+    them with `num_threads` threads and a prefetch buffer (`leukax.data.pipeline.epoch_dataset`), so training
+    never holds more than a few batches of pixels. `image_fn(uint8 B×S×S×3) -> uint8` (e.g. smoothing) runs on
+    every batch. Pass it as the x of `make_train`'s (x, y); y stays an in-memory label array."""
+    source: Any
+    indices: np.ndarray
+    image_size: int
+    image_fn: Callable | None = None
+    num_threads: int = 2
+    prefetch: int = 16
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self.indices), self.image_size, self.image_size, 3)
+
+    def batches(self, positions, batch_size: int) -> Iterator[np.ndarray]:
+        """Yields uint8 images of self.indices[positions], in that order, `batch_size` at a time."""
+        from leukax.data import pipeline
+        ds = pipeline.epoch_dataset(self.source, self.image_size, batch_size, shuffle=False,
+                                    indices=np.asarray(self.indices)[np.asarray(positions)],
+                                    num_threads=self.num_threads, prefetch=self.prefetch)
+        for b in ds:
+            yield b["image"] if self.image_fn is None else np.asarray(self.image_fn(b["image"]), np.uint8)
+
+    def first(self) -> np.ndarray:
+        """Returns the first image as a 1×S×S×3 batch (for initialising a model)."""
+        return next(self.batches([0], 1))
+
+
+def _stream_epoch_batches(stream: ImageStream, perm_mn: np.ndarray, batch: int) -> Iterator[np.ndarray]:
+    """Yields M×B×S×S×3 uint8 per step: member m's batch s is stream[perm_mn[m, s·B:(s+1)·B]]; one grain pass
+    over all members' orders, so decoding overlaps the previous step."""
+    num, n = perm_mn.shape
+    steps = n // batch
+    flat = perm_mn[:, :steps * batch].reshape(num, steps, batch).transpose(1, 0, 2).reshape(-1)
+    for x in stream.batches(flat, num * batch):
+        yield x.reshape((num, batch) + x.shape[1:])
+
+
 # ---------------------------------------------------------------- pure functions of the run
 def init(spec: Spec, x_example, pretrained: dict | None = None) -> EnsembleState:
     """Returns the epoch-0 state. Keys: fold_in(PRNGKey(seed), 0 | 1 | 2) → inits | data orders | dropout.
@@ -264,6 +323,7 @@ def init(spec: Spec, x_example, pretrained: dict | None = None) -> EnsembleState
     pretrained: {"params", "batch_stats"} copied into every member's "backbone" (the heads stay random).
     """
     cfg, tx, num = spec.config, spec.tx, spec.config.num_members
+    x_example = x_example.first() if isinstance(x_example, ImageStream) else x_example
     root = jax.random.PRNGKey(cfg.seed)
     init_keys = jax.random.split(jax.random.fold_in(root, 0), num)
     per_member = []
@@ -302,14 +362,24 @@ def train_epoch(spec: Spec, members: Members, data_key, epoch: int, data) -> tup
     run_m = np.flatnonzero(active) if axis == "sequential" else np.arange(num)
     mets = []
     per_member = unstack(members, num) if axis == "sequential" else None
+    streamed = isinstance(x, ImageStream)
+    images = _stream_epoch_batches(x, perm_mn, batch) if streamed else None
+    y_np = np.asarray(y) if streamed else None
     for s in range(n // batch):
         idx_mb = perm_mn[:, s * batch:(s + 1) * batch]
+        if streamed:  # the same step on the members' batches read from disk: (images, labels), (dropout,)
+            step, shared = STEP_STREAM[axis], (dropout,)
+            arg_mb = (jnp.asarray(next(images)), jnp.asarray(y_np[idx_mb], jnp.int32))
+            arg_m = lambda m: (arg_mb[0][m], arg_mb[1][m])  # noqa: E731
+        else:
+            step, shared, arg_mb = STEP[axis], (x, y, dropout), jnp.asarray(idx_mb)
+            arg_m = lambda m: arg_mb[m]  # noqa: E731
         if per_member is None:
-            members, met = STEP[axis](members, jnp.asarray(idx_mb), (x, y, dropout), static)
+            members, met = step(members, arg_mb, shared, static)
         else:  # a stopped member's step would leave it unchanged: skip it
             out = {}
             for m in run_m:
-                per_member[m], out[m] = STEP[axis](per_member[m], jnp.asarray(idx_mb[m]), (x, y, dropout), static)
+                per_member[m], out[m] = step(per_member[m], arg_m(m), shared, static)
             met = {k: jnp.stack([out[m][k] for m in run_m]) for k in ("loss", "acc")} if len(run_m) else None
         if met is not None:
             mets.append(met)
@@ -328,13 +398,15 @@ def predict(spec: Spec, state: EnsembleState, x, use_best: bool = True) -> np.nd
     params = state.best_params if use_best else state.members.params
     bstats = state.best_batch_stats if use_best else state.members.batch_stats
     static = (spec.model, spec.normalization)
-    x = jnp.asarray(x)
-    n = x.shape[0]
+    streamed = isinstance(x, ImageStream)
+    x = x if streamed else jnp.asarray(x)
+    n = len(x)
     bs = min(spec.config.eval_batch_size, n)
     per_member = unstack((params, bstats), spec.config.num_members) if spec.axis == "sequential" else None
     out = []
+    images = x.batches(np.arange(n), bs) if streamed else None
     for s in range(0, n, bs):
-        xb = x[s:s + bs]
+        xb = jnp.asarray(next(images)) if streamed else x[s:s + bs]
         if xb.shape[0] < bs:  # pad the last batch by repeating its last row (fixed shapes)
             xb = jnp.concatenate([xb, jnp.repeat(xb[-1:], bs - xb.shape[0], 0)], 0)
         if per_member is None:
@@ -410,7 +482,7 @@ def fit(spec: Spec, train_data, val_data=None, state: EnsembleState | None = Non
     A nan/inf loss or parameter raises NonFiniteError before anything of that epoch is saved.
     """
     cfg = spec.config
-    x, y = jnp.asarray(train_data[0]), jnp.asarray(train_data[1], jnp.int32)
+    x, y = _as_data(train_data)
     state = init(spec, x, pretrained) if state is None else state
     mngr = ckpt_lib.manager(checkpoint_dir) if checkpoint_dir is not None else None
     if mngr is not None:
@@ -447,6 +519,12 @@ def fit(spec: Spec, train_data, val_data=None, state: EnsembleState | None = Non
     return state
 
 
+def _as_data(data):
+    """(x, y) with y int32 on the device and x on the device, or left as an `ImageStream`."""
+    x, y = data
+    return (x if isinstance(x, ImageStream) else jnp.asarray(x)), jnp.asarray(y, jnp.int32)
+
+
 def _progress_bar(cfg: TrainConfig, end: int, start: int):
     if not cfg.progress:
         return None
@@ -480,13 +558,13 @@ def make_train(config: TrainConfig, model, train_data, val_data=None, *, augment
     """Returns a `Train` for `model` on in-memory data.
 
     train_data / val_data: (x, y), x = uint8 images N×S×S×3 (normalised in the step by `config.normalization`;
-    None leaves any input as it is). augment_fn(key, x_b...) -> x_b: per-member augmentation.
+    None leaves any input as it is) or an `ImageStream` (read from disk batch by batch; same results). augment_fn(key, x_b...) -> x_b: per-member augmentation.
     pretrained: {"params": ..., "batch_stats": ...} copied into every member's "backbone" submodule.
     fit(state=None, checkpoint_dir=None, until_epoch=None); evaluate(state, data, use_best=False);
     predict(state, x, use_best=True); history(state).
     """
     spec = Spec(config, model, augment_fn)
-    data = (jnp.asarray(train_data[0]), jnp.asarray(train_data[1], jnp.int32))
+    data = _as_data(train_data)
 
     def run(state=None, checkpoint_dir=None, until_epoch=None):
         return fit(spec, data, val_data, state, checkpoint_dir, until_epoch, pretrained)
