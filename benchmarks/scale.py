@@ -101,7 +101,8 @@ def run_one(n: int, args: Config, work: pathlib.Path) -> dict:
                 phases_s={"data (TFDS build + index)": round(m["timing_s"]["data"], 1),
                           "features (8 views, streamed)": round(sum(m["timing_s"]["features"].values()), 1),
                           "training (probe + GRU, 1 split)": round(m["timing_s"]["training"], 1)},
-                peak_rss_mb=round(usage.ru_maxrss / 1024, 1), reduced_features_mb=round(reduced_mb, 1),
+                peak_rss_mb=round(usage.ru_maxrss / 1024, 1),
+                peak_rss_mb_after={k: round(v, 1) for k, v in m["peak_rss_mb_after"].items()}, reduced_features_mb=round(reduced_mb, 1),
                 features_on_disk_mb=round(disk_mb, 1), split=sizes, feature_shape=feats["feature_shape"],
                 study_command=m["command"], study_commit=m["environment"]["commit"])
 

@@ -298,6 +298,7 @@ def run(cfg: Config) -> dict:
     splits = common.make_splits(cfg.protocol, np.asarray(ds.labels), ds.groups, list(ds.class_names), folds=cfg.folds,
                                 repeats=cfg.repeats, val_fraction=cfg.val_fraction, seed=cfg.seed, leaky=cfg.leaky)
     t_data = time.perf_counter() - t_data
+    rss = {"data": common.peak_rss_mb()}  # peak RSS so far after each phase: which phase set the peak
     smallest = min(len(s.train) for s in splits)
     if cfg.mode == "head" and smallest < cfg.batch_size:
         raise common.InputError(f"experiments/hybrid_gru.py: a training part holds only {smallest} images, fewer "
@@ -329,6 +330,7 @@ def run(cfg: Config) -> dict:
                       feature_dtype=str(np.dtype(getattr(inputs, "dtype", np.float32))),
                       feature_shape=list(np.shape(inputs)[1:]) if cfg.mode == "finetune" else list(np.shape(inputs)))
         t_features[name] = time.perf_counter() - t0
+        rss[f"features {name}"] = common.peak_rss_mb()
         if cfg.num_affine and name == cfg.backbones[0]:  # Akter et al. Fig. 2: what one stored copy is made of
             first = load_example(ds.source, 0, size)["image"]
             first = first if smoothing is None else smoothing(first[None])[0]
@@ -382,6 +384,7 @@ def run(cfg: Config) -> dict:
         oof_mask[split.test] |= split in first
     bar.close()
     t_train = time.perf_counter() - t0
+    rss["training"] = common.peak_rss_mb()
 
     keys = common.metric_keys(k)
     results = {}
@@ -445,7 +448,7 @@ def run(cfg: Config) -> dict:
         saved_model=str(model_dir) if model_dir else None,
         timing_s=dict(total=time.perf_counter() - t_start, data=t_data, features=t_features, training=t_train,
                       final_model=t_final),
-        peak_rss_mb=common.peak_rss_mb(),
+        peak_rss_mb=common.peak_rss_mb(), peak_rss_mb_after=dict(rss, final_model=common.peak_rss_mb()),
         environment=env, command=common.command_line("experiments.hybrid_gru", cfg))
     records.write_json(out / "metrics.json", metrics_json)
     records.write_json(out / "config.json", dataclasses.asdict(cfg))

@@ -279,11 +279,13 @@ _BARRIERS = itertools.count()
 FEATURE_DTYPES = frozenset(np.dtype(d) for d in (jnp.float32, jnp.float16, jnp.bfloat16))
 
 
-def _features(x) -> jax.Array:
+def device_features(x) -> jax.Array:
     """Features on the device in their own precision when it is float32 or 16-bit (the reduced features of a
-    large set stay 16-bit: half the memory; the trainer casts each batch), else as float32."""
+    large set stay 16-bit: half the memory; the trainer casts each batch), else as float32. `jax.device_put`,
+    not `jnp.asarray`: on the CPU it adopts a numpy array's buffer instead of copying it, so the reduced
+    features of a split are held once, not once per head (measured: +0 vs +2× the array's size)."""
     dtype = np.dtype(getattr(x, "dtype", np.float32))
-    return jnp.asarray(x, dtype if dtype in FEATURE_DTYPES else jnp.float32)
+    return jax.device_put(x) if dtype in FEATURE_DTYPES else jnp.asarray(x, jnp.float32)
 
 
 def _await_all_processes(timeout_s: int = 3600) -> None:
@@ -306,7 +308,7 @@ def fit(recipe: Recipe, head, num_classes: int, train_x, train_y, val_x, val_y, 
     single = isinstance(hparams, dict)
     hps = [hparams] if single else list(hparams)
     one_view = (lambda x: np.ndim(x) == 3) if views is None else (lambda x: not views)  # noqa: E731
-    as_views = lambda x: _features(x)[None] if one_view(x) else _features(x)  # noqa: E731
+    as_views = lambda x: device_features(x)[None] if one_view(x) else device_features(x)  # noqa: E731
     data = dict(train_x=as_views(train_x), train_y=jnp.asarray(train_y, jnp.int32),
                 val_x=as_views(val_x), val_y=jnp.asarray(val_y, jnp.int32))
     keys_t = jnp.broadcast_to(jax.random.PRNGKey(seed), (len(hps), 2))

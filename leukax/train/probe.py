@@ -19,8 +19,16 @@ import optax
 
 def pool(x_vntc):
     """Returns V×N×C: the global average over positions (T) of V×N×T×C features (V×N×C passes through)."""
-    x = jnp.asarray(x_vntc)
-    return x.astype(jnp.float32) if x.ndim == 3 else jnp.mean(x, axis=2, dtype=jnp.float32)  # 16-bit in: no f32 copy
+    if np.ndim(x_vntc) == 3:
+        return jnp.asarray(x_vntc, jnp.float32)
+    # `chunk` images at a time: XLA:CPU materialises a float32 copy of a 16-bit input before reducing it
+    n, chunk = np.shape(x_vntc)[1], 256
+    return jnp.concatenate([_mean_positions(x_vntc[:, s: s + chunk]) for s in range(0, n, chunk)], 1)
+
+
+@jax.jit
+def _mean_positions(x_vktc):
+    return jnp.mean(x_vktc, axis=2, dtype=jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "max_iter"))

@@ -14,8 +14,10 @@ head on 1280-channel maps) and fewer parameters to over-fit a few hundred images
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -82,15 +84,23 @@ def fit_transform(features_vntc, dim: int = 0, max_rows: int = 50_000, seed: int
     return FeatureTransform(mean, std, evecs[:, order].astype(np.float32))
 
 
-def transform(tf: FeatureTransform, features_vntc, indices, dtype=np.float16, chunk: int = 256) -> np.ndarray:
-    """Returns `tf.apply(features_vntc[:, indices])` as V×k×T×d in `dtype` (16-bit: the reduced features that
-    head mode keeps), computed `chunk` images at a time (memory: the output plus one chunk)."""
+def transform(tf: FeatureTransform, features_vntc, indices, dtype=np.float16, chunk: int = 256) -> jax.Array:
+    """Returns `tf.apply(features_vntc[:, indices])` as a V×k×T×d device array in `dtype` (16-bit: the reduced
+    features that head mode keeps), computed `chunk` images at a time and written into the device buffer in
+    place (memory: the output plus one chunk). Built on the device because moving a finished host array there
+    copies it (`jax.device_put` on the CPU), which would hold the reduced features twice."""
     v, _, t, c = np.shape(features_vntc)
     d = c if tf.proj_cd is None else tf.proj_cd.shape[1]
-    out = np.empty((v, len(indices), t, d), dtype)
+    out = jnp.zeros((v, len(indices), t, d), dtype)
     for s, x in _chunks(features_vntc, indices, chunk):
-        out[:, s: s + x.shape[1]] = tf.apply(x).astype(dtype)
+        out = _write_images(out, jnp.asarray(tf.apply(x).astype(dtype)), s)
     return out
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_images(out_vntd, x_vktd, start):
+    """out[:, start: start + k] = x, in place (the output's buffer is donated)."""
+    return jax.lax.dynamic_update_slice_in_dim(out_vntd, x_vktd, start, axis=1)
 
 
 def pooled_standardized(tf: FeatureTransform, features_vntc, indices, chunk: int = 256) -> np.ndarray:
@@ -121,8 +131,8 @@ def train_and_predict(kind: str, recipe: compiled.Recipe, hparams: dict, num_cla
     """
     if kind == "probe":
         p = probe.fit(train_x, train_y, num_classes)
-        return (np.asarray(probe.predict(p, jnp.asarray(val_x)))[None],
-                np.asarray(probe.predict(p, jnp.asarray(test_x)))[None], {"members": 1})
+        return (np.asarray(probe.predict(p, compiled.device_features(val_x)))[None],
+                np.asarray(probe.predict(p, compiled.device_features(test_x)))[None], {"members": 1})
     head = make_model(kind, num_classes, units, hidden, order=order)
     res = compiled.fit(recipe, head, num_classes, train_x, train_y, val_x, val_y, hparams, seed=seed, mesh=mesh)
     p_va, p_te, info = predict_both(head, res, val_x, test_x)
@@ -133,8 +143,8 @@ def train_and_predict(kind: str, recipe: compiled.Recipe, hparams: dict, num_cla
 def predict_both(head, res, val_x, test_x):
     """Returns (probs_val_mnk, probs_test_mnk, info with best epochs and history) of a trained ensemble."""
     predict = compiled.make_predict(head)
-    p_va = np.asarray(predict(res.params, jnp.asarray(val_x)))  # float32 or 16-bit: cast per chunk
-    p_te = np.asarray(predict(res.params, jnp.asarray(test_x)))
+    p_va = np.asarray(predict(res.params, compiled.device_features(val_x)))  # float32 or 16-bit: cast per chunk
+    p_te = np.asarray(predict(res.params, compiled.device_features(test_x)))
     info = dict(best_epoch=np.asarray(res.best_epoch).tolist(),
                 epochs_run=int(np.asarray(res.epochs_run)[0]),
                 history={k: np.asarray(v) for k, v in res.history.items()})

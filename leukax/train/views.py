@@ -85,7 +85,7 @@ def stream_view_features(backbone, variables, source, image_size: int, normaliza
     Streaming: a grain pipeline (`leukax.data.pipeline.epoch_dataset`, `num_threads` readers, in dataset
     order) decodes and resizes `batch_size` images at a time; their V views go through the backbone in V
     calls of `batch_size` (one compiled shape; the last batch padded) and are written into
-    ``path.partial`` (an `np.lib.format.open_memmap`). `image_fn(uint8 B×S×S×3) -> B×S×S×3`, if given, runs on
+    ``path.partial`` (a `.npy` memory-mapped for each batch only). `image_fn(uint8 B×S×S×3) -> B×S×S×3`, if given, runs on
     every batch before its views are made (e.g. Akter et al.'s smoothing). Memory: one batch of images and views, whatever N.
     Resumable: after every batch ``path.progress.json`` records how many images are done; a killed extraction
     restarts there. The finished file is renamed to `path` (readers never see a partial one)."""
@@ -114,7 +114,9 @@ def stream_view_features(backbone, variables, source, image_size: int, normaliza
         saved = json.loads(state.read_text())
         if tuple(saved["shape"]) == shape and saved["dtype"] == dt.name:
             done = int(saved["done"])
-    mm = np.load(partial, mmap_mode="r+") if done else np.lib.format.open_memmap(partial, "w+", stored, shape)
+    if not done:  # the .npy header and a sparse file of the full size
+        header = np.lib.format.open_memmap(partial, "w+", stored, shape)
+        del header
     bar = tqdm(total=n, initial=done, desc=desc, unit="img", file=sys.stderr, disable=not progress or done == n)
     if done < n:
         batches = pipeline.epoch_dataset(source, image_size, batch_size, indices=np.arange(done, n), shuffle=False,
@@ -126,15 +128,19 @@ def stream_view_features(backbone, variables, source, image_size: int, normaliza
             b = len(idx_b)
             pad = np.concatenate([images_b, np.repeat(images_b[-1:], batch_size - b, 0)]) if b < batch_size else images_b
             views_vb = make_views(pad, views, num_affine, seed, np.concatenate([idx_b, np.repeat(idx_b[-1:], batch_size - b)]))
-            for k in range(v):
-                out = np.asarray(_forward(backbone, variables, views_vb[k], normalization, "feature_map"))[:b]
+            outs = [np.asarray(_forward(backbone, variables, views_vb[k], normalization, "feature_map"))[:b]
+                    for k in range(v)]
+            # A memory map opened per batch and closed again: pages of one kept open stay resident once written,
+            # so the process would grow by the size of the file (1 GB per 1,000 images for MobileNetV2).
+            mm = np.load(partial, mmap_mode="r+")
+            for k, out in enumerate(outs):
                 mm[k, idx_b[0]: idx_b[0] + b] = out.reshape(b, shape[2], shape[3]).astype(dt).view(stored)
             mm.flush()
+            del mm
             done = int(idx_b[0]) + b
             state.write_text(json.dumps({"done": done, "shape": list(shape), "dtype": dt.name}))
             bar.update(b)
     bar.close()
-    del mm
     os.replace(partial, path)
     state.unlink(missing_ok=True)
     return FeatureFile(path, dtype)
