@@ -115,10 +115,10 @@ def split_scores(labels_n, probs_nk, probs_val_nk=None, coverage: float = COVERA
         conf_val = np.sort(np.asarray(probs_val_nk).max(-1))[::-1]
         t = conf_val[max(1, int(np.ceil(coverage * len(conf_val)))) - 1]  # keeps ⌈coverage·N_val⌉ of validation
         kept = conf >= t
+        correct = np.asarray(p).argmax(-1)[kept] == np.asarray(labels_n)[kept]
         out.update(coverage_at_val_threshold=float(kept.mean()), kept_at_val_threshold=int(kept.sum()),
-                   correct_at_val_threshold=int((np.asarray(p).argmax(-1)[kept] == labels_n[kept]).sum()),
-                   acc_at_val_threshold=float(np.mean(np.asarray(p).argmax(-1)[kept] == labels_n[kept]))
-                   if kept.any() else float("nan"))
+                   correct_at_val_threshold=int(correct.sum()),
+                   acc_at_val_threshold=float(correct.mean()) if kept.any() else float("nan"))
     return out
 
 

@@ -128,12 +128,11 @@ def stream_view_features(backbone, variables, source, image_size: int, normaliza
             b = len(idx_b)
             pad = np.concatenate([images_b, np.repeat(images_b[-1:], batch_size - b, 0)]) if b < batch_size else images_b
             views_vb = make_views(pad, views, num_affine, seed, np.concatenate([idx_b, np.repeat(idx_b[-1:], batch_size - b)]))
-            outs = [np.asarray(_forward(backbone, variables, views_vb[k], normalization, "feature_map"))[:b]
-                    for k in range(v)]
             # A memory map opened per batch and closed again: pages of one kept open stay resident once written,
             # so the process would grow by the size of the file (1 GB per 1,000 images for MobileNetV2).
             mm = np.load(partial, mmap_mode="r+")
-            for k, out in enumerate(outs):
+            for k in range(v):
+                out = np.asarray(_forward(backbone, variables, views_vb[k], normalization, "feature_map"))[:b]
                 mm[k, idx_b[0]: idx_b[0] + b] = out.reshape(b, shape[2], shape[3]).astype(dt).view(stored)
             mm.flush()
             del mm
