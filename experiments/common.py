@@ -292,9 +292,12 @@ def write_history(logdir, tag: str, history: dict) -> None:
     """Writes a trained ensemble's per-epoch curves as TensorBoard scalars under `logdir` (one run per split):
     for every key of `history` (train_loss, train_acc, val_loss = NLL, val_acc; M×E, NaN after a member
     stopped) the mean over the members still training, step = epoch, tag "<key>/<tag>"
-    (`tensorboard --logdir <out_dir>/tensorboard` compares splits, backbones and heads)."""
+    (`tensorboard --logdir <out_dir>/tensorboard` compares splits, backbones and heads).
+    Each call writes its own event file: tensorboardX names a file by the second and the host only, so two
+    writers to one run in the same second would otherwise overwrite each other."""
+    import uuid
     from tensorboardX import SummaryWriter
-    with SummaryWriter(str(logdir), flush_secs=5) as w:
+    with SummaryWriter(str(logdir), flush_secs=5, filename_suffix=f".{os.getpid()}.{uuid.uuid4().hex[:8]}") as w:
         for key, v in history.items():
             v_me = np.atleast_2d(np.asarray(v, np.float64))
             for epoch in range(v_me.shape[1]):

@@ -257,6 +257,12 @@ def test_write_history_means_the_members_still_training(tmp_path):
     assert s["val_loss/mobilenet_v2/gru"] == [(1, 2.0), (2, 1.0), (3, 0.25)]
 
 
+def test_write_history_calls_in_one_second_keep_every_curve(tmp_path):
+    for bb in ("a", "b", "c"):  # one split, several hybrids, written within the same second
+        common.write_history(tmp_path, f"{bb}/gru", {"val_loss": np.array([[1.0, 0.5]])})
+    assert set(_read_scalars(tmp_path)) == {"val_loss/a/gru", "val_loss/b/gru", "val_loss/c/gru"}
+
+
 def test_hybrid_gru_writes_tensorboard_curves_per_split(hybrid_run):
     out, m = hybrid_run
     for sid in ("r0_f0", "r0_f1"):
