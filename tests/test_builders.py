@@ -94,6 +94,32 @@ def test_cnmc_full_release_layout(manual, data_dir):
     assert len({int(r["group"]) for r in rows.values()}) == 4
 
 
+def test_build_streams_shards_past_tfds_shuffle_buffer(tmp_path, monkeypatch):
+    """A dataset larger than TFDS's in-memory shuffle buffer builds without TensorFlow, shard by shard, in the
+    order every leukax dataset had (TFDS's salted-hash order of the file names, pinned here: datasets built
+    before this change read back the same)."""
+    from tensorflow_datasets.core import shuffle
+    from leukax.data.builders import base
+    monkeypatch.setattr(shuffle, "MAX_MEM_BUFFER_SIZE", 1000)  # a generator-based build would spill to tf.io.gfile
+    monkeypatch.setattr(base, "SHARD_BYTES", 400_000)  # ~10 sample images per shard
+    b = get_builder("cnmc2019", data_dir=tmp_path)
+    src = b.as_data_source("train")
+    names = [src[i]["filename"].decode() for i in range(len(src))]
+    assert b.info.splits["train"].num_shards >= 5 and len(names) == 60 == len(set(names))
+    assert names[:4] == ["images/UID_H14_34_2_hem.png", "images/UID_67_34_1_all.png",
+                         "images/UID_H10_187_4_hem.png", "images/UID_H11_4_1_hem.png"]
+    assert names[-2:] == ["images/UID_32_16_2_all.png", "images/UID_H24_23_8_hem.png"]
+    assert src[0]["image"] == (builders.sample_dir() / names[0]).read_bytes()
+    assert "tensorflow" not in sys.modules
+
+
+def test_shard_bounds_cover_every_item_within_the_byte_limit():
+    from leukax.data.builders.base import shard_bounds
+    assert shard_bounds([5, 5, 5, 5], 10) == [(0, 2), (2, 4)]
+    assert shard_bounds([30, 1, 1], 10) == [(0, 1), (1, 3)]  # an item over the limit gets a shard of its own
+    assert shard_bounds([1], 10) == [(0, 1)]
+
+
 def test_cnmc_embedded_sample_and_load_arrays(data_dir, caplog):
     assert len(list((builders.sample_dir() / "images").glob("*.png"))) == 60
     assert (builders.sample_dir() / "LICENSE").is_file()
