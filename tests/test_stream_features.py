@@ -99,3 +99,24 @@ def test_transform_from_disk_equals_in_memory_transform(setup, tmp_path):
     z = recipe.transform(a, f, train, chunk=5)  # chunks of 5, 5, 2 images written in place on the device
     assert z.dtype == np.float16 and z.shape == (3, 12, 5, 4)
     np.testing.assert_allclose(np.asarray(z, np.float32), a.apply(x[:, train]), rtol=2e-3, atol=2e-3)
+
+
+def test_feature_file_reads_what_numpy_indexing_gives_without_mapping_the_file(tmp_path, monkeypatch):
+    """`f[:, images]` and sampled rows `f[v_r, n_r, t_r]` are read with preadv into a new array (a memory map's
+    touched and fault-around pages would count as resident memory): equal to indexing the array, bfloat16
+    included, for unsorted, repeated, negative and run-forming indices and slices."""
+    import ml_dtypes
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(3, 17, 4, 6)).astype(ml_dtypes.bfloat16)
+    np.save(tmp_path / "x.npy", x.view(np.uint16))
+    f = views.FeatureFile(tmp_path / "x.npy", "bfloat16")
+    monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("FeatureFile mapped the file"))
+    for images in (np.array([5, 6, 7, 2, 2, 16, 0, 1]), np.array([-1, 3]), np.arange(17), np.array([], int)):
+        got = f[:, images]
+        assert got.dtype == x.dtype and got.shape == x[:, images].shape
+        np.testing.assert_array_equal(got.view(np.uint16), x[:, images].view(np.uint16))
+    np.testing.assert_array_equal(f[:, 3:11:2].view(np.uint16), x[:, 3:11:2].view(np.uint16))
+    v_r, n_r, t_r = rng.integers(0, 3, 50), rng.integers(0, 17, 50), rng.integers(0, 4, 50)
+    np.testing.assert_array_equal(f[v_r, n_r, t_r].view(np.uint16), x[v_r, n_r, t_r].view(np.uint16))
+    with pytest.raises(IndexError):
+        f[:, np.array([17])]

@@ -44,17 +44,27 @@ class FeatureTransform:
 
     def standardize(self, x):
         """Returns (x − μ) / σ with the training statistics (before any PCA)."""
-        return (np.asarray(x, np.float32) - self.mean_c) / self.std_c
+        z = np.array(x, np.float32)  # one float32 copy, then in place (a chunk's temporaries are its peak)
+        z -= self.mean_c
+        z /= self.std_c
+        return z
 
     def apply(self, x):
         z = self.standardize(x)
         return z if self.proj_cd is None else z @ self.proj_cd
 
 
-def _chunks(features_vntc, indices, chunk: int):
+CHUNK_BYTES = 128 << 20  # float32 bytes of one chunk of images (transform, pooled_standardized)
+
+
+def _chunks(features_vntc, indices, chunk: int | None):
     """Yields (start, features[:, indices[start: start + chunk]]) of an array or a `views.FeatureFile` (which
-    reads only those images)."""
+    reads only those images); chunk=None: as many images as fit CHUNK_BYTES in float32 (the chunk and its one
+    float32 copy are the transient peak: 256 images of MobileNetV2's 8 × 49 × 1280 maps were 0.8 GB)."""
     idx = np.asarray(indices, np.int64)
+    if chunk is None:
+        v, _, t, c = np.shape(features_vntc)
+        chunk = max(1, CHUNK_BYTES // (v * t * c * 4))
     for s in range(0, len(idx), chunk):
         yield s, np.asarray(features_vntc[:, idx[s: s + chunk]])
 
@@ -78,13 +88,14 @@ def fit_transform(features_vntc, dim: int = 0, max_rows: int = 50_000, seed: int
     mean, std = rows.mean(0), rows.std(0) + 1e-6
     if not dim or dim >= rows.shape[1]:
         return FeatureTransform(mean, std, None)
-    z = (rows - mean) / std
+    z = rows - mean
+    z /= std
     evals, evecs = np.linalg.eigh(z.T @ z / len(z))
     order = np.argsort(evals)[::-1][:dim]
     return FeatureTransform(mean, std, evecs[:, order].astype(np.float32))
 
 
-def transform(tf: FeatureTransform, features_vntc, indices, dtype=np.float16, chunk: int = 256) -> jax.Array:
+def transform(tf: FeatureTransform, features_vntc, indices, dtype=np.float16, chunk: int | None = None) -> jax.Array:
     """Returns `tf.apply(features_vntc[:, indices])` as a V×k×T×d device array in `dtype` (16-bit: the reduced
     features that head mode keeps), computed `chunk` images at a time and written into the device buffer in
     place (memory: the output plus one chunk). Built on the device because moving a finished host array there
@@ -103,7 +114,7 @@ def _write_images(out_vntd, x_vktd, start):
     return jax.lax.dynamic_update_slice_in_dim(out_vntd, x_vktd, start, axis=1)
 
 
-def pooled_standardized(tf: FeatureTransform, features_vntc, indices, chunk: int = 256) -> np.ndarray:
+def pooled_standardized(tf: FeatureTransform, features_vntc, indices, chunk: int | None = None) -> np.ndarray:
     """Returns N×C float32: the standardised features averaged over views and positions (what `leukax.predict`
     pools for the Mahalanobis OOD score), `chunk` images at a time."""
     pooled = [tf.standardize(x).mean((0, 2)) for _, x in _chunks(features_vntc, indices, chunk)]
