@@ -35,6 +35,11 @@ program; `fit_heads`). The split is what `--protocol` changes:
   cell sit in training and test (leaky); this is how the paper's test set has 1248 = 0.2·16·390 images.
 - paper_grouped: the same 70/10/20 with every copy kept with its original cell (no leak).
 
+Data: the study holds no pixels. Labels, groups and sources come from `leukax.data.load_index`; the images
+(and the paper's 16 copies of each, enhanced) are decoded from the TFDS source batch by batch through grain
+(`feature_fusion_parts.Items`) and passed through each frozen backbone, so memory holds one batch plus the
+pooled features (items × D float32) — a full-size dataset needs no more than its features.
+
 Reports (metrics.json, README.md, figures/): Table 2 (each backbone alone with the same head; a backbone
 without offline weights is listed "not runnable offline"), Table 8 (the meta-classifier on one branch vs two;
 plus the branches' sum rule), Table 5 (per-class precision / recall / F1), Table 3 (parameters as the paper
@@ -58,12 +63,10 @@ from experiments import feature_fusion_parts as fp
 from experiments import feature_fusion_report as report
 from experiments.common import field
 from leukax import fusion, imagenet_top, metrics, records
-from leukax.data import load_arrays
+from leukax.data import load_index
 from leukax.data.splits import repeated_holdout
 from leukax.models.heads import DenseHead
-from leukax.preprocess import enhance_paper2
 from leukax.train import compiled
-from leukax.train.features import cached_features
 
 PROTOCOLS = ("grouped_kfold", "paper", "paper_grouped")
 BASELINES = tuple(n for n in fp.TABLE2 if n != "nasnet_large")
@@ -110,22 +113,26 @@ class Config:
 
 
 def load_data(cfg):
-    """Returns (Dataset, labels, class names): classes subset / source target applied."""
-    ds = load_arrays(cfg.dataset, cfg.image_size, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir)
+    """Returns (Dataset index, kept source indices, labels, class names): the dataset's metadata without pixels
+    (`load_index`: images are streamed from its TFDS source), the --classes subset and --target applied."""
+    ds = load_index(cfg.dataset, data_dir=cfg.data_dir, manual_dir=cfg.manual_dir)
+    keep = np.arange(len(ds.labels))
+    labels, class_names = np.asarray(ds.labels, np.int32), tuple(ds.class_names)
     if cfg.classes:
-        missing = [c for c in cfg.classes if c not in ds.class_names]
+        missing = [c for c in cfg.classes if c not in class_names]
         if missing:
-            raise ValueError(f"experiments/feature_fusion.py: --classes {missing} not in {ds.class_names}")
-        old = [ds.class_names.index(c) for c in cfg.classes]
-        ds = ds.subset(np.flatnonzero(np.isin(ds.labels, old)))
-        ds.labels = np.asarray([old.index(int(y)) for y in ds.labels], np.int32)
-        ds.class_names = tuple(cfg.classes)
+            raise ValueError(f"experiments/feature_fusion.py: --classes {missing} not in {class_names}")
+        old = [class_names.index(c) for c in cfg.classes]
+        keep = np.flatnonzero(np.isin(labels, old))
+        labels, class_names = np.asarray([old.index(int(y)) for y in labels[keep]], np.int32), tuple(cfg.classes)
+    ds = dataclasses.replace(ds, labels=labels, groups=np.asarray(ds.groups)[keep],
+                             sources=[ds.sources[i] for i in keep], class_names=class_names)
     if cfg.target == "source":
         names = tuple(sorted(set(ds.sources)))
         if len(names) < 2:
             raise ValueError(f"experiments/feature_fusion.py: --target=source needs ≥ 2 sources, got {names}")
-        return ds, np.asarray([names.index(s) for s in ds.sources], np.int32), names
-    return ds, np.asarray(ds.labels, np.int32), tuple(ds.class_names)
+        return ds, keep, np.asarray([names.index(s) for s in ds.sources], np.int32), names
+    return ds, keep, labels, class_names
 
 
 def make_splits(cfg, labels, groups, names):
@@ -139,7 +146,7 @@ def make_splits(cfg, labels, groups, names):
                             protocol=name)
 
 
-def load_models(cfg, images):
+def load_models(cfg, items):
     """Returns {requested name: model dict with "inputs" (N×1×1×D head inputs) or "error"}: the branches
     (with fallbacks) and the baselines; a baseline that is a branch shares it."""
     models = {}
@@ -153,7 +160,7 @@ def load_models(cfg, images):
                 module, variables, spec, rec = common.load_backbone(name, cfg.weights, cfg.weights_dir, fallback,
                                                                     cfg.seed)
             m = dict(module=module, variables=variables, spec=spec, record=rec)
-            pooled = cached_features(module, variables, images, spec.normalization, output="pre_logits")
+            pooled = fp.pooled_features(module, variables, spec.normalization, items)  # streamed
             if cfg.branch_input == "imagenet_logits":
                 w = None if cfg.weights == "none" else cfg.weights
                 m["top"] = imagenet_top.load_imagenet_top(rec["used"], pooled.shape[-1], w, cfg.weights_dir, cfg.seed)
@@ -219,17 +226,13 @@ def run(cfg: Config) -> dict:
     out = pathlib.Path(cfg.out_dir or f"results/feature_fusion/{cfg.dataset}")
     for sub in ("figures", "splits"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    ds, labels0, names = load_data(cfg)
+    ds, keep, labels0, names = load_data(cfg)
     k = len(names)
-    images0 = ds.images
-    if cfg.enhance:
-        images0 = np.concatenate([np.asarray(enhance_paper2(jnp.asarray(images0[s:s + 64])))
-                                  for s in range(0, len(images0), 64)])
     expand = (16 if cfg.protocol.startswith("paper") else 0) if cfg.expand < 0 else cfg.expand
-    images, origin = fp.dihedral_copies(images0, expand)
-    labels, groups = labels0[origin], np.asarray(ds.groups)[origin]
+    items = fp.Items(ds.source, keep, cfg.image_size, expand, cfg.enhance)  # pixels streamed, never all held
+    labels, groups = labels0[items.origin], np.asarray(ds.groups)[items.origin]
 
-    models = load_models(cfg, images)
+    models = load_models(cfg, items)
     branch_names = list(cfg.branches)
     runnable = [n for n, m in models.items() if "inputs" in m]
     splits = make_splits(cfg, labels, groups, names)
@@ -277,9 +280,8 @@ def run(cfg: Config) -> dict:
     for n, m in models.items():
         if "error" in m:
             results[n] = dict(error=m["error"])
-    timing = report.timing(cfg, models, branch_names, first, k, images[first["split"].test])
-    raw = fp.dihedral_copies(ds.images, expand)[0] if cfg.enhance else None
-    report.figures(cfg, out / "figures", models, branch_names, first, labels, pooled, mask, names, images, raw, results)
+    timing = report.timing(cfg, models, branch_names, first, k, items.images(first["split"].test[:32]))
+    report.figures(cfg, out / "figures", models, branch_names, first, labels, pooled, mask, names, items, results)
     result = dict(
         study="Himel et al. 2024: two-stage feature-fusion stacked ensemble",
         dataset=dict(name=cfg.dataset, classes=list(names), target=cfg.target, n_images=int(len(labels0)),

@@ -71,6 +71,65 @@ def dihedral_copies(images_bhwc, copies: int):
     return np.ascontiguousarray(np.concatenate(out)[order]), np.concatenate(origin)[order]
 
 
+class Items:
+    """The study's items without their pixels in memory: item j is copy `copy[j]` (in `dihedral_copies`' order)
+    of source example `keep[origin[j]]`, enhanced (`enhance_paper2`) when `enhance`. Pixels come from the TFDS
+    source on demand: `images(items)` for the few that figures and timing need, `stream()` batch by batch
+    through the grain pipeline (`leukax.data.pipeline.epoch_dataset`) for feature extraction, so memory holds
+    one batch whatever the dataset's size."""
+
+    def __init__(self, source, keep, image_size: int, expand: int, enhance: bool, batch_images: int = 32):
+        self.source, self.keep, self.image_size = source, np.asarray(keep, np.int64), image_size
+        self.expand, self.enhance, self.batch_images = expand, enhance, batch_images
+        self.copies = max(1, expand if expand > 1 else 1)
+        self.origin = np.repeat(np.arange(len(self.keep)), self.copies)
+        self.copy = np.tile(np.arange(self.copies), len(self.keep))
+
+    def __len__(self) -> int:
+        return len(self.origin)
+
+    def _prepare(self, images_bhwc, enhanced: bool):
+        from leukax.preprocess import enhance_paper2
+        x = np.asarray(images_bhwc)
+        return np.asarray(enhance_paper2(jnp.asarray(x))) if enhanced and self.enhance else x
+
+    def images(self, items, enhanced: bool = True) -> np.ndarray:
+        """Returns uint8 B×S×S×3: the pixels of `items` (raw, before enhancement, with enhanced=False)."""
+        from leukax.data.pipeline import load_example
+        items = np.asarray(items, np.int64)
+        out = []
+        for j in items:
+            x = load_example(self.source, int(self.keep[self.origin[j]]), self.image_size)["image"][None]
+            out.append(dihedral_copies(self._prepare(x, enhanced), self.expand)[0][self.copy[j]])
+        return np.stack(out) if out else np.zeros((0, self.image_size, self.image_size, 3), np.uint8)
+
+    def stream(self):
+        """Yields uint8 (b·copies)×S×S×3 batches of every item in order (b = batch_images source images)."""
+        from leukax.data.pipeline import epoch_dataset
+        for batch in epoch_dataset(self.source, self.image_size, self.batch_images, indices=self.keep,
+                                   shuffle=False):
+            yield dihedral_copies(self._prepare(batch["image"], True), self.expand)[0]
+
+
+def pooled_features(module, variables, normalization, items: Items, output: str = "pre_logits",
+                    batch_size: int = 32) -> np.ndarray:
+    """Returns N_items×D float32 backbone outputs of every item, computed batch by batch from `items.stream()`
+    (`leukax.train.features.compute_features` per batch: the same numbers as on the whole array)."""
+    from leukax.train.features import compute_features
+    out, start = None, 0
+    for x in items.stream():
+        n = len(x)
+        if len(items) >= batch_size and n % batch_size:  # the batches of the whole array, the last one padded
+            x = np.concatenate([x, np.repeat(x[-1:], batch_size - n % batch_size, 0)])
+        f = compute_features(module, variables, x, normalization, batch_size, output)[:n]
+        if out is None:
+            out = np.empty((len(items),) + f.shape[1:], np.float32)
+        out[start: start + len(f)] = f
+        start += len(f)
+    assert start == len(items), (start, len(items))
+    return out
+
+
 def weighted_prf(report: dict) -> dict:
     """Returns support-weighted precision / recall / F1 (sklearn's "weighted avg", the paper's Table 2)."""
     pc = report["per_class"]

@@ -50,10 +50,10 @@ def timing(cfg, models, branch_names, first, k, test_images) -> dict:
                                f"after one compiling call, {jax.devices()[0]}")
 
 
-def figures(cfg, fig_dir, models, branch_names, first, labels, pooled, mask, names, images, raw=None,
-            results=None) -> None:
-    """Himel et al. Figs. 1, 4-7 and 10 (and training curves), class names on every figure. raw: the images
-    before enhancement (Fig. 1, when enhanced); results: the per-model summaries (Fig. 4)."""
+def figures(cfg, fig_dir, models, branch_names, first, labels, pooled, mask, names, items, results=None) -> None:
+    """Himel et al. Figs. 1, 4-7 and 10 (and training curves), class names on every figure. items: the study's
+    `feature_fusion_parts.Items` (the few pictured images are decoded from it; raw and enhanced for Fig. 1
+    when enhanced); results: the per-model summaries (Fig. 4)."""
     y = labels[mask]
     b1, b2 = (_label(models, b) for b in branch_names)
     plots.confusion_matrix(y, pooled["proposed"][mask], names, title="Two-stage fused model",
@@ -71,16 +71,18 @@ def figures(cfg, fig_dir, models, branch_names, first, labels, pooled, mask, nam
     plots.training_curves(hist, path=fig_dir / "training_curves_first_split.png")
     test = np.asarray(first["split"].test)
     pick = fp.pick_per_class(labels, list(test), cfg.gradcam_per_class)
+    images = items.images(pick)
     heat, probs = {}, {}
     for b, lab in zip(branch_names, (b1, b2)):
         model, variables = fp.branch_classifier(models[b], first["heads"][b], len(names), cfg.features,
                                                 cfg.branch_input)
-        heat[lab], probs[lab] = fp.branch_gradcam(models[b], model, variables, images[pick])
-    plots.gradcam_branches(images[pick], heat, labels[pick], probs, names,
+        heat[lab], probs[lab] = fp.branch_gradcam(models[b], model, variables, images)
+    plots.gradcam_branches(images, heat, labels[pick], probs, names,
                            title="Grad-CAM of each branch (first split's test images)",
                            path=fig_dir / "gradcam_branches.png")
-    if raw is not None:
-        plots.image_pairs(raw[pick], images[pick], labels[pick], names, path=fig_dir / "enhancement.png")
+    if cfg.enhance:
+        plots.image_pairs(items.images(pick, enhanced=False), images, labels[pick], names,
+                          path=fig_dir / "enhancement.png")
     if results is not None:
         keys = ("accuracy", "weighted_precision", "weighted_recall", "weighted_f1")
         bars = {_label(models, n) if n in models else n: [(results[n]["test_mean_std"][q]["mean"] or 0.0,

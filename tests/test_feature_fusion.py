@@ -47,6 +47,30 @@ def test_dihedral_copies_are_the_papers_16():
         fp.dihedral_copies(x, 4)
 
 
+@pytest.mark.parametrize("expand,enhance", [(16, True), (0, False)])
+def test_streamed_items_and_features_equal_the_in_memory_ones(tmp_path, expand, enhance):
+    """The study streams its items from the TFDS source (`fp.Items`, grain batches of 32 images) instead of
+    holding every image and copy: the pixels and the pooled backbone features are those of the whole in-memory
+    array (enhanced, then the paper's copies), item by item — 55 images: the last batch is partial."""
+    import jax.numpy as jnp
+    from leukax.data import load_arrays, load_index
+    from leukax.preprocess import enhance_paper2
+    from leukax.train.features import compute_features
+    ds = load_index("cnmc2019", data_dir=tmp_path)
+    keep = np.arange(5, 60)[::-1]  # a subset, out of order (as --classes picks)
+    items = fp.Items(ds.source, keep, 32, expand, enhance)
+    whole = load_arrays("cnmc2019", 32, data_dir=tmp_path).images[keep]
+    if enhance:
+        whole = np.asarray(enhance_paper2(jnp.asarray(whole)))
+    want, origin = fp.dihedral_copies(whole, expand)
+    np.testing.assert_array_equal(items.origin, origin)
+    np.testing.assert_array_equal(np.concatenate(list(items.stream())), want)
+    np.testing.assert_array_equal(items.images([0, 17, len(items) - 1]), want[[0, 17, -1]])
+    module, variables, spec, _ = common.load_backbone("mobilenet_v2", "none", None)
+    got = fp.pooled_features(module, variables, spec.normalization, items)
+    np.testing.assert_array_equal(got, compute_features(module, variables, want, spec.normalization, 32, "pre_logits"))
+
+
 def test_weighted_prf_is_sklearn_weighted_avg():
     rep = {"per_class": {"a": dict(precision=1.0, recall=0.5, f1=2 / 3, support=2),
                          "b": dict(precision=0.5, recall=1.0, f1=2 / 3, support=1)}}

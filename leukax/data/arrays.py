@@ -11,7 +11,6 @@ import tempfile
 
 import numpy as np
 
-from leukax.data import imageio
 from leukax.data.builders import class_counts, get_builder
 
 log = logging.getLogger("leukax.data")
@@ -57,18 +56,13 @@ def _text(x) -> str:
     return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
-def decode_example(example: dict, image_size: int | None, max_pixels: int | None = None) -> np.ndarray:
-    """Returns the example's image as uint8 S×S×3 (or the original size if image_size is None)."""
-    img = imageio.decode_image(example["image"], name=_text(example["filename"]), max_pixels=max_pixels)
-    return img if image_size is None else imageio.resize_image(img, image_size)
-
-
 def load_arrays(name: str, image_size: int, split: str = "train", data_dir=None, manual_dir=None,
                 max_pixels: int | None = None, cache: bool = True, **builder_kwargs) -> Dataset:
     """Returns the dataset `name` ("cnmc2019", "all_idb", "image_folder" with root=..., ...) as a Dataset of
     uint8 N×S×S×3 images, resized with `imageio.resize_image` (whole image squashed to S×S, PIL bicubic).
 
-    The prepared TFDS dataset is built on first use (see leukax.data.builders). With cache=True the resized
+    The prepared TFDS dataset is built on first use (see leukax.data.builders); images are decoded and resized
+    by the grain pipeline (`leukax.data.pipeline.epoch_dataset`, unshuffled). With cache=True the resized
     arrays are kept as <builder data dir>/arrays_<split>_<S>px.npz, which lives and dies with the prepared
     data (a rebuilt dataset has a new directory)."""
     builder = get_builder(name, data_dir=data_dir, manual_dir=manual_dir, max_pixels=max_pixels,
@@ -80,11 +74,14 @@ def load_arrays(name: str, image_size: int, split: str = "train", data_dir=None,
         f"arrays_{re.sub(r'[^A-Za-z0-9_.-]+', '_', split)}_{int(image_size)}px.npz")
     ds = _read_cache(cache_path, n, class_names) if cache else None
     if ds is None:
+        from leukax.data.pipeline import epoch_dataset  # decoded and resized by grain threads, in order
         images = np.zeros((n, image_size, image_size, 3), np.uint8)
+        if n:
+            for batch in epoch_dataset(source, image_size, 64, shuffle=False, max_pixels=max_pixels):
+                images[batch["index"]] = batch["image"]
         meta = {k: [] for k in ("labels", "groups", "heights", "widths", "filenames", "subjects", "sources")}
         for i in range(n):
             ex = source[i]
-            images[i] = decode_example(ex, image_size, max_pixels)
             for key, field in (("labels", "label"), ("groups", "group"), ("heights", "height"),
                                ("widths", "width")):
                 meta[key].append(int(ex[field]))
