@@ -52,6 +52,7 @@ import dataclasses
 import pathlib
 import tempfile
 import time
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -342,7 +343,7 @@ def run(cfg: Config) -> dict:
     per = {m: {"reports": [], "unc": [], "referral": [], "calibration": [], "hparams": [], "probs": []} for m in models}
     first = [s for s in splits if s.repeat == 0]
     oof = {m: np.zeros((len(labels), k), np.float32) for m in models}
-    oof_mask, history0 = np.zeros(len(labels), bool), None
+    oof_mask, histories0 = np.zeros(len(labels), bool), {}  # first split: every hybrid's curves (Fig. 9)
     t0 = time.perf_counter()
     bar = common.progress(len(splits) * len(hybrids), "training (split × backbone)", cfg.quiet)
     for split in splits:
@@ -366,8 +367,8 @@ def run(cfg: Config) -> dict:
                 by_kind[kind][1].append(p_te.mean(0))
                 if split in first:
                     oof[(h["name"], kind)][split.test] = p_te.mean(0)
-                if history0 is None and kind == cfg.head and "history" in info:
-                    history0 = info["history"]
+                if split is splits[0] and kind == cfg.head and "history" in info:
+                    histories0[h["record"]["label"]] = info["history"]
         for kind, (va_h, te_h) in by_kind.items():
             # Sum rule over the hybrids' ensemble means (Akter et al.: f = x_i + x_m + x_e), normalised.
             fused_va, fused_te = (np.asarray(fusion.sum_rule(np.stack(v))) for v in (va_h, te_h))
@@ -406,7 +407,7 @@ def run(cfg: Config) -> dict:
     np.savez_compressed(out / "predictions_per_split.npz", labels=labels, **per_split)
     main = {x["record"]["label"]: oof[(x["name"], cfg.head)][oof_mask] for x in hybrids}  # the network that ran
     main["fused"] = oof[("fused", cfg.head)][oof_mask]
-    _figures(out / "figures", labels[oof_mask], main, names, history0)
+    _figures(out / "figures", labels[oof_mask], main, names, histories0)
 
     t_final = time.perf_counter()
     model_dir = None
@@ -572,7 +573,7 @@ def summary_table(m: dict) -> str:
     return "\n".join(rows)
 
 
-def _figures(fig_dir, labels, probs: dict, names, history) -> None:
+def _figures(fig_dir, labels, probs: dict, names, histories: dict) -> None:
     fused = probs["fused"]
     unc_fused = np.asarray(uncertainty.predictive_entropy(jnp.asarray(fused)))
     plots.confusion_matrix(labels, fused, names, title="Sum-rule fusion: confusion matrix",
@@ -585,8 +586,15 @@ def _figures(fig_dir, labels, probs: dict, names, history) -> None:
     correct = fused.argmax(-1) == labels
     plots.uncertainty_histograms(unc_fused, correct, path=fig_dir / "uncertainty_hist_fused.png")
     plots.accuracy_coverage(unc_fused, correct, path=fig_dir / "accuracy_coverage_fused.png")
-    if history is not None:
-        plots.training_curves(history, path=fig_dir / "training_curves_first.png")
+    if histories:  # Akter et al. Fig. 9: every hybrid's loss and accuracy per epoch (member means), first split
+        def mean_curves(h):  # over the members still training (NaN after a member stopped)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # epochs after every member stopped: NaN
+                return {k: np.nanmean(np.atleast_2d(np.asarray(v, float)), 0) for k, v in h.items()}
+        plots.training_curves({f"{label}-GRU, member mean": mean_curves(h) for label, h in histories.items()},
+                              path=fig_dir / "training_curves_first.png")
+        for label, h in histories.items():  # and each hybrid's members
+            plots.training_curves(h, path=fig_dir / f"training_curves_first_{label.split()[0]}.png")
 
 
 if __name__ == "__main__":

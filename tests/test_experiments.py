@@ -62,7 +62,8 @@ def test_hybrid_gru_outputs(hybrid_run):
     assert (out / "config.json").exists() and m["command"].startswith("python -m experiments.hybrid_gru")
     assert len(list((out / "splits").glob("*.json"))) == 2
     for name in ("confusion_matrix_fused", "roc_fused", "reliability_fused", "accuracy_coverage_fused",
-                 "training_curves_first", "confusion_matrix_mobilenet_v2"):
+                 "training_curves_first", "confusion_matrix_mobilenet_v2", "training_curves_first_mobilenet_v2",
+                 "training_curves_first_efficientnet_lite0"):  # Fig. 9: every hybrid, not only the first
         assert (out / "figures" / f"{name}.png").stat().st_size > 1000
 
 
