@@ -16,6 +16,7 @@ import dataclasses
 import os
 import pathlib
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -302,8 +303,9 @@ def write_history(logdir, tag: str, history: dict) -> None:
             v_me = np.atleast_2d(np.asarray(v, np.float64))
             for epoch in range(v_me.shape[1]):
                 col = v_me[:, epoch][np.isfinite(v_me[:, epoch])]
-                if len(col):
-                    w.add_scalar(f"{key}/{tag}", float(col.mean()), epoch + 1)
+                if len(col):  # TensorBoard's tag alphabet ("efficientnet_lite2 (for efficientnet_b3)" → "..._for_...")
+                    name = re.sub(r"_*/_*", "/", re.sub(r"[^A-Za-z0-9_./-]+", "_", f"{key}/{tag}")).strip("_")
+                    w.add_scalar(name, float(col.mean()), epoch + 1)
 
 
 def progress(total: int, desc: str, quiet: bool = False):

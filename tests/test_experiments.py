@@ -258,6 +258,11 @@ def test_write_history_means_the_members_still_training(tmp_path):
     assert s["val_loss/mobilenet_v2/gru"] == [(1, 2.0), (2, 1.0), (3, 0.25)]
 
 
+def test_write_history_tags_use_tensorboards_alphabet(tmp_path):
+    common.write_history(tmp_path, "efficientnet_lite2 (for efficientnet_b3)/gru", {"val_acc": np.array([[0.5]])})
+    assert set(_read_scalars(tmp_path)) == {"val_acc/efficientnet_lite2_for_efficientnet_b3/gru"}
+
+
 def test_write_history_calls_in_one_second_keep_every_curve(tmp_path):
     for bb in ("a", "b", "c"):  # one split, several hybrids, written within the same second
         common.write_history(tmp_path, f"{bb}/gru", {"val_loss": np.array([[1.0, 0.5]])})
