@@ -51,6 +51,7 @@ measures the lab confound of composite datasets; `--noenhance` switches the enha
 from __future__ import annotations
 
 import dataclasses
+import os
 import pathlib
 import time
 
@@ -219,7 +220,7 @@ def train_meta(cfg, feats_list, split, labels, k, seed):
 
 def run(cfg: Config) -> dict:
     """Runs the study over every split; writes metrics.json, config.json, README.md, figures/, splits/."""
-    t_start = time.perf_counter()
+    t_start, load_start = time.perf_counter(), os.getloadavg()[0]
     env = common.environment()  # provenance of the code that runs: read before, not after, a long run
     if len(cfg.branches) != 2:
         raise ValueError("experiments/feature_fusion.py: --branches needs exactly two backbones")
@@ -303,6 +304,8 @@ def run(cfg: Config) -> dict:
                                             "leaky 70/10/20 on 16 copies, Tesla P100"),
         timing_s=dict(total=time.perf_counter() - t_start, training=t_train,
                       features={n: m["seconds"] for n, m in models.items()}),
+        load_average_1min=dict(start=load_start, end=os.getloadavg()[0]),  # other work on the machine
+        peak_rss_mb=common.peak_rss_mb(),
         environment=env, command=common.command_line("experiments.feature_fusion", cfg), config=cfg.config or None)
     # rows named after the network that ran, e.g. "efficientnet_lite2 (for efficientnet_b7)"
     label = {n: m["record"].get("label", n) for n, m in models.items() if "record" in m}

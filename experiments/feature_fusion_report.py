@@ -95,14 +95,21 @@ def _ms(v) -> str:
     return "–" if v is None else f"{v:.1f}"
 
 
+def _load(result: dict) -> str:
+    """'; 1-min load average 3.1 at the start, 2.4 at the end' (what else ran), or '' when not recorded."""
+    la = result.get("load_average_1min")
+    return "" if not la else f"; 1-min load average {la['start']:.1f} at the start, {la['end']:.1f} at the end"
+
+
 def readme(result: dict) -> str:
     """Returns the run's README.md: provenance, Tables 2/8/5/3, test time, figures (paper's numbers labelled)."""
     env, ds, pr, res = result["environment"], result["dataset"], result["protocol"], result["results"]
     subs = [f"{b['requested']} → {b['used']}" for b in result["branches"] if b.get("substitution")]
     lines = [f"# {result['study']} — {ds['name']}" + (f", target = {ds['target']}" if ds["target"] != "class" else ""),
              "", f"Command: `{result['command']}`", "",
-             f"Commit `{env['commit']}`, device {env['device']} ({env['cpu_count']} cores; the machine was shared "
-             f"by 4 engineers while this ran), {result['timing_s']['total']:.0f} s in total.", "",
+             f"Commit `{env['commit']}`, device {env['device']} ({env['cpu_count']} cores{_load(result)}), "
+             f"{result['timing_s']['total']:.0f} s in total"
+             + (f", peak RSS {result['peak_rss_mb'] / 1024:.2f} GB." if result.get("peak_rss_mb") else "."), "",
              f"Dataset: {ds['name']}, classes {ds['classes']}, {ds['n_images']} images ({ds['counts']}), sources "
              f"{ds['sources']}, {ds['groups']} groups, {ds['image_size']} px, enhancement {ds['enhancement']}; "
              f"{ds['n_items']} items after {ds['expand']} offline copies.", "",

@@ -114,6 +114,10 @@ def test_grouped_run_tables_and_figures(grouped_run):
     readme = (out / "README.md").read_text()
     for heading in ("Table 2", "Table 8", "Table 5", "Table 3", "Paper's", "python -m experiments.feature_fusion"):
         assert heading in readme
+    # provenance of the run's cost: peak memory and the machine's load, measured, in metrics and README
+    assert m["peak_rss_mb"] > 100 and set(m["load_average_1min"]) == {"start", "end"}
+    assert f"peak RSS {m['peak_rss_mb'] / 1024:.2f} GB" in readme and "1-min load average" in readme
+    assert "engineers" not in readme
     for name in ("confusion_matrix_proposed", "confusion_matrix_mobilenet_v2", "roc_pr_models", "roc_per_class_proposed",
                  "pr_per_class_proposed", "training_curves_first_split", "gradcam_branches", "enhancement",
                  "metrics_bars"):
