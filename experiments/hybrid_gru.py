@@ -45,6 +45,13 @@ read from the TFDS source batch by batch through grain with the paper's augmenta
    <out_dir>/model (`save_final_model`) for `python -m leukax.predict` and `python -m leukax.app`.
 `--hparams=paper` applies the whole of Table 2 per backbone (units, optimizer, learning rate, momentum,
 dropout; constant learning rate, no label smoothing, no weight decay) to the GRU head.
+
+Why these defaults (results/dev_suite/three_backbones/README.md: every head and fusion rule on PBC, the C-NMC
+sample and the AML-LMU sample, three backbones, the same splits): `--head=gru` because its ensemble is at least
+the probe on all 9 backbone × set pairs (+0.017 to +0.260 accuracy, "wins" on 5, no loss); not `gru_pool`, which
+helps the fused C-NMC row (+0.050) but is behind on AML-LMU and PBC (−0.020, −0.013 fused); the sum rule as the
+main fused row because the validation-fitted weights and the validation choice never beat it beyond the noise
+(within ±0.02 accuracy on every set, behind on two of three) — both are reported beside it.
 """
 from __future__ import annotations
 
