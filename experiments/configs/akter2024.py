@@ -6,8 +6,11 @@ Command:   python -m experiments.hybrid_gru --config=akter2024 --weights_dir=../
            python -m experiments.hybrid_gru --config=akter2024 --protocol=grouped_kfold --noleaky --repeats=5
                (the same method under leukax's grouped, repeated cross-validation)
            python -m experiments.hybrid_gru --config=akter2024 --mode=finetune   (backbone trained too)
-Runtime:   results/benchmarks/akter2024_pbc_timing.md: --protocol=paper_80_20 --repeats=5 on the PBC subset (320
-           cells; no 260-cell ALL vs healthy set is on this machine), MobileNetV2 hybrid, features cached.
+Runtime:   (2 CPU cores, measured) the default command on the embedded C-NMC sample (60 cells, one paper split, three
+           hybrids): 8 min 22 s, peak RSS 2.61 GB (results/hybrid_gru/akter2024); with --protocol=grouped_kfold
+           --noleaky --repeats=1 (5 folds): 32 min on a loaded machine, 2.55 GB (results/hybrid_gru/akter2024_grouped).
+           On a 260-cell set each epoch is ~5× the sample's: results/benchmarks/akter2024_pbc_timing.md
+           (--protocol=paper_80_20 --repeats=5 on the PBC subset, MobileNetV2 hybrid: ~16 CPU-minutes per split).
 
 What it reproduces, and where the paper says so:
 - Sec. 3.2 (pre-processing): noise-removal smoothing of every image (`smoothing`), the seven Keras
