@@ -31,6 +31,7 @@ import dataclasses
 import pathlib
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -122,6 +123,31 @@ def split_scores(labels_n, probs_nk, probs_val_nk=None, coverage: float = COVERA
     return out
 
 
+def calibration_after_scaling(parts, num_bins: int = 15, draws: int = 2000, seed: int = 0) -> dict:
+    """Calibration as a lab would deploy it: on every split a temperature fitted on the validation part
+    (`calibration.fit_temperature`), applied to that split's test part. `parts`: per split
+    (labels_val_n, probs_val_nk, labels_test_n, probs_test_nk). Returns per-split ECE before / after scaling,
+    each beside the 95th percentile of the ECE a perfectly calibrated model shows at that split's size
+    (`metrics.ece_null` on the scaled confidences: binned ECE is biased upwards on small sets), and the ECE
+    after scaling of all splits' test cells pooled, with its own null percentile."""
+    from leukax import calibration
+    key = jax.random.PRNGKey(seed)
+    per, ys, ps = [], [], []
+    for i, (y_va, p_va, y_te, p_te) in enumerate(parts):
+        t = calibration.fit_temperature(jnp.asarray(y_va, jnp.int32), jnp.asarray(p_va, jnp.float32))
+        scaled = np.asarray(calibration.apply_temperature(jnp.asarray(p_te, jnp.float32), t))
+        null = metrics.ece_null(jax.random.fold_in(key, i), jnp.asarray(scaled.max(-1)), len(y_te), draws, num_bins)
+        per.append(dict(temperature=float(t), ece=float(metrics.ece(jnp.asarray(y_te), jnp.asarray(p_te), num_bins)),
+                        ece_scaled=float(metrics.ece(jnp.asarray(y_te), jnp.asarray(scaled), num_bins)),
+                        ece_null_p95=float(np.percentile(np.asarray(null), 95)), n=int(len(y_te))))
+        ys.append(np.asarray(y_te))
+        ps.append(scaled)
+    y, p = np.concatenate(ys), np.concatenate(ps)
+    null = metrics.ece_null(jax.random.fold_in(key, len(parts)), jnp.asarray(p.max(-1)), len(y), draws, num_bins)
+    return dict(per_split=per, pooled_ece_scaled=float(metrics.ece(jnp.asarray(y), jnp.asarray(p), num_bins)),
+                pooled_ece_null_p95=float(np.percentile(np.asarray(null), 95)), pooled_n=int(len(y)))
+
+
 def paired(a_s, b_s, higher_is_better: bool = True) -> dict:
     """Paired difference a − b over S splits: mean, std, se = std/√S, per split, and a's wins/losses and verdict
     (a wins a split when it is better there: a − b > 0 for accuracy, < 0 for NLL with higher_is_better=False)."""
@@ -168,6 +194,7 @@ def run_dataset(cfg: Config, name: str, out: pathlib.Path, npz: dict, on_split=l
         views = view_features(module, variables, images, spec.normalization, "dihedral", 0, cfg.seed,
                               cache_dir=cfg.feature_cache, cache_tag=f"devsuite_{name}_{record['used']}_{size}")
         scores = {kind: [] for kind in cfg.heads}
+        cal_parts = {kind: [] for kind in cfg.heads}  # (y_val, p_val, y_test, p_test) per split
         for i, split in enumerate(splits):
             sid = common.check_and_save(split, ds.groups, False, out / "splits" / name)
             seed = cfg.seed + 1000 * split.repeat + split.fold
@@ -182,6 +209,7 @@ def run_dataset(cfg: Config, name: str, out: pathlib.Path, npz: dict, on_split=l
                 scores[kind].append(split_scores(labels[split.test], mean_nk, mean_val_nk))
                 probs_fused[kind][i].append(mean_nk)
                 probs_fused_val[kind][i].append(mean_val_nk)
+                cal_parts[kind].append((labels[split.val], mean_val_nk, labels[split.test], mean_nk))
                 npz[f"{name}_{bb}_{kind}_{sid}_test"] = mean_nk.astype(np.float32)
                 npz[f"{name}_{bb}_{kind}_{sid}_val"] = mean_val_nk.astype(np.float32)
             npz[f"{name}_{sid}_test_index"] = split.test
@@ -191,9 +219,12 @@ def run_dataset(cfg: Config, name: str, out: pathlib.Path, npz: dict, on_split=l
             section["backbones"][bb] = _section(cfg, scores, record)
             section["splits_done"] = i + 1
             on_split(section)
+        for kind in cfg.heads:
+            section["backbones"][bb]["heads"][kind]["calibration"] = calibration_after_scaling(cal_parts[kind])
     if len(cfg.backbones) > 1:  # per head kind, over the backbones' ensemble means: the sum rule (the paper's),
         # weights fitted on validation, and the rule chosen on validation (leukax.fusion.choose_rule)
         rows = {row: {kind: [] for kind in cfg.heads} for row in FUSED_ROWS}
+        fused_parts = {row: {kind: [] for kind in cfg.heads} for row in FUSED_ROWS}
         for kind in cfg.heads:
             for i, s in enumerate(splits):
                 va_h, te_h = np.stack(probs_fused_val[kind][i]), np.stack(probs_fused[kind][i])
@@ -203,8 +234,11 @@ def run_dataset(cfg: Config, name: str, out: pathlib.Path, npz: dict, on_split=l
                     rows[row][kind].append(dict(split_scores(labels[s.test], f_te, f_va), rule_fitted=float(
                         choice["rule"] == "fitted")))
                     npz[f"{name}_{row.replace(' ', '_')}_{kind}_r{s.repeat}_f{s.fold}_test"] = f_te.astype(np.float32)
+                    fused_parts[row][kind].append((labels[s.val], f_va, labels[s.test], f_te))
         for row in FUSED_ROWS:
             section["backbones"][row] = _section(cfg, rows[row], None)
+            for kind in cfg.heads:
+                section["backbones"][row]["heads"][kind]["calibration"] = calibration_after_scaling(fused_parts[row][kind])
     # Selective prediction curves of the main rows, every split's test cells pooled (1 − max probability ranks)
     main = FUSED_ROWS[-1] if len(cfg.backbones) > 1 else cfg.backbones[0]
     tag = main.replace(" ", "_")

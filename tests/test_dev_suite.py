@@ -27,6 +27,32 @@ def test_split_scores_and_selective_accuracy():
     assert v["kept_at_val_threshold"] == 0 and np.isnan(v["acc_at_val_threshold"])
 
 
+def test_calibration_after_scaling_fits_on_validation_and_pools_the_scaled_test_cells():
+    """An over-confident model (probabilities sharpened by T = 3 from calibrated ones): the temperature fitted on
+    validation undoes it, the ECE falls to the level a calibrated model shows at that size (the null band), and
+    the pooled ECE is that of the concatenated scaled test cells."""
+    import jax.numpy as jnp
+    from leukax import calibration, metrics
+    rng = np.random.default_rng(0)
+
+    def draw(n):  # calibrated probabilities, labels drawn from them, then made over-confident
+        q = rng.uniform(0.5, 1.0, n)
+        y = (rng.uniform(size=n) < q).astype(int)  # class 1 with probability q
+        p = np.stack([1 - q, q], -1)
+        return y, np.asarray(calibration.apply_temperature(jnp.asarray(p, jnp.float32), 1 / 3.0))
+
+    parts = [draw(400) + draw(400) for _ in range(2)]
+    out = dev_suite.calibration_after_scaling(parts, draws=500)
+    for r in out["per_split"]:
+        assert r["temperature"] == pytest.approx(3.0, rel=0.25)
+        assert r["ece"] > 0.08 and r["ece_scaled"] < r["ece_null_p95"] < 0.08 and r["n"] == 400
+    scaled = [np.asarray(calibration.apply_temperature(jnp.asarray(p_te), r["temperature"]))
+              for (_, _, _, p_te), r in zip(parts, out["per_split"])]
+    y = np.concatenate([y_te for _, _, y_te, _ in parts])
+    assert out["pooled_n"] == 800 and out["pooled_ece_scaled"] == pytest.approx(
+        float(metrics.ece(jnp.asarray(y), jnp.asarray(np.concatenate(scaled)))), abs=1e-5)
+
+
 def test_paired_differences_and_verdict():
     d = dev_suite.paired([0.9, 0.8, 0.85, 0.9], [0.8, 0.7, 0.8, 0.85])
     np.testing.assert_allclose(d["per_split"], [0.1, 0.1, 0.05, 0.05], atol=1e-12)
@@ -74,5 +100,9 @@ def test_tiny_suite_run_is_consistent_with_its_saved_predictions(tmp_path):
                 np.mean(f_te.argmax(-1) == labels[test]))
     kept = [bb["heads"]["dense"][k]["per_split"] for k in ("kept_at_val_threshold", "correct_at_val_threshold")]
     assert bb["heads"]["dense"]["pooled_acc_at_val_threshold"] == pytest.approx(sum(kept[1]) / sum(kept[0]))
+    cal = bb["heads"]["dense"]["calibration"]   # temperature on each split's validation part, ECE on its test part
+    assert [r["n"] for r in cal["per_split"]] == [len(z[f"cnmc2019_{sid}_test_index"]) for sid in ("r0_f0", "r0_f1")]
+    assert cal["pooled_n"] == 60 and all(r["ece_null_p95"] > 0 for r in cal["per_split"])
+    assert "calibration" in sec["backbones"]["fused (sum rule)"]["heads"]["dense"]
     assert (tmp_path / "figures" / "selective_cnmc2019.png").stat().st_size > 1000
     assert "| cnmc2019 (S=2) | mobilenet_v2 |" in dev_suite.summary_table(m)
