@@ -148,6 +148,39 @@ def calibration_after_scaling(parts, num_bins: int = 15, draws: int = 2000, seed
                 pooled_ece_null_p95=float(np.percentile(np.asarray(null), 95)), pooled_n=int(len(y)))
 
 
+def recompute_calibration(out_dir, metrics_json: dict) -> dict:
+    """Returns {dataset: {backbone or fused row: {head: calibration_after_scaling(...)}}} from a finished run's
+    predictions_per_split.npz (for runs made before the suite reported it): each backbone's saved validation and
+    test means, and the fused rows rebuilt from them exactly as `run_dataset` does (sum rule, validation-fitted
+    weights, the rule chosen on validation)."""
+    z = np.load(pathlib.Path(out_dir) / "predictions_per_split.npz")
+    heads, backbones = metrics_json["model"]["heads"], None
+    out = {}
+    for name, d in metrics_json["datasets"].items():
+        backbones = [b for b in d["backbones"] if b not in FUSED_ROWS]
+        labels = z[f"{name}_labels"]
+        sids = sorted({k[len(name) + 1:-len("_test_index")] for k in z.files
+                       if k.startswith(f"{name}_r") and k.endswith("_test_index")})
+        out[name] = {}
+        for kind in heads:
+            parts = {b: [] for b in backbones + list(FUSED_ROWS)}
+            for sid in sids:
+                va_i, te_i = z[f"{name}_{sid}_val_index"], z[f"{name}_{sid}_test_index"]
+                va_h = np.stack([z[f"{name}_{b}_{kind}_{sid}_val"] for b in backbones])
+                te_h = np.stack([z[f"{name}_{b}_{kind}_{sid}_test"] for b in backbones])
+                for b, v, t in zip(backbones, va_h, te_h):
+                    parts[b].append((labels[va_i], v, labels[te_i], t))
+                if len(backbones) > 1:
+                    choice = fusion.choose_rule(va_h, labels[va_i])
+                    for row, w in zip(FUSED_ROWS, ([1.0] * len(va_h), choice["fitted_weights"], choice["weights"])):
+                        f_va, f_te = (np.asarray(fusion.weighted_rule(x, w)) for x in (va_h, te_h))
+                        parts[row].append((labels[va_i], f_va, labels[te_i], f_te))
+            for b, pr in parts.items():
+                if pr:
+                    out[name].setdefault(b, {})[kind] = calibration_after_scaling(pr)
+    return out
+
+
 def paired(a_s, b_s, higher_is_better: bool = True) -> dict:
     """Paired difference a − b over S splits: mean, std, se = std/√S, per split, and a's wins/losses and verdict
     (a wins a split when it is better there: a − b > 0 for accuracy, < 0 for NLL with higher_is_better=False)."""

@@ -104,5 +104,11 @@ def test_tiny_suite_run_is_consistent_with_its_saved_predictions(tmp_path):
     assert [r["n"] for r in cal["per_split"]] == [len(z[f"cnmc2019_{sid}_test_index"]) for sid in ("r0_f0", "r0_f1")]
     assert cal["pooled_n"] == 60 and all(r["ece_null_p95"] > 0 for r in cal["per_split"])
     assert "calibration" in sec["backbones"]["fused (sum rule)"]["heads"]["dense"]
+    rc = dev_suite.recompute_calibration(tmp_path, m)["cnmc2019"]  # from the saved arrays alone, as for older runs
+    for row in ("mobilenet_v2", "fused (validation-fitted)"):
+        for kind in ("probe", "dense", "gru_pool"):
+            got, want = rc[row][kind], sec["backbones"][row]["heads"][kind]["calibration"]
+            assert got["pooled_ece_scaled"] == pytest.approx(want["pooled_ece_scaled"], abs=1e-5)
+            assert [r["temperature"] for r in got["per_split"]] == pytest.approx([r["temperature"] for r in want["per_split"]], rel=1e-4)
     assert (tmp_path / "figures" / "selective_cnmc2019.png").stat().st_size > 1000
     assert "| cnmc2019 (S=2) | mobilenet_v2 |" in dev_suite.summary_table(m)
