@@ -148,13 +148,23 @@ def calibration_after_scaling(parts, num_bins: int = 15, draws: int = 2000, seed
                 pooled_ece_null_p95=float(np.percentile(np.asarray(null), 95)), pooled_n=int(len(y)))
 
 
+def fused_rows(va_h, te_h, labels_val):
+    """Yields (row of FUSED_ROWS, fused validation N×K, fused test N×K, the choice) from H×N×K backbone ensemble
+    means: the sum rule (the paper's), weights fitted on validation, and the rule chosen on validation
+    (`leukax.fusion.choose_rule`)."""
+    choice = fusion.choose_rule(va_h, labels_val)
+    for row, w in zip(FUSED_ROWS, ([1.0] * len(va_h), choice["fitted_weights"], choice["weights"])):
+        f_va, f_te = (np.asarray(fusion.weighted_rule(x, w)) for x in (va_h, te_h))
+        yield row, f_va, f_te, choice
+
+
 def recompute_calibration(out_dir, metrics_json: dict) -> dict:
     """Returns {dataset: {backbone or fused row: {head: calibration_after_scaling(...)}}} from a finished run's
     predictions_per_split.npz (for runs made before the suite reported it): each backbone's saved validation and
     test means, and the fused rows rebuilt from them exactly as `run_dataset` does (sum rule, validation-fitted
     weights, the rule chosen on validation)."""
     z = np.load(pathlib.Path(out_dir) / "predictions_per_split.npz")
-    heads, backbones = metrics_json["model"]["heads"], None
+    heads = metrics_json["model"]["heads"]
     out = {}
     for name, d in metrics_json["datasets"].items():
         backbones = [b for b in d["backbones"] if b not in FUSED_ROWS]
@@ -171,9 +181,7 @@ def recompute_calibration(out_dir, metrics_json: dict) -> dict:
                 for b, v, t in zip(backbones, va_h, te_h):
                     parts[b].append((labels[va_i], v, labels[te_i], t))
                 if len(backbones) > 1:
-                    choice = fusion.choose_rule(va_h, labels[va_i])
-                    for row, w in zip(FUSED_ROWS, ([1.0] * len(va_h), choice["fitted_weights"], choice["weights"])):
-                        f_va, f_te = (np.asarray(fusion.weighted_rule(x, w)) for x in (va_h, te_h))
+                    for row, f_va, f_te, _ in fused_rows(va_h, te_h, labels[va_i]):
                         parts[row].append((labels[va_i], f_va, labels[te_i], f_te))
             for b, pr in parts.items():
                 if pr:
@@ -227,7 +235,6 @@ def run_dataset(cfg: Config, name: str, out: pathlib.Path, npz: dict, on_split=l
         views = view_features(module, variables, images, spec.normalization, "dihedral", 0, cfg.seed,
                               cache_dir=cfg.feature_cache, cache_tag=f"devsuite_{name}_{record['used']}_{size}")
         scores = {kind: [] for kind in cfg.heads}
-        cal_parts = {kind: [] for kind in cfg.heads}  # (y_val, p_val, y_test, p_test) per split
         for i, split in enumerate(splits):
             sid = common.check_and_save(split, ds.groups, False, out / "splits" / name)
             seed = cfg.seed + 1000 * split.repeat + split.fold
@@ -242,7 +249,6 @@ def run_dataset(cfg: Config, name: str, out: pathlib.Path, npz: dict, on_split=l
                 scores[kind].append(split_scores(labels[split.test], mean_nk, mean_val_nk))
                 probs_fused[kind][i].append(mean_nk)
                 probs_fused_val[kind][i].append(mean_val_nk)
-                cal_parts[kind].append((labels[split.val], mean_val_nk, labels[split.test], mean_nk))
                 npz[f"{name}_{bb}_{kind}_{sid}_test"] = mean_nk.astype(np.float32)
                 npz[f"{name}_{bb}_{kind}_{sid}_val"] = mean_val_nk.astype(np.float32)
             npz[f"{name}_{sid}_test_index"] = split.test
@@ -252,8 +258,10 @@ def run_dataset(cfg: Config, name: str, out: pathlib.Path, npz: dict, on_split=l
             section["backbones"][bb] = _section(cfg, scores, record)
             section["splits_done"] = i + 1
             on_split(section)
-        for kind in cfg.heads:
-            section["backbones"][bb]["heads"][kind]["calibration"] = calibration_after_scaling(cal_parts[kind])
+        for kind in cfg.heads:  # this backbone's means are the last ones appended for every split
+            section["backbones"][bb]["heads"][kind]["calibration"] = calibration_after_scaling(
+                [(labels[s.val], probs_fused_val[kind][i][-1], labels[s.test], probs_fused[kind][i][-1])
+                 for i, s in enumerate(splits)])
     if len(cfg.backbones) > 1:  # per head kind, over the backbones' ensemble means: the sum rule (the paper's),
         # weights fitted on validation, and the rule chosen on validation (leukax.fusion.choose_rule)
         rows = {row: {kind: [] for kind in cfg.heads} for row in FUSED_ROWS}
@@ -261,9 +269,7 @@ def run_dataset(cfg: Config, name: str, out: pathlib.Path, npz: dict, on_split=l
         for kind in cfg.heads:
             for i, s in enumerate(splits):
                 va_h, te_h = np.stack(probs_fused_val[kind][i]), np.stack(probs_fused[kind][i])
-                choice = fusion.choose_rule(va_h, labels[s.val])
-                for row, w in zip(FUSED_ROWS, ([1.0] * len(va_h), choice["fitted_weights"], choice["weights"])):
-                    f_va, f_te = (np.asarray(fusion.weighted_rule(x, w)) for x in (va_h, te_h))
+                for row, f_va, f_te, choice in fused_rows(va_h, te_h, labels[s.val]):
                     rows[row][kind].append(dict(split_scores(labels[s.test], f_te, f_va), rule_fitted=float(
                         choice["rule"] == "fitted")))
                     npz[f"{name}_{row.replace(' ', '_')}_{kind}_r{s.repeat}_f{s.fold}_test"] = f_te.astype(np.float32)

@@ -81,7 +81,7 @@ class Items:
     def __init__(self, source, keep, image_size: int, expand: int, enhance: bool, batch_images: int = 32):
         self.source, self.keep, self.image_size = source, np.asarray(keep, np.int64), image_size
         self.expand, self.enhance, self.batch_images = expand, enhance, batch_images
-        self.copies = max(1, expand if expand > 1 else 1)
+        self.copies = max(1, expand)  # dihedral_copies: expand ≤ 1 leaves the images as they are
         self.origin = np.repeat(np.arange(len(self.keep)), self.copies)
         self.copy = np.tile(np.arange(self.copies), len(self.keep))
 

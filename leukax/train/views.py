@@ -163,6 +163,14 @@ def _read_into(fd: int, buf_u8: np.ndarray, pos: int) -> None:
         got += k
 
 
+def _in_range(index, size: int, what: str) -> np.ndarray:
+    """Returns int64 `index` with negative entries counted from the end; IndexError if any is out of range."""
+    index = np.where(index < 0, index + size, index).astype(np.int64)
+    if index.size and (index.min() < 0 or index.max() >= size):
+        raise IndexError(f"leukax/train/views.py: {what} index out of range for {size} {what}s")
+    return index
+
+
 def _stored(dtype) -> np.dtype:
     """What the .npy file holds: bfloat16 as its raw 16 bits (uint16; .npy has no bfloat16), else the dtype."""
     return np.dtype(np.uint16) if _dtype(dtype).name == "bfloat16" else _dtype(dtype)
@@ -216,9 +224,7 @@ class FeatureFile:
 
     def _read_images(self, images) -> np.ndarray:
         v, n = self.shape[:2]
-        images = np.where(images < 0, images + n, images).astype(np.int64)
-        if images.size and (images.min() < 0 or images.max() >= n):
-            raise IndexError(f"leukax/train/views.py: image index out of range for {n} images")
+        images = _in_range(images, n, "image")
         out = np.empty((v, len(images)) + self.shape[2:], self.dtype)
         if not len(images):
             return out
@@ -235,10 +241,8 @@ class FeatureFile:
 
     def _read_rows(self, v_r, n_r, t_r) -> np.ndarray:
         v, n, t, c = self.shape
-        v_r, n_r, t_r = (np.where(i < 0, i + d, i).astype(np.int64) for i, d in ((v_r, v), (n_r, n), (t_r, t)))
-        for i, d in ((v_r, v), (n_r, n), (t_r, t)):
-            if i.size and (i.min() < 0 or i.max() >= d):
-                raise IndexError("leukax/train/views.py: row index out of range")
+        v_r, n_r, t_r = (_in_range(i, d, what)
+                         for i, d, what in ((v_r, v, "view"), (n_r, n, "image"), (t_r, t, "position")))
         item = c * self.dtype.itemsize
         pos = self._offset + ((v_r.ravel() * n + n_r.ravel()) * t + t_r.ravel()) * item
         out = np.empty((pos.size, c), self.dtype)
