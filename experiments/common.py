@@ -204,7 +204,10 @@ def init_distributed(coordinator_address: str | None, num_processes: int = 1, pr
 
     Every process loads the same data and splits and trains the same programs; the ensemble's member axis is
     sharded over the global mesh of all processes' devices (`member_mesh`), so each device trains M/D members,
-    and `compiled.fit` gathers the trained members back to every process."""
+    and `compiled.fit` gathers the trained members back to every process. With `--feature_cache` on a folder
+    every process sees (a shared filesystem), the processes divide the feature extraction (each extracts a
+    contiguous range of the images into the same file, `views.stream_view_features`); without it each
+    process extracts every image into its own temporary folder."""
     if num_processes <= 1 and not coordinator_address:
         return 0
     if not coordinator_address or not 0 <= process_id < num_processes:
@@ -222,14 +225,24 @@ def init_distributed_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> 
 
 def process_config(cfg, process_index: int):
     """Process 0 writes the run's files; another process (same computation, same numbers) writes its copy to a
-    temporary folder and keeps no feature cache of its own."""
+    temporary folder. The feature cache stays: the processes share it (`init_distributed`)."""
     if process_index == 0 or not hasattr(cfg, "out_dir"):
         return cfg
     import tempfile
-    changes = {"out_dir": tempfile.mkdtemp(prefix=f"leukax_process{process_index}_")}
-    if hasattr(cfg, "feature_cache"):
-        changes["feature_cache"] = None
-    return dataclasses.replace(cfg, **changes)
+    return dataclasses.replace(cfg, out_dir=tempfile.mkdtemp(prefix=f"leukax_process{process_index}_"))
+
+
+def gather_rows(local, owner) -> np.ndarray:
+    """Returns `local` (n×k) with row i taken from process owner[i]'s `local`: what each process computed for
+    the rows it owns, shared with every process (`process_allgather` after a barrier). One process: `local`."""
+    local = np.asarray(local)
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+    from leukax import runtime
+    runtime.await_all_processes()  # gloo's first collective waits only 30 s for the others
+    every = np.asarray(multihost_utils.process_allgather(local))  # P×n×k
+    return every[np.asarray(owner), np.arange(len(local))]
 
 
 def member_mesh(num_members: int):

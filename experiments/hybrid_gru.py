@@ -61,13 +61,14 @@ import tempfile
 import time
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from experiments import common
 from experiments.common import field
 from leukax import bundle as bundle_lib
-from leukax import calibration, fusion, metrics, plots, records, uncertainty
+from leukax import calibration, fusion, metrics, plots, records, runtime, uncertainty
 from leukax.augment import augment_paper1
 from leukax.data import load_index
 from leukax.data.pipeline import load_example
@@ -126,6 +127,10 @@ class Config:
                            "(leukax.preprocess.smooth; Akter et al. Sec. 3.2): none | gaussian (sigma 1) | median "
                            "(3x3).", choices=("none", "gaussian", "median"))
     feature_dim: int = field(256, "PCA feature channels, fitted on the training part (0 = all standardised channels).")
+    feature_residency: str = field("auto", "Where the reduced features live while heads train: auto (on the device "
+                                   "while they take at most half its free memory, else host) | device | host (each "
+                                   "batch fed from host memory by the compiled trainer; same results).",
+                                   choices=compiled.RESIDENCIES)
     units: int = field(128, "GRU units (recipe).")
     order: str = field("center_last", "Order the GRU reads the H·W positions: center_last (the cell's centre last) "
                        "| raster (row-major, the flattened map).", choices=("center_last", "raster"))
@@ -193,11 +198,16 @@ def split_hparams(cfg, role: str, tr, va, split, labels, num_classes, bo_dir, y_
     # decay are traced), run `bo_vector` trials per call; each trial trains `bo_members` members.
     rcp = dataclasses.replace(base, optimizer="traced", num_members=cfg.bo_members)
 
+    pid, count = jax.process_index(), jax.process_count()
+
     def objective_batch(params_list):
-        out = [None] * len(params_list)
+        # Over several processes, trial i trains on process i mod P; the scores are then shared (all processes
+        # suggest the same next batch: the BO is deterministic given the scores).
+        mine = [i for i in range(len(params_list)) if i % count == pid]
+        scores = np.full((len(params_list), 2), np.nan)  # (val_acc, val_nll) per trial
         groups: dict = {}
-        for i, p in enumerate(params_list):
-            groups.setdefault(int(p["units"]), []).append(i)
+        for i in mine:
+            groups.setdefault(int(params_list[i]["units"]), []).append(i)
         for units, idx in groups.items():
             head = recipe.make_model("gru", num_classes, units, cfg.hidden, order=cfg.order)
             probs_tmnk = []
@@ -205,16 +215,26 @@ def split_hparams(cfg, role: str, tr, va, split, labels, num_classes, bo_dir, y_
                 hps = [bayes.recipe_hparams(params_list[i]) for i in idx[c: c + cfg.bo_vector]]
                 hps += hps[-1:] * (cfg.bo_vector - len(hps))  # padding: the same program for every call
                 res = compiled.fit(rcp, head, num_classes, tr, y_tr, va, y_va, hps, seed=cfg.seed)
-                probs_tmnk += [np.asarray(compiled.make_predict(head)(compiled.trial(res, t).params, jnp.asarray(va)))
+                probs_tmnk += [compiled.predict_probs(head, compiled.trial(res, t).params, va)
                                for t in range(min(cfg.bo_vector, len(idx) - c))]
             for t, i in enumerate(idx):
                 mean_nk = probs_tmnk[t].mean(0)
-                acc = float(np.mean(mean_nk.argmax(-1) == y_va))
-                nll = float(metrics.nll(jnp.asarray(y_va, jnp.int32), jnp.asarray(mean_nk)))
-                out[i] = (acc if cfg.bo_metric == "val_acc" else -nll, {"val_acc": acc, "val_nll": nll})
-        return out
+                scores[i] = (np.mean(mean_nk.argmax(-1) == y_va),
+                             float(metrics.nll(jnp.asarray(y_va, jnp.int32), jnp.asarray(mean_nk))))
+        if count > 1:
+            if not cfg.quiet:
+                print(f"{role}: BO trials {mine} of {len(params_list)} on process {pid} of {count}", flush=True)
+            scores = common.gather_rows(scores, owner=np.arange(len(params_list)) % count)
+        return [(float(acc) if cfg.bo_metric == "val_acc" else -float(nll),
+                 {"val_acc": float(acc), "val_nll": float(nll)}) for acc, nll in scores]
 
     log_path = pathlib.Path(bo_dir) / f"{role}_r{split.repeat}_f{split.fold}.json"
+    if count > 1:  # a resumed search must resume alike everywhere, or the processes would suggest different trials
+        logged = common.gather_rows(np.full((count, 1), len(bayes.load_log(log_path))), owner=np.arange(count))
+        if len(set(logged.ravel().tolist())) > 1:
+            raise common.InputError(f"experiments/hybrid_gru.py: the processes hold {logged.ravel().tolist()} logged "
+                                    f"BO trials in {log_path.name}: resume a divided search from the same logs, or "
+                                    "remove them")
     best = bayes.run_batched(objective_batch, bayes.RECIPE_SPACE, cfg.bo_trials, log_path, batch=cfg.bo_batch,
                              init_points=min(cfg.bo_batch, cfg.bo_trials), seed=cfg.seed)["best"]
     p = best["params"]
@@ -251,7 +271,9 @@ def train_heads(cfg, hybrid: dict, split, labels, num_classes, seed, bo_dir) -> 
     {kind: (probs_val_mnk, probs_test_mnk, info)} (info["hparams"] says where the GRU's came from)."""
     views = hybrid["inputs"]  # V×N×T×C
     tf = recipe.fit_transform(views, cfg.feature_dim, seed=seed, indices=split.train)  # reads sampled rows only
-    tr, va, te = (recipe.transform(tf, views, idx) for idx in (split.train, split.val, split.test))  # 16-bit
+    num_images = sum(map(len, split.parts().values()))
+    where = compiled.feature_residency(recipe.transformed_bytes(cfg.feature_dim, views, num_images), cfg.feature_residency)
+    tr, va, te = (recipe.transform(tf, views, idx, residency=where) for idx in (split.train, split.val, split.test))
     y_tr = labels[split.train]
     if cfg.augment == "copies":  # V×N → 1×(V·N) stored training items (view-major); un-augmented val/test
         tr, va, te, y_tr = tr.reshape((1, -1) + tr.shape[2:]), va[:1], te[:1], np.tile(y_tr, len(tr))
@@ -262,7 +284,8 @@ def train_heads(cfg, hybrid: dict, split, labels, num_classes, seed, bo_dir) -> 
                                                         compiled.default_hparams())
         p_va, p_te, info = recipe.train_and_predict(kind, k_rcp, k_hp, num_classes, tr, y_tr, va, te,
                                                     labels[split.val], units=units, hidden=cfg.hidden,
-                                                    order=cfg.order, seed=seed, mesh=common.member_mesh(cfg.members))
+                                                    order=cfg.order, seed=seed, residency=where,
+                                                    mesh=common.member_mesh(cfg.members) if where == "device" else None)
         info["hparams"] = dict(source=source if kind == "gru" else "recipe defaults", units=units if kind == "gru"
                                else None, optimizer=k_rcp.optimizer, **{k: float(v) for k, v in k_hp.items()})
         out[kind] = (p_va, p_te, info)
@@ -315,6 +338,8 @@ def run(cfg: Config) -> dict:
         (out / sub).mkdir(parents=True, exist_ok=True)
 
     feature_dir = pathlib.Path(cfg.feature_cache or scratch.name)
+    # several processes divide the extraction when they share the cache folder; else each extracts every image
+    extraction_part = (jax.process_index(), jax.process_count()) if cfg.feature_cache else (0, 1)
     hybrids, t_features = [], {}
     for name in cfg.backbones:
         t0 = time.perf_counter()
@@ -333,7 +358,7 @@ def run(cfg: Config) -> dict:
                 module, variables, ds.source, size, spec.normalization,
                 feature_dir / f"{cfg.dataset}_{record['used']}_{size}_{key[:16]}.npy", views=cfg.views,
                 num_affine=cfg.num_affine, seed=cfg.seed, progress=not cfg.quiet, desc=f"{name}: features",
-                image_fn=smoothing)
+                image_fn=smoothing, part=extraction_part, barrier=runtime.await_all_processes)
         record.update(image_size=size, views=cfg.views, num_affine=cfg.num_affine, smoothing=cfg.smoothing,
                       feature_dtype=str(np.dtype(getattr(inputs, "dtype", np.float32))),
                       feature_shape=list(np.shape(inputs)[1:]) if cfg.mode == "finetune" else list(np.shape(inputs)))
@@ -488,14 +513,17 @@ def save_final_model(cfg, hybrids: list[dict], ds, model_dir, provenance: dict) 
     for h in hybrids:
         views = h["inputs"]
         tf = recipe.fit_transform(views, cfg.feature_dim, seed=cfg.seed, indices=split.train)
-        tr, va = recipe.transform(tf, views, split.train), recipe.transform(tf, views, split.val)
+        num_images = len(split.train) + len(split.val)
+        where = compiled.feature_residency(recipe.transformed_bytes(cfg.feature_dim, views, num_images),
+                                           cfg.feature_residency)
+        tr, va = (recipe.transform(tf, views, idx, residency=where) for idx in (split.train, split.val))
         rcp, hp, units, source = split_hparams(cfg, h["name"], tr, va, split, labels, k,
                                                pathlib.Path(model_dir).parent / "bo" / "final")
         if cfg.head != "gru":
             rcp, hp = dataclasses.replace(rcp, optimizer="adamw", schedule="warmup_cosine"), compiled.default_hparams()
         head = recipe.make_model(cfg.head, k, units, cfg.hidden, order=cfg.order)
-        res = compiled.fit(rcp, head, k, tr, labels[split.train], va, y_va, hp, seed=cfg.seed + 999)
-        p_va = np.asarray(compiled.make_predict(head)(res.params, jnp.asarray(va)))
+        res = compiled.fit(rcp, head, k, tr, labels[split.train], va, y_va, hp, seed=cfg.seed + 999, residency=where)
+        p_va = compiled.predict_probs(head, res.params, va, where)
         pooled = lambda idx: recipe.pooled_standardized(tf, views, idx)  # noqa: E731  (N×C, as predict pools)
         ood_model = uncertainty.fit_mahalanobis(pooled(split.train), labels[split.train], k)
         ood = np.asarray(uncertainty.mahalanobis_score(ood_model, jnp.asarray(pooled(split.val))))

@@ -25,6 +25,7 @@ the provenance of every timing: a preloaded allocator serves the whole process, 
 """
 from __future__ import annotations
 
+import itertools
 import os
 import pathlib
 import re
@@ -103,3 +104,18 @@ def allocator(maps_path: str = "/proc/self/maps") -> dict:
             name, library = kind, hits[0]
             break
     return {"name": name, "library": library, **{k: os.environ[k] for k in ALLOCATOR_ENV if k in os.environ}}
+
+
+_BARRIERS = itertools.count()
+
+
+def await_all_processes(timeout_s: int = 3600) -> None:
+    """Blocks until every process of a `jax.distributed` run arrives here (the coordination service's barrier,
+    as jax's own checkpoint serialisation uses; every process must call it the same number of times). Gloo
+    gives processes only 30 s to meet at a program's first collective; processes that compile or extract
+    features at different speeds arrive further apart than that. One process: returns at once."""
+    import jax
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+    distributed.global_state.client.wait_at_barrier(f"leukax_{next(_BARRIERS)}", timeout_in_ms=timeout_s * 1000)

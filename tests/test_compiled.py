@@ -135,6 +135,56 @@ def test_member_axis_map_equals_vmap(toy):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+def test_host_fed_training_equals_device_resident(toy):
+    """residency="host" (features left in host memory, each step's batch and each validation chunk fetched by the
+    compiled program) trains exactly what the device-resident run trains: same best epochs, histories and params,
+    for two trials at once, 16-bit features, val_views < V and an eval chunk that splits views; and predicts the
+    same probabilities. The host table is emptied once the handles are gone."""
+    x, y, xv, yv = toy
+    x16, xv16 = np.concatenate([x, x[::-1]]).astype(np.float16), np.concatenate([xv, xv[::-1]]).astype(np.float16)
+    head = GRUHead(K, units=8, hidden=8, dropout=0.0)
+    rcp = dataclasses.replace(RECIPE, val_views=3, eval_chunk=10)
+    hps = [compiled.default_hparams(learning_rate=1e-2), compiled.default_hparams(learning_rate=3e-3)]
+    dev = compiled.fit(rcp, head, K, x16, y, xv16, yv, hps, seed=2, residency="device")
+    host = compiled.fit(rcp, head, K, x16, y, xv16, yv, hps, seed=2, residency="host")
+    np.testing.assert_array_equal(np.asarray(dev.best_epoch), np.asarray(host.best_epoch))
+    for k in dev.history:
+        np.testing.assert_allclose(np.asarray(host.history[k]), np.asarray(dev.history[k]), atol=1e-6)
+    for a, b in zip(jax.tree.leaves(dev.params), jax.tree.leaves(host.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6)
+    params = compiled.trial(dev, 0).params
+    want = compiled.predict_probs(head, params, xv16, "device")
+    np.testing.assert_allclose(compiled.predict_probs(head, params, xv16, "host", chunk=7), want, atol=1e-6)
+    assert not compiled._HOST_ARRAYS
+
+
+def test_auto_residency_keeps_what_fits_on_the_device(monkeypatch):
+    """"auto" puts host arrays on the device while they take at most half its free memory, feeds them from the
+    host beyond that, leaves device arrays where they are, and keeps everything on the device on a backend that
+    reports no memory limit (the CPU)."""
+    monkeypatch.setattr(compiled, "_device_free_bytes", lambda: None)
+    assert compiled.feature_residency(10**15) == "device"
+    monkeypatch.setattr(compiled, "_device_free_bytes", lambda: 1000)
+    assert compiled.feature_residency(500) == "device" and compiled.feature_residency(501) == "host"
+    assert compiled.feature_residency(10, "host") == "host" and compiled.feature_residency(10**9, "device") == "device"
+    big = np.zeros((1, 2, 4, 16), np.float32)  # 512 bytes > 500
+    assert compiled._where([big], "auto") == "host" and compiled._where([big[:, :1]], "auto") == "device"
+    assert compiled._where([jnp.asarray(big)], "auto") == "device"
+    with pytest.raises(ValueError, match="residency"):
+        compiled.feature_residency(1, "gpu")
+
+
+def test_transform_to_host_equals_transform_on_device():
+    """recipe.transform(residency="host") returns, as numpy, the device array that residency="device" builds."""
+    x, _ = _data(n=30, v=2, t=4, c=6)
+    idx = np.array([3, 1, 7, 20, 29, 0])
+    tf = recipe.fit_transform(x, 4, indices=idx)
+    on_host = recipe.transform(tf, x, idx, residency="host", chunk=4)
+    assert isinstance(on_host, np.ndarray) and on_host.dtype == np.float16
+    np.testing.assert_array_equal(on_host, np.asarray(recipe.transform(tf, x, idx, chunk=4)))
+    assert recipe.transformed_bytes(4, x, len(idx)) == on_host.nbytes
+
+
 def test_traced_optimizer_trials_share_one_program_and_equal_static_optimizers(toy):
     x, y, xv, yv = toy
     head = LinearHead(K)  # the selection does not depend on the head; a linear one compiles fast

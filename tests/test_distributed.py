@@ -81,15 +81,26 @@ def test_two_processes_train_the_same_members_as_one(tmp_path):
 
 @pytest.mark.slow
 def test_hybrid_gru_over_two_processes_equals_one_process(tmp_path):
-    """The whole study from the command line, launched as two processes: process 0's results equal a
-    one-process run's (the GRU ensemble's members trained on different processes)."""
+    """The whole study from the command line, launched as two processes sharing a feature cache: each extracts
+    half of the images into the same file, which equals a one-process run's byte for byte; each trains half of
+    every Bayesian-optimisation batch; and process 0's results equal the one-process run's (the BO logs, and
+    the GRU ensemble's members trained on different processes)."""
     args = ["--weights=none", "--image_size=32", "--members=2", "--folds=2", "--batch_size=8", "--epochs=2",
-            "--backbones=mobilenet_v2", "--heads=probe,gru", "--units=8", "--hidden=8", "--feature_dim=16"]
+            "--backbones=mobilenet_v2", "--heads=probe,gru", "--hidden=8", "--feature_dim=16", "--hparams=bo",
+            "--bo_trials=2", "--bo_batch=2", "--nosave_model"]
     port = _free_port()
     cmd = [sys.executable, "-m", "experiments.hybrid_gru", *args]
-    _launch(lambda pid: [*cmd, f"--out_dir={tmp_path / 'two'}", f"--coordinator_address=127.0.0.1:{port}",
-                         "--num_processes=2", f"--process_id={pid}"], num=2, devices_per_process=1)
-    _launch(lambda pid: [*cmd, f"--out_dir={tmp_path / 'one'}"], num=1, devices_per_process=1)
+    outs = _launch(lambda pid: [*cmd, f"--out_dir={tmp_path / 'two'}", f"--feature_cache={tmp_path / 'cache2'}",
+                                f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                f"--process_id={pid}"], num=2, devices_per_process=1)
+    assert "mobilenet_v2: features: images 0–30 of 60 (process 0 of 2)" in outs[0]
+    assert "mobilenet_v2: features: images 30–60 of 60 (process 1 of 2)" in outs[1]
+    for pid in (0, 1):  # each BO batch of two trials: one trial per process, the scores shared
+        assert outs[pid].count(f"mobilenet_v2: BO trials [{pid}] of 2 on process {pid} of 2") == 2  # two folds
+    _launch(lambda pid: [*cmd, f"--out_dir={tmp_path / 'one'}", f"--feature_cache={tmp_path / 'cache1'}"],
+            num=1, devices_per_process=1)
+    (f2,), (f1,) = (list((tmp_path / c).glob("*.npy")) for c in ("cache2", "cache1"))
+    assert f2.name == f1.name and f2.read_bytes() == f1.read_bytes()
     assert not (tmp_path / "two" / "figures").exists() or (tmp_path / "two" / "metrics.json").exists()
     m1, m2 = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
     z1, z2 = (np.load(tmp_path / d / "predictions_first_repeat.npz") for d in ("one", "two"))
@@ -98,3 +109,5 @@ def test_hybrid_gru_over_two_processes_equals_one_process(tmp_path):
         assert (m2["fused"][head]["test_mean_std"]["accuracy"]["per_split"]
                 == m1["fused"][head]["test_mean_std"]["accuracy"]["per_split"])
     assert m2["environment"]["process_count"] == 2 and m1["environment"]["process_count"] == 1
+    logs = [json.loads((tmp_path / d / "bo" / "mobilenet_v2_r0_f1.json").read_text())["trials"] for d in ("one", "two")]
+    assert [t["target"] for t in logs[1]] == [t["target"] for t in logs[0]] and len(logs[0]) == 2

@@ -74,6 +74,49 @@ def test_killed_extraction_resumes_where_it_stopped(setup, tmp_path):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+def test_extraction_divided_over_processes_writes_the_one_process_file(setup, tmp_path):
+    """part=(p, 2) for p = 0, 1 (two threads standing in for two processes, a threading barrier for
+    jax.distributed's): each reads only its own contiguous half of the images, a part killed midway resumes in
+    its own range, and the finished file equals one process's byte for byte. A process that cannot see the
+    file process 0 created (no shared folder) says so."""
+    import threading
+    data_dir, module, variables, spec = setup
+    src = load_index("cnmc2019", data_dir=data_dir).source
+    kw = dict(batch_size=16, progress=False, num_threads=1)
+    want = views.stream_view_features(module, variables, src, SIZE, spec.normalization, tmp_path / "one.npy", **kw)
+
+    def two_processes(sources, path):
+        gate, errors = threading.Barrier(2, timeout=300), []
+
+        def one(pid):
+            try:
+                views.stream_view_features(module, variables, sources[pid], SIZE, spec.normalization, path,
+                                           part=(pid, 2), barrier=gate.wait, **kw)
+            except Exception as e:  # noqa: BLE001  (reported below, the other thread released)
+                errors.append(e)
+                gate.abort()
+        threads = [threading.Thread(target=one, args=(pid,)) for pid in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return errors
+
+    path = tmp_path / "two.npy"
+    first = [_Source(src), _Source(src, 50)]  # process 1 is killed at image 50 of its range 30–60
+    assert two_processes(first, path) and not path.exists()
+    assert sorted(first[0].read) == list(range(30))
+    assert json.loads((tmp_path / "two.npy.progress.1of2.json").read_text())["done"] == 46
+    again = [_Source(src), _Source(src)]
+    assert not two_processes(again, path)
+    assert not again[0].read and sorted(again[1].read) == list(range(46, 60))  # each resumed in its own range
+    assert not list(tmp_path.glob("two.npy.p*"))
+    assert path.read_bytes() == (tmp_path / "one.npy").read_bytes() and np.asarray(want).shape == (8, 60, 1, 1280)
+    with pytest.raises(FileNotFoundError, match="shared"):
+        views.stream_view_features(module, variables, src, SIZE, spec.normalization, tmp_path / "lone.npy",
+                                   part=(1, 2), barrier=lambda: None, **kw)
+
+
 def test_stream_key_changes_with_data_and_settings(setup):
     _, module, variables, spec = setup
     base = features.stream_key(module, variables, spec.normalization, "abc", SIZE, "dihedral", 0)

@@ -21,6 +21,13 @@ learning_rate, weight_decay, momentum, dropout, input_dropout, recurrent_dropout
 never recompiles, and T trials of a Bayesian-optimisation batch can train together. Shapes (units, batch size,
 epochs, M) are static: one compilation per distinct value.
 
+Features on the device or fed from the host: `fit` keeps the features device-resident when they fit in the
+device's free memory (``residency="auto"``; always on the CPU backend, where host and device memory are one) and
+otherwise leaves them in host memory (`HostFeatures`): the same compiled program then fetches each step's batch
+and each validation chunk through `jax.pure_callback`, so only one batch of every member is on the device at a
+time. Same keys, same order, same arithmetic: the results equal the device-resident run's
+(`tests/test_compiled.py::test_host_fed_training_equals_device_resident`).
+
 Device mesh: with ``mesh`` (a `jax.sharding.Mesh` with axis "members") the member axis of every state leaf
 is sharded over devices (`with_sharding_constraint`); data is replicated. The same code runs on 1 device. The
 mesh may span several processes (`jax.distributed`, `experiments.common.init_distributed`): `fit` then gathers the
@@ -31,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import weakref
 from typing import Any, Callable
 
 import flax.struct
@@ -150,16 +158,88 @@ def _rates(hp: dict) -> dict:
                 recurrent_dropout_rate=hp["recurrent_dropout"])
 
 
+_HOST_ARRAYS: dict[int, np.ndarray] = {}  # token → host features of a live `HostFeatures`
+_TOKENS = itertools.count()
+
+
+class HostFeatures:
+    """V×N×T×C features left in host memory, for arrays larger than the device's free memory: inside a compiled
+    program `take` and `rows` fetch what one step or one validation chunk needs through `jax.pure_callback`.
+
+    A pytree whose only leaf is an int32 token naming the array in a process-wide table (shape and dtype are
+    static), so a new array of the same shape reuses the compiled program. The table holds the array while this
+    handle lives; callers keep the handle until the program's results are ready (`fit` and `predict_probs` do)."""
+
+    def __init__(self, x, *, _token=None):
+        if _token is not None:  # unflattened inside a trace: shares the original's table entry
+            self.token, (self.shape, self.dtype) = _token, x
+            return
+        x = np.asarray(x)
+        if x.ndim != 4:
+            raise ValueError(f"leukax/train/compiled.py: HostFeatures wants V×N×T×C features, got shape {x.shape}")
+        token = next(_TOKENS)
+        _HOST_ARRAYS[token] = x
+        weakref.finalize(self, _HOST_ARRAYS.pop, token, None)
+        self.token, self.shape, self.dtype = np.int32(token), x.shape, x.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
+
+    def take(self, view, idx) -> jax.Array:
+        """Returns x[view, idx] (idx.shape + (T, C), in the stored dtype) from host memory; batched index arrays
+        (the member and trial axes under vmap) arrive as one call."""
+        def host(token, v, i):
+            return np.asarray(_HOST_ARRAYS[int(np.ravel(token)[0])][v, i])
+        out = jax.ShapeDtypeStruct(tuple(np.shape(idx)) + self.shape[2:], self.dtype)
+        return jax.pure_callback(host, out, self.token, view, idx, vmap_method="expand_dims")
+
+    def rows(self, start, size: int) -> jax.Array:
+        """Returns rows [start, start + size) of the V·N sequences (view-major), zeros past the end."""
+        v, n = self.shape[:2]
+
+        def host(token, s):
+            x, s = _HOST_ARRAYS[int(np.ravel(token)[0])], int(np.ravel(s)[0])
+            f = np.arange(s, s + size)
+            got = np.zeros((size,) + self.shape[2:], self.dtype)
+            ok = f < v * n
+            got[ok] = x[f[ok] // n, f[ok] % n]
+            return got
+        out = jax.ShapeDtypeStruct((size,) + self.shape[2:], self.dtype)
+        return jax.pure_callback(host, out, self.token, start, vmap_method="expand_dims")
+
+
+jax.tree_util.register_pytree_node(
+    HostFeatures, lambda h: ((h.token,), (h.shape, h.dtype)),
+    lambda aux, leaves: HostFeatures(aux, _token=leaves[0]))
+
+
+def _first_views(x, k: int):
+    """x[:k] along the view axis, of device features or `HostFeatures` (the same host array, fewer views read)."""
+    if isinstance(x, HostFeatures):
+        return HostFeatures(((min(k, x.shape[0]),) + x.shape[1:], x.dtype), _token=x.token)
+    return x[:k]
+
+
+def _take(x, view, idx):
+    """x[view, idx] of device features or `HostFeatures`."""
+    return x.take(view, idx) if isinstance(x, HostFeatures) else x[view, idx]
+
+
 def view_mean_probs(head, params, x_vntc, chunk: int):
-    """Returns N×K: softmax averaged over the V views (TTA), computed in chunks of ≤ `chunk` sequences."""
+    """Returns N×K: softmax averaged over the V views (TTA), computed in chunks of ≤ `chunk` sequences
+    (of device features, or fetched chunk by chunk from `HostFeatures`)."""
     v, n = x_vntc.shape[:2]
     total = v * n
     size = min(chunk, total)
     num = -(-total // size)
-    flat = x_vntc.reshape((total,) + x_vntc.shape[2:])  # 16-bit features are cast per chunk below
-    flat = jnp.concatenate([flat, jnp.zeros((num * size - total,) + flat.shape[1:], flat.dtype)])
-    logits = jax.lax.map(lambda xb: head.apply({"params": params}, xb.astype(jnp.float32))[0],
-                         flat.reshape((num, size) + flat.shape[1:]))
+    apply = lambda xb: head.apply({"params": params}, xb.astype(jnp.float32))[0]  # noqa: E731  (16-bit cast here)
+    if isinstance(x_vntc, HostFeatures):
+        logits = jax.lax.map(lambda i: apply(x_vntc.rows(i * size, size)), jnp.arange(num, dtype=jnp.int32))
+    else:
+        flat = x_vntc.reshape((total,) + x_vntc.shape[2:])
+        flat = jnp.concatenate([flat, jnp.zeros((num * size - total,) + flat.shape[1:], flat.dtype)])
+        logits = jax.lax.map(apply, flat.reshape((num, size) + flat.shape[1:]))
     return jnp.mean(jax.nn.softmax(logits.reshape(num * size, -1)[:total].reshape(v, n, -1), -1), 0)
 
 
@@ -168,7 +248,7 @@ def make_train(recipe: Recipe, head, num_classes: int, mesh=None) -> Callable:
     """Returns the pure, jit-compiled ``train(key_t, hparams_t, data) -> EnsembleResult`` (leaves T×M×...).
 
     data: {"train_x": V×N×T×C float (float32, or 16-bit: cast per batch), "train_y": N int, "val_x": V'×N'×T×C,
-    "val_y": N'} (device arrays).
+    "val_y": N'} (device arrays; train_x and val_x may be `HostFeatures`).
     key_t: T PRNG keys (one per trial); hparams_t: `stack_trials(...)` (every value a length-T vector).
     On the CPU backend with XLA:CPU's concurrency-optimised scheduler on, warns once per process: it can
     deadlock this program (`leukax.runtime`).
@@ -184,7 +264,8 @@ def make_train(recipe: Recipe, head, num_classes: int, mesh=None) -> Callable:
 
     def init_member(key, hp, data, steps):
         k_init, k_run = jax.random.split(key)
-        params = head.init({"params": k_init, "dropout": k_init}, data["train_x"][0, :1].astype(jnp.float32))["params"]
+        x0 = jnp.zeros((1,) + data["train_x"].shape[2:], jnp.float32)  # shapes only: init reads no data
+        params = head.init({"params": k_init, "dropout": k_init}, x0)["params"]
         nan_e = jnp.full((r.num_epochs,), jnp.nan, jnp.float32)
         return MemberState(
             params=params, opt_state=_optimizer(r, hp, steps).init(params), best_params=params,
@@ -202,14 +283,14 @@ def make_train(recipe: Recipe, head, num_classes: int, mesh=None) -> Callable:
         def step(carry, inp):
             params, opt_state = carry
             idx_b, view_b, k = inp
-            x, y = data["train_x"][view_b, idx_b].astype(jnp.float32), data["train_y"][idx_b]
+            x, y = _take(data["train_x"], view_b, idx_b).astype(jnp.float32), data["train_y"][idx_b]
             (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y, k, hp)
             updates, opt_state = tx.update(grads, opt_state, params)
             return (optax.apply_updates(params, updates), opt_state), (loss, acc)
 
         (params, opt_state), (loss_s, acc_s) = jax.lax.scan(
             step, (s.params, s.opt_state), (idx_sb, view_sb, jax.random.split(k_steps, steps)))
-        val_x = data["val_x"] if r.val_views == 0 else data["val_x"][: r.val_views]
+        val_x = data["val_x"] if r.val_views == 0 else _first_views(data["val_x"], r.val_views)
         probs_nk = view_mean_probs(head, params, val_x, r.eval_chunk)
         y_val = data["val_y"]
         val_nll = metrics.nll(y_val, probs_nk)
@@ -275,7 +356,6 @@ def trial(result: EnsembleResult, t: int) -> EnsembleResult:
     return jax.tree.map(lambda a: a[t], result)
 
 
-_BARRIERS = itertools.count()
 FEATURE_DTYPES = frozenset(np.dtype(d) for d in (jnp.float32, jnp.float16, jnp.bfloat16))
 
 
@@ -288,33 +368,87 @@ def device_features(x) -> jax.Array:
     return jax.device_put(x) if dtype in FEATURE_DTYPES else jnp.asarray(x, jnp.float32)
 
 
-def _await_all_processes(timeout_s: int = 3600) -> None:
-    """Blocks until every process of a `jax.distributed` run arrives here (the coordination service's barrier,
-    as jax's own checkpoint serialisation uses). Gloo gives processes only 30 s to meet at a program's first
-    collective; processes that compile or extract features at different speeds arrive further apart than that."""
-    from jax._src import distributed
-    distributed.global_state.client.wait_at_barrier(f"leukax_fit_{next(_BARRIERS)}", timeout_in_ms=timeout_s * 1000)
+RESIDENCIES = ("auto", "device", "host")
+DEVICE_FRACTION = 0.5  # "auto": features on the device while they take at most this share of its free memory
+
+
+def _device_free_bytes() -> int | None:
+    """Free memory of the first local device, or None where the backend does not report it (the CPU)."""
+    stats = jax.local_devices()[0].memory_stats()
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+
+
+def feature_residency(nbytes: int, residency: str = "auto") -> str:
+    """Returns "device" or "host": where features of `nbytes` live for `fit` and `predict_probs`. "auto": on the
+    device when they take at most DEVICE_FRACTION of its free memory (the rest is the program's), or when the
+    backend reports no memory limit (the CPU: host memory is device memory), else in host memory."""
+    if residency not in RESIDENCIES:
+        raise ValueError(f"leukax/train/compiled.py: residency must be one of {RESIDENCIES}, got {residency!r}")
+    if residency != "auto":
+        return residency
+    free = _device_free_bytes()
+    return "device" if free is None or nbytes <= DEVICE_FRACTION * free else "host"
+
+
+def _where(xs, residency: str) -> str:
+    """Where features `xs` go: "auto" leaves device arrays on the device and `HostFeatures` on the host, and
+    weighs host arrays by their bytes (`feature_residency`)."""
+    if residency != "auto":
+        return feature_residency(0, residency)
+    if any(isinstance(x, HostFeatures) for x in xs):
+        return "host"
+    host_arrays = [x for x in xs if not isinstance(x, jax.Array)]
+    return feature_residency(sum(_nbytes(x) for x in host_arrays)) if host_arrays else "device"
+
+
+def place_features(x, residency: str = "device"):
+    """Returns features for `make_train` / `make_predict`: a device array (`device_features`) or, with
+    residency "host", `HostFeatures` (a device array is copied back to the host once)."""
+    if residency == "host":
+        return x if isinstance(x, HostFeatures) else HostFeatures(x)
+    return device_features(x)
+
+
+def predict_probs(head, params_m, x, residency: str = "auto", chunk: int = 256) -> np.ndarray:
+    """Returns M×N×K (numpy): every member's TTA-mean softmax over the V×N×T×C features `x`, on the device or
+    fed from the host chunk by chunk (`_where`)."""
+    xs = place_features(x, _where([x], residency))
+    return np.asarray(make_predict(head, chunk)(params_m, xs))
 
 
 def fit(recipe: Recipe, head, num_classes: int, train_x, train_y, val_x, val_y, hparams: dict | list[dict],
-        seed: int = 0, mesh=None, views: bool | None = None) -> EnsembleResult:
+        seed: int = 0, mesh=None, views: bool | None = None, residency: str = "auto") -> EnsembleResult:
     """Trains one (dict) or T (list) hyper-parameter settings; returns the T×M (or M) `EnsembleResult`.
 
     train_x: V×N×... head inputs of V views (views=True) or N×... of one view (views=False); views=None takes
     rank 3 (N×T×C sequences) as one view and anything else as V×N×...; val_x likewise. Member keys derive
     from `seed` alone, the same for every trial (common random numbers): trials differ only by their
-    hyper-parameters.
+    hyper-parameters. residency: where train_x and val_x live while training ("host": fed batch by batch, same
+    results); "auto" keeps device arrays on the device and weighs host arrays by their bytes (`_where`).
     """
     single = isinstance(hparams, dict)
     hps = [hparams] if single else list(hparams)
     one_view = (lambda x: np.ndim(x) == 3) if views is None else (lambda x: not views)  # noqa: E731
-    as_views = lambda x: device_features(x)[None] if one_view(x) else device_features(x)  # noqa: E731
-    data = dict(train_x=as_views(train_x), train_y=jnp.asarray(train_y, jnp.int32),
-                val_x=as_views(val_x), val_y=jnp.asarray(val_y, jnp.int32))
+    as_views = lambda x: x if isinstance(x, HostFeatures) else (x[None] if one_view(x) else x)  # noqa: E731
+    train_x, val_x = as_views(train_x), as_views(val_x)
+    where = _where([train_x, val_x], residency)
+    if where == "host" and mesh is not None:
+        raise ValueError("leukax/train/compiled.py: host-fed features with a device mesh are not implemented; "
+                         "use residency='device' or no mesh")
+    data = dict(train_x=place_features(train_x, where), train_y=jnp.asarray(train_y, jnp.int32),
+                val_x=place_features(val_x, where), val_y=jnp.asarray(val_y, jnp.int32))
     keys_t = jnp.broadcast_to(jax.random.PRNGKey(seed), (len(hps), 2))
     if mesh is not None and jax.process_count() > 1:
-        _await_all_processes()
+        runtime.await_all_processes()  # gloo gives processes only 30 s to meet at a first collective
     out = make_train(recipe, head, num_classes, mesh)(keys_t, stack_trials(hps), data)
+    if where == "host":
+        out = jax.block_until_ready(out)  # the host arrays stay referenced until the program is done
     if any(not a.is_fully_addressable for a in jax.tree.leaves(out)):  # a mesh over several processes
         out = multihost_utils.process_allgather(out, tiled=True)  # every process gets every member (numpy)
     return trial(out, 0) if single else out
+
+
+def _nbytes(x) -> int:
+    return int(np.prod(np.shape(x))) * np.dtype(getattr(x, "dtype", np.float32)).itemsize

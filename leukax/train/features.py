@@ -9,6 +9,7 @@ import collections
 import functools
 import hashlib
 import logging
+import os
 import pathlib
 
 import jax
@@ -85,6 +86,9 @@ def cached_features(backbone, variables, images, normalization: str | None, batc
             _MEMORY.popitem(last=False)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(path, feats)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # written whole, then renamed: processes sharing
+        with open(tmp, "wb") as f:                               # the folder never read a half-written file
+            np.save(f, feats)
+        os.replace(tmp, path)
         log.info("features saved to %s", path)
     return feats

@@ -95,17 +95,32 @@ def fit_transform(features_vntc, dim: int = 0, max_rows: int = 50_000, seed: int
     return FeatureTransform(mean, std, evecs[:, order].astype(np.float32))
 
 
-def transform(tf: FeatureTransform, features_vntc, indices, dtype=np.float16, chunk: int | None = None) -> jax.Array:
-    """Returns `tf.apply(features_vntc[:, indices])` as a V×k×T×d device array in `dtype` (16-bit: the reduced
-    features that head mode keeps), computed `chunk` images at a time and written into the device buffer in
-    place (memory: the output plus one chunk). Built on the device because moving a finished host array there
-    copies it (`jax.device_put` on the CPU), which would hold the reduced features twice."""
+def transform(tf: FeatureTransform, features_vntc, indices, dtype=np.float16, chunk: int | None = None,
+              residency: str = "device"):
+    """Returns `tf.apply(features_vntc[:, indices])`, V×k×T×d in `dtype` (16-bit: the reduced features that head
+    mode keeps), computed `chunk` images at a time and written into the output in place (memory: the output plus
+    one chunk). residency "device": a device array, built there because moving a finished host array there copies
+    it (`jax.device_put` on the CPU), which would hold the reduced features twice; "host": a numpy array, for
+    features larger than the device's memory (`compiled.feature_residency`, fed batch by batch while training)."""
     v, _, t, c = np.shape(features_vntc)
     d = c if tf.proj_cd is None else tf.proj_cd.shape[1]
+    if residency == "host":
+        out = np.empty((v, len(indices), t, d), dtype)
+        for s, x in _chunks(features_vntc, indices, chunk):
+            out[:, s: s + x.shape[1]] = tf.apply(x).astype(dtype)
+        return out
     out = jnp.zeros((v, len(indices), t, d), dtype)
     for s, x in _chunks(features_vntc, indices, chunk):
         out = _write_images(out, jnp.asarray(tf.apply(x).astype(dtype)), s)
     return out
+
+
+def transformed_bytes(tf_dim: int, features_vntc, num_images: int, dtype=np.float16) -> int:
+    """Returns the bytes of `transform`'s output for `num_images` images (what `compiled.feature_residency`
+    weighs against the device's free memory)."""
+    v, _, t, c = np.shape(features_vntc)
+    d = tf_dim if 0 < tf_dim < c else c
+    return v * num_images * t * d * np.dtype(dtype).itemsize
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -134,28 +149,29 @@ def make_model(kind: str, num_classes: int, units: int = 128, hidden: int = 128,
 
 def train_and_predict(kind: str, recipe: compiled.Recipe, hparams: dict, num_classes: int, train_x, train_y,
                       val_x, test_x, val_y, *, units: int = 128, hidden: int = 128, order: str = "center_last",
-                      seed: int = 0, mesh=None):
+                      seed: int = 0, mesh=None, residency: str = "auto"):
     """Trains one head kind on transformed V×N×T×D features; returns (probs_val_mnk, probs_test_mnk, info).
 
     "probe" is the logistic-regression linear probe (one model: M = 1); the others are M-member deep
     ensembles from the compiled trainer. Validation and test probabilities average all views (TTA).
+    residency: where the features live while training and predicting (`compiled.feature_residency`).
     """
-    if kind == "probe":
+    if kind == "probe":  # pooled chunk by chunk (`probe.pool`): host arrays never go to the device whole
         p = probe.fit(train_x, train_y, num_classes)
-        return (np.asarray(probe.predict(p, compiled.device_features(val_x)))[None],
-                np.asarray(probe.predict(p, compiled.device_features(test_x)))[None], {"members": 1})
+        return (np.asarray(probe.predict(p, probe.pool(val_x)))[None],
+                np.asarray(probe.predict(p, probe.pool(test_x)))[None], {"members": 1})
     head = make_model(kind, num_classes, units, hidden, order=order)
-    res = compiled.fit(recipe, head, num_classes, train_x, train_y, val_x, val_y, hparams, seed=seed, mesh=mesh)
-    p_va, p_te, info = predict_both(head, res, val_x, test_x)
+    res = compiled.fit(recipe, head, num_classes, train_x, train_y, val_x, val_y, hparams, seed=seed, mesh=mesh,
+                       residency=residency)
+    p_va, p_te, info = predict_both(head, res, val_x, test_x, residency)
     info["members"] = recipe.num_members
     return p_va, p_te, info
 
 
-def predict_both(head, res, val_x, test_x):
+def predict_both(head, res, val_x, test_x, residency: str = "auto"):
     """Returns (probs_val_mnk, probs_test_mnk, info with best epochs and history) of a trained ensemble."""
-    predict = compiled.make_predict(head)
-    p_va = np.asarray(predict(res.params, compiled.device_features(val_x)))  # float32 or 16-bit: cast per chunk
-    p_te = np.asarray(predict(res.params, compiled.device_features(test_x)))
+    p_va = compiled.predict_probs(head, res.params, val_x, residency)  # float32 or 16-bit: cast per chunk
+    p_te = compiled.predict_probs(head, res.params, test_x, residency)
     info = dict(best_epoch=np.asarray(res.best_epoch).tolist(),
                 epochs_run=int(np.asarray(res.epochs_run)[0]),
                 history={k: np.asarray(v) for k, v in res.history.items()})

@@ -76,7 +76,8 @@ def view_features(backbone, variables, images_nhwc, normalization, views: str = 
 def stream_view_features(backbone, variables, source, image_size: int, normalization, path, *,
                          views: str = "dihedral", num_affine: int = 0, seed: int = 0, batch_size: int = 32,
                          dtype="bfloat16", num_threads: int = 2, max_pixels: int | None = None,
-                         progress: bool = True, desc: str = "features", image_fn=None) -> "FeatureFile":
+                         progress: bool = True, desc: str = "features", image_fn=None,
+                         part: tuple[int, int] = (0, 1), barrier=None) -> "FeatureFile":
     """Returns the frozen feature maps of every view of every image of `source`, V×N×h·w×C in `dtype` (16-bit),
     as the `FeatureFile` at `path` (a `.npy` file), computed if it does not exist.
 
@@ -86,11 +87,17 @@ def stream_view_features(backbone, variables, source, image_size: int, normaliza
 
     Streaming: a grain pipeline (`leukax.data.pipeline.epoch_dataset`, `num_threads` readers, in dataset
     order) decodes and resizes `batch_size` images at a time; their V views go through the backbone in V
-    calls of `batch_size` (one compiled shape; the last batch padded) and are written into
-    ``path.partial`` (a `.npy` memory-mapped for each batch only). `image_fn(uint8 B×S×S×3) -> B×S×S×3`, if given, runs on
-    every batch before its views are made (e.g. Akter et al.'s smoothing). Memory: one batch of images and views, whatever N.
-    Resumable: after every batch ``path.progress.json`` records how many images are done; a killed extraction
-    restarts there. The finished file is renamed to `path` (readers never see a partial one)."""
+    calls of `batch_size` (one compiled shape; the last batch padded) and are written with `os.pwrite` into
+    ``path.partial`` (a sparse `.npy` of the full size; nothing of it is mapped, so memory is one batch of
+    images and views, whatever N). `image_fn(uint8 B×S×S×3) -> B×S×S×3`, if given, runs on every batch before
+    its views are made (e.g. Akter et al.'s smoothing). Resumable: after every batch a progress file records
+    how many images are done; a killed extraction restarts there. The finished file is renamed to `path`
+    (readers never see a partial one).
+
+    Divided over processes: with part=(p, P) process p extracts the p-th of P contiguous ranges of images into
+    the same file, which must be on a folder every process sees (a shared filesystem); `barrier()` (e.g.
+    `jax.distributed`'s, `experiments.common.barrier`) is called by every process at the same three points:
+    after process 0 created the file, after every range is written, after process 0 renamed it."""
     import json
     import os
     import pathlib
@@ -105,46 +112,91 @@ def stream_view_features(backbone, variables, source, image_size: int, normaliza
     path = pathlib.Path(path)
     if path.exists():
         return FeatureFile(path, dtype)
+    pid, count = part
+    if count > 1 and barrier is None:
+        raise ValueError("leukax/train/views.py: stream_view_features over several processes needs a barrier")
+    wait = barrier or (lambda: None)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial, state = path.with_name(path.name + ".partial"), path.with_name(path.name + ".progress.json")
+    partial = path.with_name(path.name + ".partial")
+    state = path.with_name(path.name + (".progress.json" if count == 1 else f".progress.{pid}of{count}.json"))
     n, v = len(source), num_views(views, num_affine)
     fm = jax.eval_shape(lambda x: _forward(backbone, variables, x, normalization, "feature_map"),
                         jax.ShapeDtypeStruct((1, image_size, image_size, 3), np.uint8))
     shape = (v, n, fm.shape[1] * fm.shape[2], fm.shape[3])
-    dt, stored, done = _dtype(dtype), _stored(dtype), 0
-    if partial.exists() and state.exists():
+    dt, stored = _dtype(dtype), _stored(dtype)
+    lo, hi = (int(b[0]), int(b[-1]) + 1) if len(b := np.array_split(np.arange(n), count)[pid]) else (n, n)
+    if pid == 0 and _npy_header(partial) != (shape, stored):  # a new partial file: no progress is valid
+        for old in path.parent.glob(path.name + ".progress*.json"):
+            old.unlink()
+        np.lib.format.open_memmap(partial, "w+", stored, shape).flush()  # the header and a sparse file
+    wait()
+    if _npy_header(partial) != (shape, stored):
+        raise FileNotFoundError(f"leukax/train/views.py: process {pid} of {count} does not see {partial} that "
+                                "process 0 created: the feature folder must be shared by every process")
+    done = lo
+    if state.exists():
         saved = json.loads(state.read_text())
-        if tuple(saved["shape"]) == shape and saved["dtype"] == dt.name:
+        if tuple(saved["shape"]) == shape and saved["dtype"] == dt.name and lo <= int(saved["done"]) <= hi:
             done = int(saved["done"])
-    if not done:  # the .npy header and a sparse file of the full size
-        header = np.lib.format.open_memmap(partial, "w+", stored, shape)
-        del header
-    bar = tqdm(total=n, initial=done, desc=desc, unit="img", file=sys.stderr, disable=not progress or done == n)
-    if done < n:
-        batches = pipeline.epoch_dataset(source, image_size, batch_size, indices=np.arange(done, n), shuffle=False,
+    if count > 1 and progress:
+        print(f"{desc}: images {lo}–{hi} of {n} (process {pid} of {count})", flush=True)
+    bar = tqdm(total=hi - lo, initial=done - lo, desc=desc, unit="img", file=sys.stderr,
+               disable=not progress or done == hi)
+    if done < hi:
+        offset = FeatureFile.data_offset(partial)
+        row = shape[2] * shape[3] * stored.itemsize  # bytes of one [view, image]
+        batches = pipeline.epoch_dataset(source, image_size, batch_size, indices=np.arange(done, hi), shuffle=False,
                                          num_threads=num_threads, max_pixels=max_pixels)
-        for batch in batches:
-            idx_b, images_b = batch["index"], batch["image"]
-            if image_fn is not None:
-                images_b = np.asarray(image_fn(images_b))
-            b = len(idx_b)
-            pad = np.concatenate([images_b, np.repeat(images_b[-1:], batch_size - b, 0)]) if b < batch_size else images_b
-            views_vb = make_views(pad, views, num_affine, seed, np.concatenate([idx_b, np.repeat(idx_b[-1:], batch_size - b)]))
-            # A memory map opened per batch and closed again: pages of one kept open stay resident once written,
-            # so the process would grow by the size of the file (1 GB per 1,000 images for MobileNetV2).
-            mm = np.load(partial, mmap_mode="r+")
-            for k in range(v):
-                out = np.asarray(_forward(backbone, variables, views_vb[k], normalization, "feature_map"))[:b]
-                mm[k, idx_b[0]: idx_b[0] + b] = out.reshape(b, shape[2], shape[3]).astype(dt).view(stored)
-            mm.flush()
-            del mm
-            done = int(idx_b[0]) + b
-            state.write_text(json.dumps({"done": done, "shape": list(shape), "dtype": dt.name}))
-            bar.update(b)
+        with open(partial, "r+b", buffering=0) as f:
+            for batch in batches:
+                idx_b, images_b = batch["index"], batch["image"]
+                if image_fn is not None:
+                    images_b = np.asarray(image_fn(images_b))
+                b = len(idx_b)
+                pad = (np.concatenate([images_b, np.repeat(images_b[-1:], batch_size - b, 0)]) if b < batch_size
+                       else images_b)
+                views_vb = make_views(pad, views, num_affine, seed,
+                                      np.concatenate([idx_b, np.repeat(idx_b[-1:], batch_size - b)]))
+                for k in range(v):
+                    out = np.asarray(_forward(backbone, variables, views_vb[k], normalization, "feature_map"))[:b]
+                    data = np.ascontiguousarray(out.reshape(b, shape[2], shape[3]).astype(dt).view(stored))
+                    _write_at(f.fileno(), data.view(np.uint8).reshape(-1), offset + (k * n + int(idx_b[0])) * row)
+                done = int(idx_b[0]) + b
+                state.write_text(json.dumps({"done": done, "shape": list(shape), "dtype": dt.name}))
+                bar.update(b)
     bar.close()
-    os.replace(partial, path)
-    state.unlink(missing_ok=True)
+    wait()
+    if pid == 0:
+        os.replace(partial, path)
+        for old in path.parent.glob(path.name + ".progress*.json"):
+            old.unlink()
+    wait()
     return FeatureFile(path, dtype)
+
+
+def _npy_header(path) -> tuple | None:
+    """(shape, dtype) of the `.npy` file at `path`, or None if there is none."""
+    try:
+        with open(path, "rb") as f:
+            shape, _, stored = _read_header(f)
+        return tuple(shape), stored
+    except (OSError, ValueError):
+        return None
+
+
+def _read_header(f) -> tuple:
+    """(shape, fortran_order, dtype) of the `.npy` file open at its start; leaves `f` at the array data."""
+    version = np.lib.format.read_magic(f)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(f)
+
+
+def _write_at(fd: int, buf_u8: np.ndarray, pos: int) -> None:
+    """Writes all of `buf_u8` at byte `pos` of file `fd` (`os.pwrite` may write less than asked)."""
+    view = memoryview(buf_u8)
+    while len(view):
+        written = os.pwrite(fd, view, pos)
+        view, pos = view[written:], pos + written
 
 
 def _dtype(dtype) -> np.dtype:
@@ -187,10 +239,7 @@ class FeatureFile:
     def __init__(self, path, dtype=None):
         self.path = path
         with open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                           else np.lib.format.read_array_header_2_0)
-            shape, fortran, stored = read_header(f)
+            shape, fortran, stored = _read_header(f)
             self._offset = f.tell()
         self.shape, self.dtype = tuple(shape), _dtype(dtype) if dtype is not None else stored
         if fortran or stored != _stored(self.dtype):
@@ -201,6 +250,13 @@ class FeatureFile:
     @property
     def ndim(self) -> int:
         return len(self.shape)
+
+    @staticmethod
+    def data_offset(path) -> int:
+        """Byte offset of the array data in the `.npy` file at `path` (after its header)."""
+        with open(path, "rb") as f:
+            _read_header(f)
+            return f.tell()
 
     def take(self, indices) -> np.ndarray:
         """Returns V×k×T×C for images `indices` (an array or a slice)."""
