@@ -28,6 +28,7 @@ look at, not a test.
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import time
 
@@ -97,6 +98,9 @@ class Config:
     repeats: int = field(2, "Seeds of the k-fold (S = folds × repeats splits per dataset).")
     val_fraction: float = field(0.2, "Grouped validation part (fraction of all) inside every training part.")
     feature_cache: str | None = field(None, "Folder to keep frozen features as .npy between runs.")
+    baseline: str | None = field(None, "A finished suite run's folder: every dataset × backbone × head of both runs, "
+                                 "on identical splits, gets the paired difference this run − baseline (a recipe "
+                                 "change judged against the recipe it would replace).")
     seed: int = field(0, "Seed of everything.")
 
 
@@ -293,6 +297,34 @@ def run_dataset(cfg: Config, name: str, out: pathlib.Path, npz: dict, on_split=l
     return section
 
 
+def versus_baseline(m: dict, npz: dict, baseline_dir) -> dict:
+    """Returns {dataset: {backbone: {head: {"accuracy": paired, "nll": paired}}}}: this run − the baseline run in
+    `baseline_dir`, for every dataset × backbone × head both ran, on splits whose validation and test indices
+    are identical (checked from both runs' predictions_per_split.npz; a dataset whose splits differ is left out
+    with the reason)."""
+    base_dir = pathlib.Path(baseline_dir)
+    base = json.loads((base_dir / "metrics.json").read_text())
+    z = np.load(base_dir / "predictions_per_split.npz")
+    out = {}
+    for name, d in m["datasets"].items():
+        if name not in base["datasets"]:
+            continue
+        ids = sorted(k for k in npz if k.startswith(f"{name}_r") and k.endswith("_index"))
+        if any(k not in z.files or not np.array_equal(z[k], npz[k]) for k in ids):
+            out[name] = {"left out": "its splits differ from the baseline's"}
+            continue
+        for bb, sec in d["backbones"].items():
+            if bb in FUSED_ROWS or bb not in base["datasets"][name]["backbones"]:
+                continue
+            b_heads = base["datasets"][name]["backbones"][bb]["heads"]
+            for kind, h in sec["heads"].items():
+                if kind in b_heads:
+                    out.setdefault(name, {}).setdefault(bb, {})[kind] = {
+                        metric: paired(h[metric]["per_split"], b_heads[kind][metric]["per_split"], metric != "nll")
+                        for metric in ("accuracy", "nll")}
+    return dict(baseline=str(base_dir), baseline_command=base.get("command"), datasets=out)
+
+
 def paired_table(heads: dict) -> dict:
     """Returns {"a - b": {"accuracy": paired(...), "nll": paired(...)}} for the `PAIRS` present in `heads` (the
     per-head summaries of one dataset and backbone, each with per_split values)."""
@@ -346,6 +378,9 @@ def run(cfg: Config) -> dict:
         results[name] = run_dataset(cfg, name, out, npz, lambda section, name=name: (
             results.__setitem__(name, section), write(False)))
     m = write(True)
+    if cfg.baseline:
+        m["versus_baseline"] = versus_baseline(m, npz, cfg.baseline)
+        records.write_json(out / "metrics.json", m)
     print(summary_table(m))
     print(f"dev_suite: wrote {out}/ in {m['timing_s']['total']:.0f} s")
     return m
@@ -365,8 +400,17 @@ def summary_table(m: dict) -> str:
                 a = p["accuracy"]
                 prs.append(f"| {name} | {bb} | {pair} | {a['mean']:+.3f} ± {a['std']:.3f} | {a['wins']}/{a['losses']} | "
                            f"{a['verdict']} |")
+    vb = m.get("versus_baseline", {}).get("datasets", {})
+    base_rows = [f"| {name} | {bb} | {kind} | {p['accuracy']['mean']:+.3f} ± {p['accuracy']['std']:.3f} | "
+                 f"{p['accuracy']['verdict']} | {p['nll']['mean']:+.3f} ± {p['nll']['std']:.3f} | {p['nll']['verdict']} |"
+                 for name, d in vb.items() for bb, hs in d.items() if isinstance(hs, dict)
+                 for kind, p in hs.items()]
+    if base_rows:
+        base_rows = ["", f"This run − baseline ({m['versus_baseline']['baseline']}), same splits:", "",
+                     "| dataset | backbone | head | accuracy | verdict | NLL | verdict |", "|---|---|---|---|---|---|---|",
+                     *base_rows]
     return "\n".join(rows + ["", "| dataset | backbone | paired accuracy | mean ± std | wins/losses | verdict |",
-                             "|---|---|---|---|---|---|"] + prs)
+                             "|---|---|---|---|---|---|"] + prs + base_rows)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,35 @@ def test_paired_differences_and_verdict():
     assert (nll["mean"], nll["wins"], nll["verdict"]) == (pytest.approx(-0.2), 2, "wins")
 
 
+def test_versus_baseline_pairs_the_same_splits_of_two_runs(tmp_path):
+    """--baseline: every dataset × backbone × head of both runs gets this run − baseline per split (accuracy: higher
+    is better, NLL: lower), fused rows excepted; a dataset whose split indices differ is left out, not paired."""
+    def run(acc_gru, nll_gru, test_idx):
+        heads = {"gru": {"accuracy": {"per_split": acc_gru}, "nll": {"per_split": nll_gru}},
+                 "probe": {"accuracy": {"per_split": [0.5, 0.5]}, "nll": {"per_split": [1.0, 1.0]}}}
+        m = {"command": "python -m experiments.dev_suite", "datasets": {
+            name: {"backbones": {"mobilenet_v2": {"heads": heads}, "fused (sum rule)": {"heads": heads}}}
+            for name in ("pbc", "cnmc2019")}}
+        npz = {"pbc_r0_f0_test_index": np.array([1, 2]), "pbc_r0_f0_val_index": np.array([3]),
+               "cnmc2019_r0_f0_test_index": np.array(test_idx), "cnmc2019_r0_f0_val_index": np.array([3])}
+        return m, npz
+    base_m, base_npz = run([0.8, 0.6], [0.5, 0.9], [1, 2])
+    (tmp_path / "metrics.json").write_text(json.dumps(base_m))
+    np.savez(tmp_path / "predictions_per_split.npz", **base_npz)
+    m, npz = run([0.9, 0.5], [0.4, 0.7], [1, 4])
+    vb = dev_suite.versus_baseline(m, npz, tmp_path)
+    assert vb["baseline"] == str(tmp_path) and vb["baseline_command"] == base_m["command"]
+    assert vb["datasets"]["cnmc2019"] == {"left out": "its splits differ from the baseline's"}
+    assert set(vb["datasets"]["pbc"]) == {"mobilenet_v2"} and set(vb["datasets"]["pbc"]["mobilenet_v2"]) == {"gru", "probe"}
+    gru = vb["datasets"]["pbc"]["mobilenet_v2"]["gru"]
+    np.testing.assert_allclose(gru["accuracy"]["per_split"], [0.1, -0.1], atol=1e-12)
+    np.testing.assert_allclose(gru["nll"]["per_split"], [-0.1, -0.2], atol=1e-12)
+    assert (gru["nll"]["wins"], gru["accuracy"]["wins"], gru["accuracy"]["losses"]) == (2, 1, 1)
+    m["versus_baseline"] = vb
+    assert "| pbc | mobilenet_v2 | gru | +0.000 ± 0.141 | tie |" in dev_suite.summary_table(
+        {**m, "model": {"heads": ["gru"]}, "datasets": {}})
+
+
 def test_tiny_suite_run_is_consistent_with_its_saved_predictions(tmp_path):
     cfg = common.parse_argv(dev_suite.Config, [
         "prog", f"--out_dir={tmp_path}", "--datasets=cnmc2019", "--weights=none", "--image_size=32", "--members=2",
