@@ -127,7 +127,8 @@ def split_scores(labels_n, probs_nk, probs_val_nk=None, coverage: float = COVERA
     return out
 
 
-def calibration_after_scaling(parts, num_bins: int = 15, draws: int = 2000, seed: int = 0) -> dict:
+def calibration_after_scaling(parts, num_bins: int = 15, draws: int = 2000, seed: int = 0,
+                              prior_scale: float = 0.0) -> dict:
     """Calibration as a lab would deploy it: on every split a temperature fitted on the validation part
     (`calibration.fit_temperature`), applied to that split's test part. `parts`: per split
     (labels_val_n, probs_val_nk, labels_test_n, probs_test_nk). Returns per-split ECE before / after scaling,
@@ -138,7 +139,7 @@ def calibration_after_scaling(parts, num_bins: int = 15, draws: int = 2000, seed
     key = jax.random.PRNGKey(seed)
     per, ys, ps = [], [], []
     for i, (y_va, p_va, y_te, p_te) in enumerate(parts):
-        t = calibration.fit_temperature(jnp.asarray(y_va, jnp.int32), jnp.asarray(p_va, jnp.float32))
+        t = calibration.fit_temperature(jnp.asarray(y_va, jnp.int32), jnp.asarray(p_va, jnp.float32), prior_scale)
         scaled = np.asarray(calibration.apply_temperature(jnp.asarray(p_te, jnp.float32), t))
         null = metrics.ece_null(jax.random.fold_in(key, i), jnp.asarray(scaled.max(-1)), len(y_te), draws, num_bins)
         per.append(dict(temperature=float(t), ece=float(metrics.ece(jnp.asarray(y_te), jnp.asarray(p_te), num_bins)),
@@ -162,7 +163,7 @@ def fused_rows(va_h, te_h, labels_val):
         yield row, f_va, f_te, choice
 
 
-def recompute_calibration(out_dir, metrics_json: dict) -> dict:
+def recompute_calibration(out_dir, metrics_json: dict, **kw) -> dict:
     """Returns {dataset: {backbone or fused row: {head: calibration_after_scaling(...)}}} from a finished run's
     predictions_per_split.npz (for runs made before the suite reported it): each backbone's saved validation and
     test means, and the fused rows rebuilt from them exactly as `run_dataset` does (sum rule, validation-fitted
@@ -189,7 +190,7 @@ def recompute_calibration(out_dir, metrics_json: dict) -> dict:
                         parts[row].append((labels[va_i], f_va, labels[te_i], f_te))
             for b, pr in parts.items():
                 if pr:
-                    out[name].setdefault(b, {})[kind] = calibration_after_scaling(pr)
+                    out[name].setdefault(b, {})[kind] = calibration_after_scaling(pr, **kw)
     return out
 
 

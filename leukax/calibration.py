@@ -7,8 +7,18 @@ Given predicted probabilities p (an ensemble mean, or a fused system's), the cal
 T > 1 softens over-confident predictions, T < 1 sharpens under-confident ones; the argmax (accuracy) never
 changes. The 1-D convex minimisation over log T is solved by a dense grid (jit-able, no starting point to
 choose) refined by golden-section search on the bracketing cell.
+
+With `prior_scale` σ > 0 the fit is the MAP estimate under a Gaussian prior log T ~ N(0, σ²):
+
+    T* = argmin_T  −(1/N) Σ_n log p_T(y_n | x_n)  +  (log T)² / (2 σ² N)
+
+On a small validation part that the model classifies without an error the NLL keeps falling as T → 0, and the
+maximum-likelihood T runs to the grid's edge (0.05), which makes the test predictions near-certain; the prior
+keeps T finite there and fades as N grows.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -25,14 +35,18 @@ def apply_temperature(probs_nk, temperature):
     return jax.nn.softmax(logp / temperature, -1)
 
 
-def _nll_at(log_t, labels_n, probs_nk):
-    return metrics.nll(labels_n, apply_temperature(probs_nk, jnp.exp(log_t)))
+def _objective(log_t, labels_n, probs_nk, prior_scale):
+    nll = metrics.nll(labels_n, apply_temperature(probs_nk, jnp.exp(log_t)))
+    penalty = log_t ** 2 / (2 * jnp.maximum(prior_scale, 1e-6) ** 2 * labels_n.shape[0])
+    return nll + jnp.where(prior_scale > 0, penalty, 0.0)
 
 
-@jax.jit
-def fit_temperature(labels_n, probs_nk, num_grid: int = 141, refine_steps: int = 30):
-    """Returns the scalar T minimising the validation NLL of `apply_temperature(probs_nk, T)`."""
+@functools.partial(jax.jit, static_argnames=("num_grid", "refine_steps"))
+def fit_temperature(labels_n, probs_nk, prior_scale=0.0, num_grid: int = 141, refine_steps: int = 30):
+    """Returns the scalar T minimising the validation NLL of `apply_temperature(probs_nk, T)` (with
+    prior_scale σ > 0: plus the Gaussian prior's (log T)² / (2σ²N), the MAP estimate)."""
     lo, hi = LOG_T_RANGE
+    _nll_at = lambda lt, y, p: _objective(lt, y, p, prior_scale)  # noqa: E731
     grid = jnp.linspace(lo, hi, num_grid)
     nll_g = jax.vmap(lambda lt: _nll_at(lt, labels_n, probs_nk))(grid)
     i = jnp.argmin(nll_g)

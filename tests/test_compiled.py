@@ -257,6 +257,25 @@ def test_temperature_scaling_lowers_nll_of_overconfident_predictions():
     np.testing.assert_array_equal(np.asarray(cal).argmax(-1), np.asarray(over).argmax(-1))  # accuracy unchanged
 
 
+def test_temperature_prior_keeps_t_finite_on_an_error_free_validation_part():
+    """prior_scale σ: MAP under log T ~ N(0, σ²). Ten validation cells all classified right drive the
+    maximum-likelihood T to the grid's lower edge (0.05); the prior keeps it where the penalised objective,
+    evaluated by hand on a fine grid, is lowest; with many cells the prior fades and the MAP meets the MLE."""
+    y = jnp.arange(10) % K
+    p = jax.nn.softmax(jnp.asarray(np.eye(K)[np.asarray(y)] * 1.0), -1)  # right, unconfident (max 0.58)
+    assert float(calibration.fit_temperature(y, p)) < 0.06
+    t_map = float(calibration.fit_temperature(y, p, 0.5))
+    grid = np.linspace(-3, 4, 70001)
+    obj = [float(metrics.nll(y, calibration.apply_temperature(p, np.exp(lt)))) + lt ** 2 / (2 * 0.25 * 10)
+           for lt in grid[::100]]
+    assert t_map == pytest.approx(np.exp(grid[::100][int(np.argmin(obj))]), rel=0.02) and t_map > 0.2
+    rng = np.random.default_rng(1)
+    yb = jnp.asarray(rng.integers(0, K, 4000))
+    pb = jax.nn.softmax(jnp.asarray(0.5 * (rng.normal(size=(4000, K)) + 2.0 * np.eye(K)[np.asarray(yb)])), -1)
+    t_mle, t_big = float(calibration.fit_temperature(yb, pb)), float(calibration.fit_temperature(yb, pb, 0.5))
+    assert t_mle < 0.8 and t_big == pytest.approx(t_mle, rel=0.03)
+
+
 def test_feature_transform_uses_training_statistics_only():
     x, _ = _data(30)
     tf = recipe.fit_transform(x[:, :20], dim=4)
