@@ -166,6 +166,10 @@ class Config:
                                    "<manual_dir>/subjects.csv when present); splits keep a subject on one side.")
     save_model: bool = field(True, "After cross-validation, train the final fused model on all images (grouped "
                              "validation part) and save it to <out_dir>/model for leukax.predict and leukax.app.")
+    temperature_prior: float = field(0.0, "σ of a Gaussian prior on log T for temperature scaling (0 = maximum "
+                                     "likelihood). On validation parts of ~10 cells without an error the maximum-"
+                                     "likelihood T runs to 0.05; σ = 0.5 kept it finite (results/dev_suite/"
+                                     "three_backbones/temperature_prior.md).")
     ood_alpha: float = field(0.05, "The saved model's mutual-information and OOD rules refer at most this fraction "
                              "of in-distribution cells (conformal quantile of validation scores).")
     seed: int = field(0, "Seed of everything.")
@@ -554,7 +558,7 @@ def save_final_model(cfg, hybrids: list[dict], ds, model_dir, provenance: dict) 
 def _thresholds(cfg, probs_val_mnk, labels_val, ood_val_n) -> dict:
     """Returns the bundle's temperature and referral thresholds, all fitted on the validation part."""
     ens = uncertainty.deep_ensemble(jnp.asarray(probs_val_mnk))
-    t = calibration.fit_temperature(jnp.asarray(labels_val, jnp.int32), ens["mean"])
+    t = calibration.fit_temperature(jnp.asarray(labels_val, jnp.int32), ens["mean"], cfg.temperature_prior)
     ref = uncertainty.fit_referral_threshold(np.asarray(ens["predictive_entropy"]),
                                              np.asarray(ens["pred"]) == labels_val, "accuracy", cfg.referral_accuracy)
     return dict(temperature=float(t), uncertainty="predictive_entropy",
@@ -565,7 +569,7 @@ def _thresholds(cfg, probs_val_mnk, labels_val, ood_val_n) -> dict:
 
 def _record(d: dict, y_va, p_va, y_te, p_te, names, cfg, hparams) -> None:
     rep, unc, ref = common.evaluate_probs(y_va, p_va, y_te, p_te, names, "accuracy", cfg.referral_accuracy)
-    cal, cal_te = common.calibrate(y_va, p_va, y_te, p_te)
+    cal, cal_te = common.calibrate(y_va, p_va, y_te, p_te, cfg.temperature_prior)
     probs = dict(val=np.mean(p_va, 0), test=np.mean(p_te, 0), test_calibrated=cal_te)
     for key, v in (("reports", rep), ("unc", unc), ("referral", ref), ("calibration", cal), ("hparams", hparams),
                    ("probs", probs)):

@@ -269,6 +269,10 @@ def test_temperature_prior_keeps_t_finite_on_an_error_free_validation_part():
     obj = [float(metrics.nll(y, calibration.apply_temperature(p, np.exp(lt)))) + lt ** 2 / (2 * 0.25 * 10)
            for lt in grid[::100]]
     assert t_map == pytest.approx(np.exp(grid[::100][int(np.argmin(obj))]), rel=0.02) and t_map > 0.2
+    from experiments import common, dev_suite  # the studies pass the prior through (--temperature_prior)
+    assert common.calibrate(y, p[None], y, p[None], 0.5)[0]["temperature"] == pytest.approx(t_map)
+    assert dev_suite.calibration_after_scaling([(y, p, y, p)], draws=10, prior_scale=0.5)["per_split"][0][
+        "temperature"] == pytest.approx(t_map)
     rng = np.random.default_rng(1)
     yb = jnp.asarray(rng.integers(0, K, 4000))
     pb = jax.nn.softmax(jnp.asarray(0.5 * (rng.normal(size=(4000, K)) + 2.0 * np.eye(K)[np.asarray(yb)])), -1)
