@@ -290,6 +290,26 @@ def test_feature_transform_uses_training_statistics_only():
     assert not np.allclose(tf.mean_c, recipe.fit_transform(x, dim=4).mean_c)
 
 
+def test_channel_constant_in_training_reads_zero_not_overflow():
+    """A channel that never fires on the training images (constant there) fires on a test image: without a rule
+    (x − μ)/(0 + ε) is ~1e9, inf in float16. It reads 0 (σ = ∞), with and without PCA, the other channels are
+    standardised as before, and a float16 output is clipped to its range, never inf."""
+    x, _ = _data(30)
+    x = x * 100.0
+    x[..., 5] = 0.0
+    x[:, 25:, :, 5] = 3000.0  # fires on "test" images only
+    for dim in (0, 4):
+        tf = recipe.fit_transform(x[:, :20], dim=dim)
+        out = np.asarray(recipe.transform(tf, x, np.arange(30)), np.float32)
+        assert np.all(np.isfinite(out)) and np.abs(out).max() < 100
+    tf = recipe.fit_transform(x[:, :20])
+    assert np.isinf(tf.std_c[5]) and np.all(np.isfinite(tf.std_c[:5]))
+    np.testing.assert_allclose(tf.std_c[:5], x[:, :20, :, :5].reshape(-1, 5).std(0) + 1e-6, rtol=1e-5)
+    assert np.all(tf.apply(x)[..., 5] == 0)
+    huge = recipe.FeatureTransform(np.zeros(6, np.float32), np.full(6, 1e-3, np.float32), None)
+    assert np.all(np.isfinite(np.asarray(recipe.transform(huge, x, np.arange(30)), np.float32)))
+
+
 MESH_SCRIPT = textwrap.dedent("""
     import numpy as np, jax, jax.numpy as jnp
     from jax.sharding import Mesh
