@@ -51,7 +51,12 @@ sample and the AML-LMU sample, three backbones, the same splits): `--head=gru` b
 the probe on all 9 backbone × set pairs (+0.017 to +0.260 accuracy, "wins" on 5, no loss); not `gru_pool`, which
 helps the fused C-NMC row (+0.050) but is behind on AML-LMU and PBC (−0.020, −0.013 fused); the sum rule as the
 main fused row because the validation-fitted weights and the validation choice never beat it beyond the noise
-(within ±0.02 accuracy on every set, behind on two of three) — both are reported beside it.
+(within ±0.02 accuracy on every set, behind on two of three) — both are reported beside it. The GRU head's
+own defaults, each against one change on the same splits (results/dev_suite/recipe_variants/README.md):
+`--order=center_last` (raster order loses 0.46 on AML-LMU and 0.21 on PBC), `--feature_dim=256` (no PCA and PCA
+128 tie on every set) and `--units=128` (64 units lose on AML-LMU's NLL; 256 tie on all nine backbone × set pairs,
+mean −0.001, at ~1.4× the training time). `--temperature_prior=0` (maximum likelihood): a prior σ = 0.5 helps the
+small sets and costs PBC its ≤ 0.02 ECE (results/dev_suite/three_backbones/README.md).
 """
 from __future__ import annotations
 
