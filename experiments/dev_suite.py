@@ -4,6 +4,8 @@ paired differences against the baselines — so a head-mode recipe change is jud
 Command:   python -m experiments.dev_suite --weights_dir=../shared/weights --feature_cache=<dir>
            (writes results/dev_suite/: metrics.json, predictions_per_split.npz, splits/)
            python -m experiments.dev_suite --datasets=pbc,cnmc2019,aml_lmu,standin,lab_probe --repeats=3
+           python -m experiments.dev_suite --recalibrate=<run folder> --heads=gru   (no training: the sweep of the
+           temperature prior σ on a finished run's saved predictions, `temperature_prior_sweep`)
 Runtime:   see results/dev_suite/README.md (measured, with the command, commit and peak RSS).
 
 Datasets (under `--data_root`, the shared folder of ../shared/data/README.md):
@@ -102,6 +104,10 @@ class Config:
                                  "on identical splits, gets the paired difference this run − baseline (a recipe "
                                  "change judged against the recipe it would replace).")
     seed: int = field(0, "Seed of everything.")
+    recalibrate: str | None = field(None, "A finished run's folder: train nothing; sweep the temperature prior σ "
+                                    "over --prior_scales on its saved predictions and write "
+                                    "<run>/temperature_prior.json and .md (`temperature_prior_sweep`).")
+    prior_scales: tuple = field((0.0, 0.25, 0.5, 1.0, 2.0), "--recalibrate: σ values (0 = maximum likelihood).")
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -191,6 +197,38 @@ def recompute_calibration(out_dir, metrics_json: dict, **kw) -> dict:
             for b, pr in parts.items():
                 if pr:
                     out[name].setdefault(b, {})[kind] = calibration_after_scaling(pr, **kw)
+    return out
+
+
+def temperature_prior_sweep(cfg: Config, draws: int = 200) -> dict:
+    """--recalibrate=<run>: per dataset, row (backbone or fused rule) and head of `--heads`, the pooled ECE after
+    temperature scaling (`recompute_calibration` with `prior_scale` σ: each split's T, MAP under log T ~ N(0, σ²),
+    fitted on its validation means, applied to its test means) and the smallest per-split T, for every σ of
+    `cfg.prior_scales` (0 = maximum likelihood). No training. Writes <run>/temperature_prior.json and .md."""
+    env = common.environment()
+    folder = pathlib.Path(cfg.recalibrate)
+    m = json.loads((folder / "metrics.json").read_text())
+    table: dict = {}
+    for sigma in map(float, cfg.prior_scales):
+        for name, rows in recompute_calibration(folder, m, draws=draws, prior_scale=sigma).items():
+            for row, by_head in rows.items():
+                for kind, c in by_head.items():
+                    if kind in cfg.heads:
+                        table.setdefault(name, {}).setdefault(row, {}).setdefault(kind, {})[str(sigma)] = dict(
+                            pooled_ece_scaled=round(c["pooled_ece_scaled"], 4),
+                            min_temperature=round(min(r["temperature"] for r in c["per_split"]), 3))
+    out = dict(command=common.command_line("experiments.dev_suite", cfg), environment=env,
+               peak_rss_mb=common.peak_rss_mb(), run=str(folder), run_command=m.get("command"), ece=table)
+    records.write_json(folder / "temperature_prior.json", out)
+    sig = [str(float(s)) for s in cfg.prior_scales]
+    md = [f"`{out['command']}` (commit {env['commit']}): pooled ECE after temperature scaling, smallest per-split T "
+          "in brackets, per prior scale σ (0 = maximum likelihood).", "",
+          "| dataset | row | head | " + " | ".join(f"σ = {s}" for s in sig) + " |", "|---|---|---|" + "---|" * len(sig)]
+    md += [f"| {name} | {row} | {kind} | " + " | ".join(
+        f"{v[s]['pooled_ece_scaled']:.3f} ({v[s]['min_temperature']:.2f})" for s in sig) + " |"
+        for name, rows in table.items() for row, by_head in rows.items() for kind, v in by_head.items()]
+    (folder / "temperature_prior.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
     return out
 
 
@@ -348,6 +386,8 @@ def _section(cfg, scores: dict, record) -> dict:
 
 def run(cfg: Config) -> dict:
     """Runs the suite; writes <out_dir>/metrics.json, predictions_per_split.npz, splits/ and returns the metrics."""
+    if cfg.recalibrate:
+        return temperature_prior_sweep(cfg)
     t_start = time.perf_counter()
     env = common.environment()
     unknown = (set(cfg.datasets) - set(DATASETS)) | (set(cfg.heads) - set(recipe.HEAD_KINDS))

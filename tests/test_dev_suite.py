@@ -1,5 +1,6 @@
 """experiments/dev_suite.py: its scores and paired differences, and a tiny-scale run (random-weight MobileNetV2 at
 32 px on the embedded C-NMC 2019 sample, 2 folds, M = 2, 1 epoch)."""
+import dataclasses
 import json
 
 import numpy as np
@@ -139,5 +140,14 @@ def test_tiny_suite_run_is_consistent_with_its_saved_predictions(tmp_path):
             got, want = rc[row][kind], sec["backbones"][row]["heads"][kind]["calibration"]
             assert got["pooled_ece_scaled"] == pytest.approx(want["pooled_ece_scaled"], abs=1e-5)
             assert [r["temperature"] for r in got["per_split"]] == pytest.approx([r["temperature"] for r in want["per_split"]], rel=1e-4)
+    sweep = dev_suite.run(dataclasses.replace(cfg, recalibrate=str(tmp_path), prior_scales=(0.0, 0.5),
+                                              heads=("dense",)))  # σ = 0 is the run's own maximum-likelihood fit
+    ece = json.loads((tmp_path / "temperature_prior.json").read_text())["ece"]["cnmc2019"]
+    assert ece == json.loads(json.dumps(sweep["ece"]["cnmc2019"])) and set(ece["mobilenet_v2"]) == {"dense"}
+    for row in ("mobilenet_v2", "fused (sum rule)"):
+        assert ece[row]["dense"]["0.0"]["pooled_ece_scaled"] == pytest.approx(
+            sec["backbones"][row]["heads"]["dense"]["calibration"]["pooled_ece_scaled"], abs=1e-4)
+        assert set(ece[row]["dense"]) == {"0.0", "0.5"}
+    assert "--recalibrate=" in sweep["command"] and (tmp_path / "temperature_prior.md").exists()
     assert (tmp_path / "figures" / "selective_cnmc2019.png").stat().st_size > 1000
     assert "| cnmc2019 (S=2) | mobilenet_v2 |" in dev_suite.summary_table(m)
