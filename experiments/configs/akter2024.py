@@ -7,8 +7,9 @@ Command:   python -m experiments.hybrid_gru --config=akter2024 --weights_dir=../
                (the same method under leukax's grouped, repeated cross-validation)
            python -m experiments.hybrid_gru --config=akter2024 --mode=finetune   (backbone trained too)
 Runtime:   (2 CPU cores, measured) the default command on the embedded C-NMC sample (60 cells, one paper split, three
-           hybrids): 8 min 22 s, peak RSS 2.61 GB (results/hybrid_gru/akter2024); with --protocol=grouped_kfold
-           --noleaky --repeats=1 (5 folds): 32 min on a loaded machine, 2.55 GB (results/hybrid_gru/akter2024_grouped).
+           hybrids, features cached, --heads=probe,gru --nosave_model): 6 min 43 s, peak RSS 2.39 GB
+           (results/hybrid_gru/akter2024); with --protocol=grouped_kfold --noleaky --repeats=1 (5 folds): 37 min beside
+           a test run, 2.57 GB (results/hybrid_gru/akter2024_grouped).
            On a 260-cell set each epoch is ~5× the sample's: results/benchmarks/akter2024_pbc_timing.md
            (--protocol=paper_80_20 --repeats=5 on the PBC subset, MobileNetV2 hybrid: ~16 CPU-minutes per split).
 
