@@ -171,6 +171,7 @@ def test_in_headless_chromium(server, model_dir, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
     cells = [_cells()[0], _cells()[-1]]
@@ -185,7 +186,9 @@ def test_in_headless_chromium(server, model_dir, tmp_path):
         driver.get(server + "/")
         driver.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys("\n".join(str(p) for p in cells + [broken]))
         driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-        WebDriverWait(driver, 180).until(lambda d: "images classified" in d.find_element(By.TAG_NAME, "body").text)
+        # the submit reloads the page: a <body> found before the reload goes stale while it is read, so poll again
+        WebDriverWait(driver, 180, ignored_exceptions=(StaleElementReferenceException,)).until(
+            lambda d: "images classified" in d.find_element(By.TAG_NAME, "body").text)
         text = driver.find_element(By.TAG_NAME, "body").text
         cards = driver.find_elements(By.CSS_SELECTOR, ".card")
         assert len(cards) == 2 and "2 of 3 images classified" in text
