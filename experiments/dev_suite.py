@@ -411,6 +411,8 @@ def run(cfg: Config) -> dict:
                  timing_s=dict(total=time.perf_counter() - t_start), peak_rss_mb=common.peak_rss_mb(),
                  environment=env,
                  command=common.command_line("experiments.dev_suite", cfg))
+        if complete and cfg.baseline:
+            m["versus_baseline"] = versus_baseline(m, npz, cfg.baseline)
         records.write_json(out / "metrics.json", m)
         np.savez_compressed(out / "predictions_per_split.npz", **npz)
         return m
@@ -419,9 +421,6 @@ def run(cfg: Config) -> dict:
         results[name] = run_dataset(cfg, name, out, npz, lambda section, name=name: (
             results.__setitem__(name, section), write(False)))
     m = write(True)
-    if cfg.baseline:
-        m["versus_baseline"] = versus_baseline(m, npz, cfg.baseline)
-        records.write_json(out / "metrics.json", m)
     print(summary_table(m))
     print(f"dev_suite: wrote {out}/ in {m['timing_s']['total']:.0f} s")
     return m

@@ -275,13 +275,18 @@ def train_finetune(cfg, hybrid: dict, split, labels, num_classes, seed):
                              else "recipe flags", **row)})
 
 
+def _residency(cfg, views, num_images: int) -> str:
+    """Where the reduced features of `num_images` images live (`--feature_residency`, weighed by their bytes)."""
+    return compiled.feature_residency(recipe.transformed_bytes(cfg.feature_dim, views, num_images),
+                                      cfg.feature_residency)
+
+
 def train_heads(cfg, hybrid: dict, split, labels, num_classes, seed, bo_dir) -> dict:
     """Head mode: every head kind of `cfg.heads` on the same transformed features of this split; returns
     {kind: (probs_val_mnk, probs_test_mnk, info)} (info["hparams"] says where the GRU's came from)."""
     views = hybrid["inputs"]  # V×N×T×C
     tf = recipe.fit_transform(views, cfg.feature_dim, seed=seed, indices=split.train)  # reads sampled rows only
-    num_images = sum(map(len, split.parts().values()))
-    where = compiled.feature_residency(recipe.transformed_bytes(cfg.feature_dim, views, num_images), cfg.feature_residency)
+    where = _residency(cfg, views, sum(map(len, split.parts().values())))
     tr, va, te = (recipe.transform(tf, views, idx, residency=where) for idx in (split.train, split.val, split.test))
     y_tr = labels[split.train]
     if cfg.augment == "copies":  # V×N → 1×(V·N) stored training items (view-major); un-augmented val/test
@@ -522,9 +527,7 @@ def save_final_model(cfg, hybrids: list[dict], ds, model_dir, provenance: dict) 
     for h in hybrids:
         views = h["inputs"]
         tf = recipe.fit_transform(views, cfg.feature_dim, seed=cfg.seed, indices=split.train)
-        num_images = len(split.train) + len(split.val)
-        where = compiled.feature_residency(recipe.transformed_bytes(cfg.feature_dim, views, num_images),
-                                           cfg.feature_residency)
+        where = _residency(cfg, views, len(split.train) + len(split.val))
         tr, va = (recipe.transform(tf, views, idx, residency=where) for idx in (split.train, split.val))
         rcp, hp, units, source = split_hparams(cfg, h["name"], tr, va, split, labels, k,
                                                pathlib.Path(model_dir).parent / "bo" / "final")

@@ -46,7 +46,7 @@ def fit_temperature(labels_n, probs_nk, prior_scale=0.0, num_grid: int = 141, re
     """Returns the scalar T minimising the validation NLL of `apply_temperature(probs_nk, T)` (with
     prior_scale σ > 0: plus the Gaussian prior's (log T)² / (2σ²N), the MAP estimate)."""
     lo, hi = LOG_T_RANGE
-    _nll_at = lambda lt, y, p: _objective(lt, y, p, prior_scale)  # noqa: E731
+    _nll_at = functools.partial(_objective, prior_scale=prior_scale)  # the penalised NLL at log T
     grid = jnp.linspace(lo, hi, num_grid)
     nll_g = jax.vmap(lambda lt: _nll_at(lt, labels_n, probs_nk))(grid)
     i = jnp.argmin(nll_g)

@@ -182,15 +182,11 @@ class HostFeatures:
         weakref.finalize(self, _HOST_ARRAYS.pop, token, None)
         self.token, self.shape, self.dtype = np.int32(token), x.shape, x.dtype
 
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape)) * np.dtype(self.dtype).itemsize
-
     def take(self, view, idx) -> jax.Array:
         """Returns x[view, idx] (idx.shape + (T, C), in the stored dtype) from host memory; batched index arrays
         (the member and trial axes under vmap) arrive as one call."""
         def host(token, v, i):
-            return np.asarray(_HOST_ARRAYS[int(np.ravel(token)[0])][v, i])
+            return np.asarray(_host_array(token)[v, i])
         out = jax.ShapeDtypeStruct(tuple(np.shape(idx)) + self.shape[2:], self.dtype)
         return jax.pure_callback(host, out, self.token, view, idx, vmap_method="expand_dims")
 
@@ -199,7 +195,7 @@ class HostFeatures:
         v, n = self.shape[:2]
 
         def host(token, s):
-            x, s = _HOST_ARRAYS[int(np.ravel(token)[0])], int(np.ravel(s)[0])
+            x, s = _host_array(token), int(np.ravel(s)[0])
             f = np.arange(s, s + size)
             got = np.zeros((size,) + self.shape[2:], self.dtype)
             ok = f < v * n
@@ -207,6 +203,11 @@ class HostFeatures:
             return got
         out = jax.ShapeDtypeStruct((size,) + self.shape[2:], self.dtype)
         return jax.pure_callback(host, out, self.token, start, vmap_method="expand_dims")
+
+
+def _host_array(token) -> np.ndarray:
+    """The array a callback's token names (a scalar, or broadcast to size-1 batch axes under vmap)."""
+    return _HOST_ARRAYS[int(np.ravel(token)[0])]
 
 
 jax.tree_util.register_pytree_node(

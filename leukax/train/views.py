@@ -96,7 +96,7 @@ def stream_view_features(backbone, variables, source, image_size: int, normaliza
 
     Divided over processes: with part=(p, P) process p extracts the p-th of P contiguous ranges of images into
     the same file, which must be on a folder every process sees (a shared filesystem); `barrier()` (e.g.
-    `jax.distributed`'s, `experiments.common.barrier`) is called by every process at the same three points:
+    `jax.distributed`'s, `leukax.runtime.await_all_processes`) is called by every process at the same three points:
     after process 0 created the file, after every range is written, after process 0 renamed it."""
     import json
     import os
@@ -125,12 +125,12 @@ def stream_view_features(backbone, variables, source, image_size: int, normaliza
     shape = (v, n, fm.shape[1] * fm.shape[2], fm.shape[3])
     dt, stored = _dtype(dtype), _stored(dtype)
     lo, hi = (int(b[0]), int(b[-1]) + 1) if len(b := np.array_split(np.arange(n), count)[pid]) else (n, n)
-    if pid == 0 and _npy_header(partial) != (shape, stored):  # a new partial file: no progress is valid
-        for old in path.parent.glob(path.name + ".progress*.json"):
-            old.unlink()
+    if pid == 0 and _npy_header(partial)[:2] != (shape, stored):  # a new partial file: no progress is valid
+        _remove_progress(path)
         np.lib.format.open_memmap(partial, "w+", stored, shape).flush()  # the header and a sparse file
     wait()
-    if _npy_header(partial) != (shape, stored):
+    header = _npy_header(partial)
+    if header[:2] != (shape, stored):
         raise FileNotFoundError(f"leukax/train/views.py: process {pid} of {count} does not see {partial} that "
                                 "process 0 created: the feature folder must be shared by every process")
     done = lo
@@ -143,7 +143,7 @@ def stream_view_features(backbone, variables, source, image_size: int, normaliza
     bar = tqdm(total=hi - lo, initial=done - lo, desc=desc, unit="img", file=sys.stderr,
                disable=not progress or done == hi)
     if done < hi:
-        offset = FeatureFile.data_offset(partial)
+        offset = header[2]
         row = shape[2] * shape[3] * stored.itemsize  # bytes of one [view, image]
         batches = pipeline.epoch_dataset(source, image_size, batch_size, indices=np.arange(done, hi), shuffle=False,
                                          num_threads=num_threads, max_pixels=max_pixels)
@@ -168,20 +168,25 @@ def stream_view_features(backbone, variables, source, image_size: int, normaliza
     wait()
     if pid == 0:
         os.replace(partial, path)
-        for old in path.parent.glob(path.name + ".progress*.json"):
-            old.unlink()
+        _remove_progress(path)
     wait()
     return FeatureFile(path, dtype)
 
 
-def _npy_header(path) -> tuple | None:
-    """(shape, dtype) of the `.npy` file at `path`, or None if there is none."""
+def _npy_header(path) -> tuple:
+    """(shape, dtype, byte offset of the data) of the `.npy` file at `path`; (None, None, None) if there is none."""
     try:
         with open(path, "rb") as f:
             shape, _, stored = _read_header(f)
-        return tuple(shape), stored
+            return tuple(shape), stored, f.tell()
     except (OSError, ValueError):
-        return None
+        return None, None, None
+
+
+def _remove_progress(path) -> None:
+    """Removes the progress files of the extraction into `path` (every process's)."""
+    for old in path.parent.glob(path.name + ".progress*.json"):
+        old.unlink()
 
 
 def _read_header(f) -> tuple:
@@ -250,13 +255,6 @@ class FeatureFile:
     @property
     def ndim(self) -> int:
         return len(self.shape)
-
-    @staticmethod
-    def data_offset(path) -> int:
-        """Byte offset of the array data in the `.npy` file at `path` (after its header)."""
-        with open(path, "rb") as f:
-            _read_header(f)
-            return f.tell()
 
     def take(self, indices) -> np.ndarray:
         """Returns V×k×T×C for images `indices` (an array or a slice)."""
