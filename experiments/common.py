@@ -399,6 +399,25 @@ def load_backbone(name: str, weights: str, weights_dir, substitute: str = "", se
     return module, variables, spec, record
 
 
+def view_feature_file(module, variables, spec, record: dict, ds, size: int, feature_dir, prefix: str, *,
+                      views: str = "dihedral", num_affine: int = 0, seed: int = 0, smoothing: str = "none",
+                      image_fn=None, part: tuple[int, int] = (0, 1), progress: bool = True, desc: str = "features"):
+    """Returns the backbone's frozen V×N×T×C feature maps of every view of every image of `ds` (a
+    `leukax.data.load_index` dataset: no pixels in memory) as a bfloat16 `views.FeatureFile` in `feature_dir`,
+    extracted batch by batch (resumable, divided over `part`'s processes) unless a file with the same content key
+    (network, weights, the dataset's fingerprint, size, views, seed, `smoothing`) is already there. Every study
+    that trains heads on frozen features reads them through this one path (hybrid_gru, dev_suite)."""
+    from leukax.train import features
+    from leukax.train.views import stream_view_features
+    key = features.stream_key(module, variables, spec.normalization, ds.fingerprint, size, views, num_affine, seed,
+                              "bfloat16", smoothing)
+    return stream_view_features(
+        module, variables, ds.source, size, spec.normalization,
+        pathlib.Path(feature_dir) / f"{prefix}_{record['used']}_{size}_{key[:16]}.npy", views=views,
+        num_affine=num_affine, seed=seed, progress=progress, desc=desc, image_fn=image_fn, part=part,
+        barrier=runtime.await_all_processes)
+
+
 def weights_provenance(requested: str, used: str, source: dict) -> dict:
     """Returns {"weights_file", "weights_source", "differs_from_paper"} from the `source` that
     `pretrained_with_source` reports for the network `used`: the file it loaded, where that comes from, and how

@@ -12,9 +12,15 @@ Datasets (under `--data_root`, the shared folder of ../shared/data/README.md):
 - `pbc`: the PBC subset, 320 normal blood cells, 8 classes (groups: duplicate pixels; PBC has no subjects);
 - `cnmc2019`: the C-NMC 2019 sample, 60 cells, ALL vs healthy (hem), grouped by subject (37 subjects);
 - `aml_lmu`: the AML-Cytomorphology_LMU sample, 50 cells, 5 classes (EOS, LYT, MON, MYO, NGS);
-- `standin` (ALL/AML/healthy from two labs) and `lab_probe` (C-NMC hem vs LMU LYT: learns the lab), optional.
+- `standin` (ALL/AML/healthy from two labs) and `lab_probe` (C-NMC hem vs LMU LYT: learns the lab), optional;
+- `folder:<path>`: a lab's own set, a folder of class subfolders (named by its last path component).
 
-Per dataset and backbone: frozen features of the 8 dihedral views (cached), repeated stratified grouped k-fold
+Per dataset and backbone: frozen features of the 8 dihedral views, extracted and read exactly as
+`experiments.hybrid_gru` does (`common.view_feature_file`: images streamed from the TFDS source into a bfloat16
+file, kept in `--feature_cache`; per split the standardisation/PCA fitted on sampled training rows and the
+reduced 16-bit features built a chunk at a time, `recipe.fit_transform` / `recipe.transform`), so memory holds
+one split's reduced features, not the dataset's maps, and a suite row is the arithmetic the study runs;
+repeated stratified grouped k-fold
 (`--folds` × `--repeats`, a grouped validation part inside every training part), and on every split the
 standardisation (+ PCA) fitted on the training part, then every head of `--heads` on those same features:
 the logistic-regression probe, and linear / dense / gru / gru_pool deep ensembles of `--members` from the
@@ -32,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import tempfile
 import time
 
 import jax
@@ -41,9 +48,8 @@ import numpy as np
 from experiments import common
 from experiments.common import field
 from leukax import fusion, metrics, plots, records
-from leukax.data import load_arrays
+from leukax.data import load_index
 from leukax.train import compiled, recipe
-from leukax.train.views import view_features
 
 # (a, b): the paired differences a − b reported for every dataset and backbone (when both heads ran).
 PAIRS = (("gru", "probe"), ("gru", "dense"), ("gru_pool", "probe"), ("gru_pool", "dense"), ("gru_pool", "gru"),
@@ -52,29 +58,41 @@ FUSED_ROWS = ("fused (sum rule)", "fused (validation-fitted)", "fused (chosen on
 COVERAGE = 0.9  # selective prediction: accuracy of the most confident 90 % of a split's test cells
 
 
-def _load(name: str, size: int, root: pathlib.Path, data_dir):
-    """Returns the Dataset `name` of the suite at `size` px from the shared data folder `root`."""
+def _index(name: str, root: pathlib.Path, data_dir):
+    """Returns the suite dataset `name` as a `leukax.data.load_index` Dataset (labels, groups and the TFDS source
+    the images stream from; no pixels in memory), from the shared data folder `root`; `folder:<path>` is a
+    folder of class subfolders (a lab's own set, `image_folder`), named by its last path component."""
+    if name.startswith(FOLDER):
+        return load_index("image_folder", data_dir=data_dir, manual_dir=name[len(FOLDER):])
     if name == "pbc":
-        return load_arrays("pbc", size, data_dir=data_dir, manual_dir=str(root / "pbc-subset"))
+        return load_index("pbc", data_dir=data_dir, manual_dir=str(root / "pbc-subset"))
     if name == "cnmc2019":
-        return load_arrays("cnmc2019", size, data_dir=data_dir)  # the embedded sample (= cnmc2019-sample)
+        return load_index("cnmc2019", data_dir=data_dir)  # the embedded sample (= cnmc2019-sample)
     if name == "aml_lmu":
-        return load_arrays("image_folder", size, data_dir=data_dir, root=str(root / "aml-lmu-sample" / "images"),
-                           label_regex=r"^([A-Z]+)_")
+        return load_index("image_folder", data_dir=data_dir, root=str(root / "aml-lmu-sample" / "images"),
+                          label_regex=r"^([A-Z]+)_")
     if name == "standin":
-        return load_arrays("all_aml_healthy_standin", size, data_dir=data_dir, manual_dir=str(root))
+        return load_index("all_aml_healthy_standin", data_dir=data_dir, manual_dir=str(root))
     if name == "lab_probe":
-        return load_arrays("lab_probe", size, data_dir=data_dir, manual_dir=str(root))
-    raise common.InputError(f"experiments/dev_suite.py: unknown dataset {name!r}; known {DATASETS}")
+        return load_index("lab_probe", data_dir=data_dir, manual_dir=str(root))
+    raise common.InputError(f"experiments/dev_suite.py: unknown dataset {name!r}; known {DATASETS} or "
+                            f"{FOLDER}<folder of class subfolders>")
+
+
+def _label(name: str) -> str:
+    """The name a dataset has in metrics.json and the tables (a folder's last component)."""
+    return pathlib.PurePath(name[len(FOLDER):]).name if name.startswith(FOLDER) else name
 
 
 DATASETS = ("pbc", "cnmc2019", "aml_lmu", "standin", "lab_probe")
+FOLDER = "folder:"  # --datasets=folder:<path>: a folder of class subfolders
 
 
 @dataclasses.dataclass
 class Config:
     out_dir: str = field("results/dev_suite", "Where metrics.json, predictions_per_split.npz and splits/ go.")
-    datasets: tuple = field(("pbc", "cnmc2019", "aml_lmu"), f"Comma-separated, of {', '.join(DATASETS)}.")
+    datasets: tuple = field(("pbc", "cnmc2019", "aml_lmu"), f"Comma-separated, of {', '.join(DATASETS)}, or "
+                            f"{FOLDER}<path> (a folder of class subfolders: a lab's own set, any size).")
     data_root: str = field("../shared/data", "The shared data folder (pbc-subset/, aml-lmu-sample/, ...).")
     data_dir: str | None = field(None, "TFDS data dir of prepared datasets.")
     backbones: tuple = field(("mobilenet_v2",), "Comma-separated backbones (frozen, ImageNet weights).")
@@ -99,7 +117,8 @@ class Config:
     folds: int = field(5, "k of the grouped k-fold.")
     repeats: int = field(2, "Seeds of the k-fold (S = folds × repeats splits per dataset).")
     val_fraction: float = field(0.2, "Grouped validation part (fraction of all) inside every training part.")
-    feature_cache: str | None = field(None, "Folder to keep frozen features as .npy between runs.")
+    feature_cache: str | None = field(None, "Folder to keep the frozen features (bfloat16 .npy, resumable) between "
+                                      "runs (default: a temporary folder, deleted at the end).")
     baseline: str | None = field(None, "A finished suite run's folder: every dataset × backbone × head of both runs, "
                                  "on identical splits, gets the paired difference this run − baseline (a recipe "
                                  "change judged against the recipe it would replace).")
@@ -255,11 +274,15 @@ def _hparams(cfg, kind: str):
     return rcp, compiled.default_hparams()
 
 
-def run_dataset(cfg: Config, name: str, out: pathlib.Path, npz: dict, on_split=lambda section: None) -> dict:
+def run_dataset(cfg: Config, name: str, out: pathlib.Path, npz: dict, on_split=lambda section: None,
+                feature_dir=None) -> dict:
     """Every backbone × split × head on one dataset; returns its section of metrics.json. `on_split(section)`
-    is called after every split with the section so far (the run writes a partial metrics.json)."""
-    root = pathlib.Path(cfg.data_root)
-    ds = _load(name, 224, root, cfg.data_dir)
+    is called after every split with the section so far (the run writes a partial metrics.json). Memory: the
+    images stream into the feature files in `feature_dir` (default `--feature_cache`); a split holds its
+    reduced 16-bit features, never the dataset's maps."""
+    feature_dir = feature_dir or cfg.feature_cache
+    ds = _index(name, pathlib.Path(cfg.data_root), cfg.data_dir)
+    name = _label(name)
     labels, k = np.asarray(ds.labels), len(ds.class_names)
     splits = common.make_splits("grouped_kfold", labels, ds.groups, list(ds.class_names), folds=cfg.folds,
                                 repeats=cfg.repeats, val_fraction=cfg.val_fraction, seed=cfg.seed)
@@ -274,15 +297,15 @@ def run_dataset(cfg: Config, name: str, out: pathlib.Path, npz: dict, on_split=l
     for bb in cfg.backbones:
         module, variables, spec, record = common.load_backbone(bb, cfg.weights, cfg.weights_dir, "", cfg.seed)
         size = cfg.image_size or spec.input_size
-        images = _load(name, size, root, cfg.data_dir).images
-        views = view_features(module, variables, images, spec.normalization, "dihedral", 0, cfg.seed,
-                              cache_dir=cfg.feature_cache, cache_tag=f"devsuite_{name}_{record['used']}_{size}")
+        # as hybrid_gru: bfloat16 maps on disk, read a chunk of images at a time; 16-bit reduced features
+        views = common.view_feature_file(module, variables, spec, record, ds, size, feature_dir, f"devsuite_{name}",
+                                         seed=cfg.seed, desc=f"{name} {bb}: features")
         scores = {kind: [] for kind in cfg.heads}
         for i, split in enumerate(splits):
             sid = common.check_and_save(split, ds.groups, False, out / "splits" / name)
             seed = cfg.seed + 1000 * split.repeat + split.fold
-            tf = recipe.fit_transform(views[:, split.train], cfg.feature_dim, seed=seed)
-            tr, va, te = (tf.apply(views[:, idx]) for idx in (split.train, split.val, split.test))
+            tf = recipe.fit_transform(views, cfg.feature_dim, seed=seed, indices=split.train)
+            tr, va, te = (recipe.transform(tf, views, idx) for idx in (split.train, split.val, split.test))
             for kind in cfg.heads:
                 rcp, hp = _hparams(c, kind)
                 p_va, p_te, _ = recipe.train_and_predict(kind, rcp, hp, k, tr, labels[split.train], va, te,
@@ -390,7 +413,8 @@ def run(cfg: Config) -> dict:
         return temperature_prior_sweep(cfg)
     t_start = time.perf_counter()
     env = common.environment()
-    unknown = (set(cfg.datasets) - set(DATASETS)) | (set(cfg.heads) - set(recipe.HEAD_KINDS))
+    unknown = (({d for d in cfg.datasets if not d.startswith(FOLDER)} - set(DATASETS))
+               | (set(cfg.heads) - set(recipe.HEAD_KINDS)))
     if unknown:
         raise common.InputError(f"experiments/dev_suite.py: unknown datasets/heads {sorted(unknown)}")
     out = pathlib.Path(cfg.out_dir)
@@ -417,9 +441,10 @@ def run(cfg: Config) -> dict:
         np.savez_compressed(out / "predictions_per_split.npz", **npz)
         return m
 
-    for name in cfg.datasets:
-        results[name] = run_dataset(cfg, name, out, npz, lambda section, name=name: (
-            results.__setitem__(name, section), write(False)))
+    with tempfile.TemporaryDirectory(prefix="leukax_features_") as scratch:  # features without --feature_cache
+        for name in cfg.datasets:
+            results[_label(name)] = run_dataset(cfg, name, out, npz, lambda section, name=_label(name): (
+                results.__setitem__(name, section), write(False)), feature_dir=cfg.feature_cache or scratch)
     m = write(True)
     print(summary_table(m))
     print(f"dev_suite: wrote {out}/ in {m['timing_s']['total']:.0f} s")

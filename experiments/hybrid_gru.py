@@ -73,7 +73,7 @@ import numpy as np
 from experiments import common
 from experiments.common import field
 from leukax import bundle as bundle_lib
-from leukax import calibration, fusion, metrics, plots, records, runtime, uncertainty
+from leukax import calibration, fusion, metrics, plots, records, uncertainty
 from leukax.augment import augment_paper1
 from leukax.data import load_index
 from leukax.data.pipeline import load_example
@@ -83,9 +83,7 @@ from leukax.models.heads import make_head
 from leukax.preprocess import smooth
 from leukax.train import bayes, compiled, recipe
 from leukax.data.splits import repeated_holdout
-from leukax.train import features
 from leukax.train.finetune import ImageStream, TrainConfig, make_train
-from leukax.train.views import stream_view_features
 
 # Fused rows beside the paper's sum rule (`fused`), when there are several hybrids.
 FITTED_FUSION = ("fused_fitted", "fused_chosen")
@@ -366,13 +364,10 @@ def run(cfg: Config) -> dict:
             # decoded, resized and smoothed (before augmentation, as the paper) batch by batch while training
             inputs = ImageStream(ds.source, np.arange(len(ds.labels)), size, image_fn=smoothing)
         else:  # V×N×T×C bfloat16 on disk, extracted batch by batch (resumable), read a few images at a time
-            key = features.stream_key(module, variables, spec.normalization, ds.fingerprint, size, cfg.views,
-                                      cfg.num_affine, cfg.seed, "bfloat16", cfg.smoothing)
-            inputs = stream_view_features(
-                module, variables, ds.source, size, spec.normalization,
-                feature_dir / f"{cfg.dataset}_{record['used']}_{size}_{key[:16]}.npy", views=cfg.views,
-                num_affine=cfg.num_affine, seed=cfg.seed, progress=not cfg.quiet, desc=f"{name}: features",
-                image_fn=smoothing, part=extraction_part, barrier=runtime.await_all_processes)
+            inputs = common.view_feature_file(
+                module, variables, spec, record, ds, size, feature_dir, cfg.dataset, views=cfg.views,
+                num_affine=cfg.num_affine, seed=cfg.seed, smoothing=cfg.smoothing, image_fn=smoothing,
+                part=extraction_part, progress=not cfg.quiet, desc=f"{name}: features")
         record.update(image_size=size, views=cfg.views, num_affine=cfg.num_affine, smoothing=cfg.smoothing,
                       feature_dtype=str(np.dtype(getattr(inputs, "dtype", np.float32))),
                       feature_shape=list(np.shape(inputs)[1:]) if cfg.mode == "finetune" else list(np.shape(inputs)))

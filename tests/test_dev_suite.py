@@ -151,3 +151,29 @@ def test_tiny_suite_run_is_consistent_with_its_saved_predictions(tmp_path):
     assert "--recalibrate=" in sweep["command"] and (tmp_path / "temperature_prior.md").exists()
     assert (tmp_path / "figures" / "selective_cnmc2019.png").stat().st_size > 1000
     assert "| cnmc2019 (S=2) | mobilenet_v2 |" in dev_suite.summary_table(m)
+
+
+def test_suite_streams_a_labs_own_folder(tmp_path):
+    """--datasets=folder:<path>: a folder of class subfolders joins the suite under its own name; its images
+    stream into bfloat16 feature files in --feature_cache (as hybrid_gru's), never into memory as a whole."""
+    from tests.fixtures import smooth_image
+    root = tmp_path / "mylab"
+    for c, cls in enumerate(("blast", "normal")):
+        (root / cls).mkdir(parents=True)
+        for i in range(10):
+            smooth_image(100 * c + i, 40, 36).save(root / cls / f"{cls}_{i}.png")
+    cache = tmp_path / "features"
+    cfg = common.parse_argv(dev_suite.Config, [
+        "prog", f"--out_dir={tmp_path / 'out'}", f"--datasets=folder:{root}", f"--data_dir={tmp_path / 'tfds'}",
+        "--weights=none", "--image_size=32", "--heads=probe", "--folds=2", "--repeats=1",
+        "--feature_dim=8", f"--feature_cache={cache}"])
+    m = dev_suite.run(cfg)
+    sec = m["datasets"]["mylab"]
+    assert sec["n"] == 20 and sec["classes"] == ["blast", "normal"] and sec["splits"] == 2
+    assert len(sec["backbones"]["mobilenet_v2"]["heads"]["probe"]["accuracy"]["per_split"]) == 2
+    files = sorted(cache.glob("devsuite_mylab_mobilenet_v2_32_*.npy"))
+    assert len(files) == 1
+    f = np.load(files[0], mmap_mode="r")   # V×N×T×C, bfloat16 stored as its 16 bits
+    assert f.shape[:2] == (8, 20) and f.dtype == np.uint16
+    with pytest.raises(common.InputError, match="unknown"):
+        dev_suite.run(dataclasses.replace(cfg, datasets=("mylab",)))
