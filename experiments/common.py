@@ -497,14 +497,15 @@ def summarize(reports: list[dict], uncs: list[dict], referrals: list[dict], keys
                 referral_mean_std=mean_std(referrals, REFERRAL_KEYS), referral_per_split=referrals)
 
 
-def calibrate(labels_val, probs_val_mnk, labels_test, probs_test_mnk, prior_scale: float = 0.0
+def calibrate(labels_val, probs_val_mnk, labels_test, probs_test_mnk, prior_scale: float | None = None
               ) -> tuple[dict, np.ndarray]:
     """Temperature-scales the ensemble mean (T fitted on the validation part, `leukax.calibration`; with
-    prior_scale σ > 0 the MAP T under log T ~ N(0, σ²)); returns ({"temperature", "ece_before", "ece_after",
+    prior_scale σ > 0 the MAP T under log T ~ N(0, σ²), None: the programs' `calibration.PRIOR_SCALE`); returns ({"temperature", "ece_before", "ece_after",
     "nll_before", "nll_after", "brier_before", "brier_after"} on the test part, calibrated test probabilities N×K)."""
     from leukax import calibration
     mean_va = jnp.asarray(np.mean(probs_val_mnk, 0))
     mean_te = jnp.asarray(np.mean(probs_test_mnk, 0))
+    prior_scale = calibration.PRIOR_SCALE if prior_scale is None else prior_scale
     t = calibration.fit_temperature(jnp.asarray(labels_val, jnp.int32), mean_va, prior_scale)
     cal_te = calibration.apply_temperature(mean_te, t)
     y = jnp.asarray(labels_test, jnp.int32)

@@ -136,9 +136,12 @@ def test_hybrid_gru_pooled_calibration_from_saved_splits(hybrid_run):
     assert pooled["ece_before"]["mean"] == pytest.approx(float(metrics.ece(labels[test], probs)), abs=1e-6)
     assert len(pooled["ece_after"]["per_split"]) == 1  # one repeat
     from leukax import calibration
+    sigma = json.loads((out / "config.json").read_text())["temperature_prior"]
+    assert sigma == calibration.PRIOR_SCALE  # the default: the MAP T under the suite's prior
     cal = []
     for i in range(2):  # each fold's T from its own validation part, applied to its own test part
-        t = calibration.fit_temperature(jnp.asarray(labels[z[f"split{i}_val_index"]]), z[f"split{i}_fused_gru_val"])
+        t = calibration.fit_temperature(jnp.asarray(labels[z[f"split{i}_val_index"]]), z[f"split{i}_fused_gru_val"],
+                                        sigma)
         cal.append(np.asarray(calibration.apply_temperature(z[f"split{i}_fused_gru_test"], t)))
         assert float(t) == pytest.approx(m["fused"]["gru"]["calibration_mean_std"]["temperature"]["per_split"][i], rel=1e-5)
     assert pooled["ece_after"]["mean"] == pytest.approx(float(metrics.ece(labels[test], np.concatenate(cal))), abs=1e-5)
