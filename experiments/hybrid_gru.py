@@ -47,11 +47,11 @@ read from the TFDS source batch by batch through grain with the paper's augmenta
 dropout; constant learning rate, no label smoothing, no weight decay) to the GRU head.
 
 Why these defaults (results/dev_suite/three_backbones/README.md: every head and fusion rule on PBC, the C-NMC
-sample and the AML-LMU sample, three backbones, the same splits): `--head=gru` because its ensemble is at least
-the probe on all 9 backbone × set pairs (+0.017 to +0.260 accuracy, "wins" on 5, no loss); not `gru_pool`, which
-helps the fused C-NMC row (+0.050) but is behind on AML-LMU and PBC (−0.020, −0.013 fused); the sum rule as the
-main fused row because the validation-fitted weights and the validation choice never beat it beyond the noise
-(within ±0.02 accuracy on every set, behind on two of three) — both are reported beside it. The GRU head's
+sample and the AML-LMU sample, three backbones, the same splits): `--head=gru` because its ensemble does not
+lose to the probe on any of the 9 backbone × set pairs (−0.033 to +0.260 accuracy, "wins" on 5, ties on 4); not
+`gru_pool`, which helps the fused C-NMC row (+0.067, a tie) but is behind on AML-LMU and PBC (−0.040, −0.016
+fused); the sum rule as the main fused row because the validation-fitted weights and the validation choice never
+beat it (mean accuracy −0.060 to +0.000, NLL never lower) — both are reported beside it. The GRU head's
 own defaults, each against one change on the same splits (results/dev_suite/recipe_variants/README.md):
 `--order=center_last` (raster order loses 0.46 on AML-LMU and 0.21 on PBC), `--feature_dim=256` (no PCA and PCA
 128 tie on every set) and `--units=128` (64 units lose on AML-LMU's NLL; 256 tie on all nine backbone × set pairs,
