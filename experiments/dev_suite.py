@@ -236,7 +236,11 @@ def temperature_prior_sweep(cfg: Config, draws: int = 200) -> dict:
                         table.setdefault(name, {}).setdefault(row, {}).setdefault(kind, {})[str(sigma)] = dict(
                             pooled_ece_scaled=round(c["pooled_ece_scaled"], 4),
                             min_temperature=round(min(r["temperature"] for r in c["per_split"]), 3))
-    out = dict(command=common.command_line("experiments.dev_suite", cfg), environment=env,
+    # only the flags the sweep reads (the training flags of cfg did not run here; the run's own are in run_command)
+    sweep_cfg = dict(recalibrate=cfg.recalibrate, heads=",".join(cfg.heads),
+                     prior_scales=",".join(map(str, cfg.prior_scales)))
+    command = "python -m experiments.dev_suite " + " ".join(f"--{k}={v}" for k, v in sweep_cfg.items())
+    out = dict(command=command, environment=env,
                peak_rss_mb=common.peak_rss_mb(), run=str(folder), run_command=m.get("command"), ece=table)
     records.write_json(folder / "temperature_prior.json", out)
     sig = [str(float(s)) for s in cfg.prior_scales]
