@@ -2,6 +2,8 @@
 
   python benchmarks/scale.py                          (N = 1000, 4000, 16000; writes results/benchmarks/scale.{json,md})
   python benchmarks/scale.py --sizes=200,400 --out_dir=/tmp/scale   (a quick look)
+  python benchmarks/scale.py --program=dev_suite --sizes=1000,4000  (the development suite on the same images, as
+                                                       a class folder: writes scale_dev_suite.{json,md})
 
 For every N it writes a synthetic folder in the official C-NMC 2019 layout
 (`cnmc2019/training_data/fold_{0,1,2}/{all,hem}/UID_<subject>_<image>_<cell>_<all|hem>.png`) made from the 60
@@ -49,12 +51,16 @@ class Config:
                           "temporary folder, deleted after each N).")
     weights_dir: str = field(str(REPO.parent / "shared" / "weights"), "Folder of weight files (MobileNetV2 .h5).")
     out_dir: str = field(str(REPO / "results" / "benchmarks"), "Where scale.{json,md} go.")
-    extra: str = field("", "Extra flags passed to experiments.hybrid_gru, space-separated.")
+    extra: str = field("", "Extra flags passed to the study, space-separated.")
+    program: str = field("hybrid_gru", "The study: hybrid_gru (one grouped 80/20 split) or dev_suite (--folds "
+                         "grouped folds of `--datasets=folder:<N images>`, the same streamed feature path).",
+                         choices=("hybrid_gru", "dev_suite"))
+    folds: int = field(5, "--program=dev_suite: grouped folds (every fold trains the probe and the GRU).")
 
 
-def make_folder(root: pathlib.Path, n: int, seed: int = 0) -> pathlib.Path:
-    """Writes n distinct noisy dihedral copies of the embedded C-NMC sample in the official layout; returns the
-    folder to pass as --manual_dir."""
+def make_folder(root: pathlib.Path, n: int, seed: int = 0, classes: bool = False) -> pathlib.Path:
+    """Writes n distinct noisy dihedral copies of the embedded C-NMC sample in the official layout (classes=True:
+    as <root>/classes/{all,hem}/, a folder of class subfolders); returns the folder to pass as --manual_dir."""
     rng = np.random.default_rng(seed)
     recs = sorted(cnmc_records(sample_dir()), key=lambda r: r.filename)
     images = [np.asarray(Image.open(r.path).convert("RGB")) for r in recs]
@@ -67,7 +73,7 @@ def make_folder(root: pathlib.Path, n: int, seed: int = 0) -> pathlib.Path:
         healthy = r.subject.startswith("H")
         subject = f"{'H' if healthy else ''}{int(r.subject.lstrip('H')) * 100 + copy % 100}"
         cls = "all" if r.label == 1 else "hem"
-        d = root / "cnmc2019" / "training_data" / f"fold_{copy % 3}" / cls
+        d = root / "classes" / cls if classes else root / "cnmc2019" / "training_data" / f"fold_{copy % 3}" / cls
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(noisy).save(d / f"UID_{subject}_{copy}_{j}_{cls}.png", compress_level=1)
     return root
@@ -76,14 +82,20 @@ def make_folder(root: pathlib.Path, n: int, seed: int = 0) -> pathlib.Path:
 def run_one(n: int, args: Config, work: pathlib.Path) -> dict:
     """Makes the N-image folder, runs the study in a child process; returns its phase times and peak RSS."""
     t = time.perf_counter()
-    manual = make_folder(work / "manual", n)
+    suite = args.program == "dev_suite"
+    manual = make_folder(work / "manual", n, classes=suite)
     make_s = time.perf_counter() - t
     out = work / "study"
-    cmd = [sys.executable, "-m", "experiments.hybrid_gru", "--dataset=cnmc2019/full", f"--manual_dir={manual}",
-           f"--data_dir={work / 'tfds'}", f"--feature_cache={work / 'features'}", f"--out_dir={out}",
-           "--backbones=mobilenet_v2", "--heads=probe,gru", "--head=gru", f"--members={args.members}",
-           f"--epochs={args.epochs}", f"--patience={args.epochs}", "--protocol=paper_80_20", "--repeats=1",
-           f"--weights_dir={args.weights_dir}", "--nosave_model", "--quiet"] + args.extra.split()
+    common_flags = [f"--data_dir={work / 'tfds'}", f"--feature_cache={work / 'features'}", f"--out_dir={out}",
+                    "--backbones=mobilenet_v2", "--heads=probe,gru", f"--members={args.members}",
+                    f"--epochs={args.epochs}", f"--patience={args.epochs}", "--repeats=1",
+                    f"--weights_dir={args.weights_dir}"]
+    if suite:
+        cmd = [sys.executable, "-m", "experiments.dev_suite", f"--datasets=folder:{manual / 'classes'}",
+               f"--folds={args.folds}"] + common_flags + args.extra.split()
+    else:
+        cmd = [sys.executable, "-m", "experiments.hybrid_gru", "--dataset=cnmc2019/full", f"--manual_dir={manual}",
+               "--head=gru", "--protocol=paper_80_20", "--nosave_model", "--quiet"] + common_flags + args.extra.split()
     print(f"scale: N = {n}: {' '.join(cmd)}", flush=True)
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO)
@@ -92,19 +104,27 @@ def run_one(n: int, args: Config, work: pathlib.Path) -> dict:
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"benchmarks/scale.py: the study failed at N = {n} (exit {status})")
     m = json.loads((out / "metrics.json").read_text())
+    disk_mb = sum(f.stat().st_size for f in (work / "features").rglob("*") if f.is_file()) / 1e6
+    row = dict(n=n, make_folder_s=round(make_s, 1), wall_s=round(wall, 1), peak_rss_mb=round(usage.ru_maxrss / 1024, 1),
+               features_on_disk_mb=round(disk_mb, 1), study_command=m["command"],
+               study_commit=m["environment"]["commit"])
+    if suite:  # every fold holds the reduced float16 features of all N images (training, validation and test parts)
+        (path,) = (work / "features").glob("*.npy")
+        v, _, tokens, _ = np.load(path, mmap_mode="r").shape
+        sec = m["datasets"]["classes"]
+        return dict(row, phases_s={"whole suite (data, features, folds)": round(m["timing_s"]["total"], 1),
+                                   f"features + {sec['splits']} folds (probe + GRU)": round(sec["training_s"], 1)},
+                    reduced_features_mb=round(v * n * tokens * 256 * 2 / 1e6, 1), folds=sec["splits"],
+                    feature_shape=[v, n, tokens, int(np.load(path, mmap_mode="r").shape[-1])])
     feats = next(iter(m["hybrids"]))
     v, _, tokens, _ = feats["feature_shape"]
-    sizes = m["protocol"]["first_split_sizes"]
     reduced_mb = v * n * tokens * 256 * 2 / 1e6  # float16 N×V×T×256 of all three parts of the split
-    disk_mb = sum(f.stat().st_size for f in (work / "features").rglob("*") if f.is_file()) / 1e6
-    return dict(n=n, make_folder_s=round(make_s, 1), wall_s=round(wall, 1),
-                phases_s={"data (TFDS build + index)": round(m["timing_s"]["data"], 1),
-                          "features (8 views, streamed)": round(sum(m["timing_s"]["features"].values()), 1),
-                          "training (probe + GRU, 1 split)": round(m["timing_s"]["training"], 1)},
-                peak_rss_mb=round(usage.ru_maxrss / 1024, 1),
-                peak_rss_mb_after={k: round(v, 1) for k, v in m["peak_rss_mb_after"].items()}, reduced_features_mb=round(reduced_mb, 1),
-                features_on_disk_mb=round(disk_mb, 1), split=sizes, feature_shape=feats["feature_shape"],
-                study_command=m["command"], study_commit=m["environment"]["commit"])
+    return dict(row, phases_s={"data (TFDS build + index)": round(m["timing_s"]["data"], 1),
+                               "features (8 views, streamed)": round(sum(m["timing_s"]["features"].values()), 1),
+                               "training (probe + GRU, 1 split)": round(m["timing_s"]["training"], 1)},
+                peak_rss_mb_after={k: round(v, 1) for k, v in m["peak_rss_mb_after"].items()},
+                reduced_features_mb=round(reduced_mb, 1), split=m["protocol"]["first_split_sizes"],
+                feature_shape=feats["feature_shape"])
 
 
 def run(args: Config) -> dict:
@@ -124,13 +144,16 @@ def run(args: Config) -> dict:
                   device=f"{env['backend']}:{env['device_kind']}; {env['cpu_count']} CPU cores; {env['cpu']}",
                   allocator=env["allocator"], date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                   dataset="synthetic C-NMC 2019 layout from the embedded 60-cell sample (noisy dihedral copies)",
-                  protocol=f"one grouped 80/20 split (val 20 % inside), heads probe + GRU, M = {args.members}, "
-                           f"{args.epochs} epochs, MobileNetV2 (224 px, 8 dihedral views)",
-                  rows=rows)
+                  protocol=(f"{args.folds} grouped folds of experiments.dev_suite" if args.program == "dev_suite"
+                            else "one grouped 80/20 split (val 20 % inside)")
+                           + f", heads probe + GRU, M = {args.members}, {args.epochs} epochs, MobileNetV2 (224 px, "
+                           "8 dihedral views)",
+                  program=args.program, rows=rows)
     out = pathlib.Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    records.write_json(out / "scale.json", record)
-    (out / "scale.md").write_text(markdown(record))
+    stem = "scale" if args.program == "hybrid_gru" else f"scale_{args.program}"
+    records.write_json(out / f"{stem}.json", record)
+    (out / f"{stem}.md").write_text(markdown(record))
     print(markdown(record))
     return record
 
@@ -151,8 +174,9 @@ def markdown(record: dict) -> str:
     if len(rows) > 1:
         a, b = rows[0], rows[-1]
         ratio = (f"\nWall time ratio N = {b['n']:,} / N = {a['n']:,}: {b['wall_s'] / a['wall_s']:.1f}× for "
-                 f"{b['n'] / a['n']:.0f}× the images (issue 19's target: ≤ 18× for 16×).\n")
-    return (f"# Scale: the hybrid-GRU study against dataset size\n\nCommand: `{record['command']}`  \n"
+                 f"{b['n'] / a['n']:.0f}× the images" + (" (issue 19's target: ≤ 18× for 16×)" if record.get("program", "hybrid_gru") == "hybrid_gru" else "") + ".\n")
+    title = "the development suite" if record.get("program") == "dev_suite" else "the hybrid-GRU study"
+    return (f"# Scale: {title} against dataset size\n\nCommand: `{record['command']}`  \n"
             f"Commit: `{record['commit']}`  \nDevice: {record['device']}; allocator: {record['allocator']}  \n"
             f"Date: {record['date']}  \nData: {record['dataset']}  \nProtocol: {record['protocol']}  \n"
             f"Study command (per N): `{rows[-1]['study_command']}`\n\n" + "\n".join(lines) + "\n" + ratio)
