@@ -328,6 +328,7 @@ def run_dataset(cfg: Config, name: str, out: pathlib.Path, npz: dict, on_split=l
             section["backbones"][bb] = _section(cfg, scores, record)
             section["splits_done"] = i + 1
             on_split(section)
+            del tr, va, te  # before the next split builds its own: one split's reduced features at a time
         for kind in cfg.heads:  # this backbone's means are the last ones appended for every split
             section["backbones"][bb]["heads"][kind]["calibration"] = calibration_after_scaling(
                 [(labels[s.val], probs_fused_val[kind][i][-1], labels[s.test], probs_fused[kind][i][-1])
