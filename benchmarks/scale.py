@@ -108,23 +108,22 @@ def run_one(n: int, args: Config, work: pathlib.Path) -> dict:
     row = dict(n=n, make_folder_s=round(make_s, 1), wall_s=round(wall, 1), peak_rss_mb=round(usage.ru_maxrss / 1024, 1),
                features_on_disk_mb=round(disk_mb, 1), study_command=m["command"],
                study_commit=m["environment"]["commit"])
-    if suite:  # every fold holds the reduced float16 features of all N images (training, validation and test parts)
+    if suite:
         (path,) = (work / "features").glob("*.npy")
-        v, _, tokens, _ = np.load(path, mmap_mode="r").shape
-        sec = m["datasets"]["classes"]
-        return dict(row, phases_s={"whole suite (data, features, folds)": round(m["timing_s"]["total"], 1),
-                                   f"features + {sec['splits']} folds (probe + GRU)": round(sec["training_s"], 1)},
-                    reduced_features_mb=round(v * n * tokens * 256 * 2 / 1e6, 1), folds=sec["splits"],
-                    feature_shape=[v, n, tokens, int(np.load(path, mmap_mode="r").shape[-1])])
-    feats = next(iter(m["hybrids"]))
-    v, _, tokens, _ = feats["feature_shape"]
-    reduced_mb = v * n * tokens * 256 * 2 / 1e6  # float16 N×V×T×256 of all three parts of the split
-    return dict(row, phases_s={"data (TFDS build + index)": round(m["timing_s"]["data"], 1),
-                               "features (8 views, streamed)": round(sum(m["timing_s"]["features"].values()), 1),
-                               "training (probe + GRU, 1 split)": round(m["timing_s"]["training"], 1)},
-                peak_rss_mb_after={k: round(v, 1) for k, v in m["peak_rss_mb_after"].items()},
-                reduced_features_mb=round(reduced_mb, 1), split=m["protocol"]["first_split_sizes"],
-                feature_shape=feats["feature_shape"])
+        shape, sec = list(np.load(path, mmap_mode="r").shape), m["datasets"]["classes"]
+        row.update(phases_s={"whole suite (data, features, folds)": round(m["timing_s"]["total"], 1),
+                             f"features + {sec['splits']} folds (probe + GRU)": round(sec["training_s"], 1)},
+                   folds=sec["splits"])
+    else:
+        shape = next(iter(m["hybrids"]))["feature_shape"]
+        row.update(phases_s={"data (TFDS build + index)": round(m["timing_s"]["data"], 1),
+                             "features (8 views, streamed)": round(sum(m["timing_s"]["features"].values()), 1),
+                             "training (probe + GRU, 1 split)": round(m["timing_s"]["training"], 1)},
+                   peak_rss_mb_after={k: round(v, 1) for k, v in m["peak_rss_mb_after"].items()},
+                   split=m["protocol"]["first_split_sizes"])
+    v, _, tokens, _ = shape
+    # float16 V×N×T×256 of all N images: the three parts of the split (hybrid_gru), or every fold's (dev_suite)
+    return dict(row, reduced_features_mb=round(v * n * tokens * 256 * 2 / 1e6, 1), feature_shape=shape)
 
 
 def run(args: Config) -> dict:
@@ -159,7 +158,7 @@ def run(args: Config) -> dict:
 
 
 def markdown(record: dict) -> str:
-    rows = record["rows"]
+    rows, suite = record["rows"], record.get("program") == "dev_suite"
     phases = list(rows[0]["phases_s"])
     head = ("| N | " + " | ".join(phases) + " | study wall | peak RSS | reduced features (float16) | "
             "peak RSS − reduced | bfloat16 maps on disk |")
@@ -174,8 +173,9 @@ def markdown(record: dict) -> str:
     if len(rows) > 1:
         a, b = rows[0], rows[-1]
         ratio = (f"\nWall time ratio N = {b['n']:,} / N = {a['n']:,}: {b['wall_s'] / a['wall_s']:.1f}× for "
-                 f"{b['n'] / a['n']:.0f}× the images" + (" (issue 19's target: ≤ 18× for 16×)" if record.get("program", "hybrid_gru") == "hybrid_gru" else "") + ".\n")
-    title = "the development suite" if record.get("program") == "dev_suite" else "the hybrid-GRU study"
+                 f"{b['n'] / a['n']:.0f}× the images" + ("" if suite else " (issue 19's target: ≤ 18× for 16×)")
+                 + ".\n")
+    title = "the development suite" if suite else "the hybrid-GRU study"
     return (f"# Scale: {title} against dataset size\n\nCommand: `{record['command']}`  \n"
             f"Commit: `{record['commit']}`  \nDevice: {record['device']}; allocator: {record['allocator']}  \n"
             f"Date: {record['date']}  \nData: {record['dataset']}  \nProtocol: {record['protocol']}  \n"

@@ -500,8 +500,9 @@ def summarize(reports: list[dict], uncs: list[dict], referrals: list[dict], keys
 def calibrate(labels_val, probs_val_mnk, labels_test, probs_test_mnk, prior_scale: float | None = None
               ) -> tuple[dict, np.ndarray]:
     """Temperature-scales the ensemble mean (T fitted on the validation part, `leukax.calibration`; with
-    prior_scale σ > 0 the MAP T under log T ~ N(0, σ²), None: the programs' `calibration.PRIOR_SCALE`); returns ({"temperature", "ece_before", "ece_after",
-    "nll_before", "nll_after", "brier_before", "brier_after"} on the test part, calibrated test probabilities N×K)."""
+    prior_scale σ > 0 the MAP T under log T ~ N(0, σ²), None: the programs' `calibration.PRIOR_SCALE`); returns
+    ({"temperature", "ece_before", "ece_after", "nll_before", "nll_after", "brier_before", "brier_after"} on the
+    test part, calibrated test probabilities N×K)."""
     from leukax import calibration
     mean_va = jnp.asarray(np.mean(probs_val_mnk, 0))
     mean_te = jnp.asarray(np.mean(probs_test_mnk, 0))

@@ -278,13 +278,12 @@ def _hparams(cfg, kind: str):
     return rcp, compiled.default_hparams()
 
 
-def run_dataset(cfg: Config, name: str, out: pathlib.Path, npz: dict, on_split=lambda section: None,
-                feature_dir=None) -> dict:
+def run_dataset(cfg: Config, name: str, out: pathlib.Path, npz: dict, feature_dir,
+                on_split=lambda section: None) -> dict:
     """Every backbone × split × head on one dataset; returns its section of metrics.json. `on_split(section)`
     is called after every split with the section so far (the run writes a partial metrics.json). Memory: the
-    images stream into the feature files in `feature_dir` (default `--feature_cache`); a split holds its
-    reduced 16-bit features, never the dataset's maps."""
-    feature_dir = feature_dir or cfg.feature_cache
+    images stream into the feature files in `feature_dir`; a split holds its reduced 16-bit features, never the
+    dataset's maps."""
     ds = _index(name, pathlib.Path(cfg.data_root), cfg.data_dir)
     name = _label(name)
     labels, k = np.asarray(ds.labels), len(ds.class_names)
@@ -448,8 +447,10 @@ def run(cfg: Config) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="leukax_features_") as scratch:  # features without --feature_cache
         for name in cfg.datasets:
-            results[_label(name)] = run_dataset(cfg, name, out, npz, lambda section, name=_label(name): (
-                results.__setitem__(name, section), write(False)), feature_dir=cfg.feature_cache or scratch)
+            label = _label(name)
+            results[label] = run_dataset(cfg, name, out, npz, cfg.feature_cache or scratch,
+                                         lambda section, label=label: (results.__setitem__(label, section),
+                                                                       write(False)))
     m = write(True)
     print(summary_table(m))
     print(f"dev_suite: wrote {out}/ in {m['timing_s']['total']:.0f} s")
