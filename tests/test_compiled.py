@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +68,26 @@ def test_early_stopping_keeps_each_members_best_epoch(toy):
         assert int(res.best_epoch[m]) == int(np.argmin(done))  # best = lowest validation NLL seen
         assert len(done) - 1 - int(res.best_epoch[m]) == 2     # stopped after `patience` bad epochs
 
+
+
+def test_progress_prints_each_epoch_run_with_its_losses_and_the_elapsed_time(toy, capsys):
+    x, y, xv, yv = toy
+    rcp = compiled.Recipe(num_members=2, num_epochs=30, batch_size=16, patience=2, schedule="constant",
+                          optimizer="sgd", label_smoothing=0.0, progress=True)
+    t0 = time.perf_counter()
+    res = compiled.fit(rcp, LinearHead(K), K, x, y, xv, yv, compiled.default_hparams(learning_rate=5.0, momentum=0.0))
+    jax.effects_barrier()
+    wall = time.perf_counter() - t0
+    lines = [ln.split() for ln in capsys.readouterr().err.splitlines() if ln.strip().startswith("epoch ")]
+    run = int(np.asarray(res.epochs_run)[0])
+    assert 1 < run < 30 and [ln[1] for ln in lines] == [f"{e + 1}/30:" for e in range(run)]  # one line per epoch
+    hist = {k: np.asarray(res.history[k]) for k in ("train_loss", "val_loss")}
+    for e, ln in enumerate(lines):
+        assert float(ln[4]) == pytest.approx(np.nanmean(hist["train_loss"][:, e]), abs=1e-4)
+        assert float(ln[7]) == pytest.approx(np.nanmean(hist["val_loss"][:, e]), abs=1e-4)
+        assert ln[-1] == "s]" and ln[-2].startswith("[")
+    seconds = [float(ln[-2][1:]) for ln in lines]
+    assert seconds == sorted(seconds) and 0 <= seconds[-1] <= wall + 1  # the clock starts when fit calls the trainer
 
 
 def test_fit_returns_each_members_best_epoch_params_not_the_last(toy):

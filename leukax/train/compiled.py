@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import time
 import weakref
 from typing import Any, Callable
 
@@ -59,12 +60,17 @@ OPTIMIZERS = optim.OPTIMIZERS + ("traced",)
 TRACED_OPTIMIZERS = ("adamw", "sgd", "rmsprop")
 
 
-def _print_epoch(epoch, train_loss_m, val_loss_m, active_m) -> None:
-    """Recipe(progress=True): prints `epoch e: train loss, validation NLL (means over the members still
-    training), active members` on stderr while the compiled loop runs."""
+_PROGRESS_T0 = [0.0]  # when `fit` called the trainer: the epoch lines' clock
+
+
+def _print_epoch(epoch, train_loss_m, val_loss_m, active_m, num_epochs: int) -> None:
+    """Recipe(progress=True): prints `epoch e/E: train loss, validation NLL (means over the members still
+    training), active members, [seconds since `fit` called the trainer, compilation included]` on stderr while
+    the compiled loop runs (one line per trial and epoch)."""
     import sys
-    print(f"  epoch {int(epoch) + 1}: train loss {np.nanmean(train_loss_m):.4f}  val NLL {np.nanmean(val_loss_m):.4f}"
-          f"  active members {int(np.sum(active_m))}/{np.size(active_m)}", file=sys.stderr, flush=True)
+    print(f"  epoch {int(epoch) + 1}/{num_epochs}: train loss {np.nanmean(train_loss_m):.4f}  "
+          f"val NLL {np.nanmean(val_loss_m):.4f}  active members {int(np.sum(active_m))}/{np.size(active_m)}  "
+          f"[{time.perf_counter() - _PROGRESS_T0[0]:.0f} s]", file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,8 +341,8 @@ def make_train(recipe: Recipe, head, num_classes: int, mesh=None) -> Callable:
             else:
                 st = jax.lax.map(lambda sm: epoch_member(sm, epoch, hp, data, steps), st)
             if r.progress:
-                jax.debug.callback(_print_epoch, epoch, st.history["train_loss"][..., epoch],
-                                   st.history["val_loss"][..., epoch], st.active)
+                jax.debug.callback(functools.partial(_print_epoch, num_epochs=r.num_epochs), epoch,
+                                   st.history["train_loss"][..., epoch], st.history["val_loss"][..., epoch], st.active)
             return epoch + 1, constrain(st)
 
         epochs_run, state = jax.lax.while_loop(cond, body, (jnp.int32(0), state))
@@ -443,6 +449,7 @@ def fit(recipe: Recipe, head, num_classes: int, train_x, train_y, val_x, val_y, 
     keys_t = jnp.broadcast_to(jax.random.PRNGKey(seed), (len(hps), 2))
     if mesh is not None and jax.process_count() > 1:
         runtime.await_all_processes()  # gloo gives processes only 30 s to meet at a first collective
+    _PROGRESS_T0[0] = time.perf_counter()
     out = make_train(recipe, head, num_classes, mesh)(keys_t, stack_trials(hps), data)
     if where == "host":
         out = jax.block_until_ready(out)  # the host arrays stay referenced until the program is done
