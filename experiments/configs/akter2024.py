@@ -10,8 +10,11 @@ Runtime:   (2 CPU cores, measured) the default command on the embedded C-NMC sam
            hybrids, features cached, --heads=probe,gru --nosave_model): 6 min 43 s, peak RSS 2.39 GB
            (results/hybrid_gru/akter2024); with --protocol=grouped_kfold --noleaky --repeats=1 (5 folds): 37 min beside
            a test run, 2.57 GB (results/hybrid_gru/akter2024_grouped).
-           On a 260-cell set each epoch is ~5× the sample's: results/benchmarks/akter2024_pbc_timing.md
-           (--protocol=paper_80_20 --repeats=5 on the PBC subset, MobileNetV2 hybrid: ~16 CPU-minutes per split).
+           --protocol=paper_80_20 --repeats=5 on a 260-cell-sized set (the 320-cell PBC subset, 1664 stored training
+           items per split), features cached, MobileNetV2 hybrid alone: 45 min 12 s, 1.75 GB, 35.5 s per epoch,
+           one line per epoch (results/benchmarks/akter2024_pbc_timing.md); the three hybrids ≈ 95 min or more. That
+           is the paper's arithmetic at ~90 % of the CPU's float32 matmul rate (results/benchmarks/gru_arithmetic.md);
+           the issue's "< 5 min on 2 cores" is not reachable without departing from the paper (or on a GPU).
 
 What it reproduces, and where the paper says so:
 - Sec. 3.2 (pre-processing): noise-removal smoothing of every image (`smoothing`), the seven Keras
