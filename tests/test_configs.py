@@ -140,7 +140,7 @@ def test_akter2024_tiny_study_on_all_idb2_layout(tmp_path, monkeypatch, capfd):
                                                 f"--manual_dir={tmp_path / 'manual'}", f"--data_dir={tmp_path / 'tfds'}"])
     m = hybrid_gru.run(cfg)
     out, err = capfd.readouterr()
-    assert "epoch 1: train loss" in err and "hybrid_gru: split r0_f0 (1/1), mobilenet_v2" in out   # progress
+    assert "epoch 1/1: train loss" in err and "hybrid_gru: split r0_f0 (1/1), mobilenet_v2" in out   # progress
     split = json.loads(next((tmp_path / "out" / "splits").glob("*.json")).read_text())
     (train_shape, n_train, v_val, v_test, units, order), = seen
     assert train_shape[0] == 1 and n_train == train_shape[1] == 8 * len(split["train"])   # stored copies
