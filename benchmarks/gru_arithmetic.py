@@ -40,6 +40,7 @@ HYBRIDS = {  # name: (positions T, channels C, GRU units U)
     "inception_v3": (25, 2048, 512),
     "efficientnet_lite2": (49, 1280, 256),
 }
+MATMUL = (16384, 1280, 7680)  # the reference matmul rows × C × N: MobileNetV2's channels, N = 5 members × 3·512
 
 
 @dataclasses.dataclass
@@ -54,8 +55,9 @@ def train_flops_per_item(t: int, c: int, u: int) -> float:
     return 2 * (2 * t * c * 3 * u) + 3 * (2 * t * u * 3 * u)
 
 
-def matmul_gflops(rows: int = 16384, c: int = 1280, n: int = 7680, reps: int = 3) -> float:
-    """float32 rows×c @ c×n on the default device, GFLOP/s (the reference rate)."""
+def matmul_gflops(reps: int = 3) -> float:
+    """float32 rows×c @ c×n (`MATMUL`) on the default device, GFLOP/s (the reference rate)."""
+    rows, c, n = MATMUL
     a, b = jnp.ones((rows, c), jnp.float32), jnp.ones((c, n), jnp.float32)
     f = jax.jit(jnp.dot)
     f(a, b).block_until_ready()
@@ -96,13 +98,15 @@ def run(cfg: Config) -> dict:
         t, c, u = HYBRIDS[name]
         s = epoch_seconds(t, c, u, cfg)
         tflop = train_flops_per_item(t, c, u) * cfg.items * cfg.members / 1e12
+        gflops = tflop * 1e3 / s
         rows.append(dict(hybrid=name, positions=t, channels=c, units=u, epoch_s=s, epoch_tflop=tflop,
-                         gflops=tflop * 1e3 / s, of_matmul=tflop * 1e3 / s / out["matmul_gflops"]))
+                         gflops=gflops, of_matmul=gflops / out["matmul_gflops"]))
     out.update(rows=rows, wall_s=time.perf_counter() - t0, load_average_end=os.getloadavg(),
                peak_rss_mb=common.peak_rss_mb())
-    pathlib.Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    records.write_json(pathlib.Path(cfg.out_dir) / "gru_arithmetic.json", out)
-    (pathlib.Path(cfg.out_dir) / "gru_arithmetic.md").write_text(markdown(out))
+    folder = pathlib.Path(cfg.out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    records.write_json(folder / "gru_arithmetic.json", out)
+    (folder / "gru_arithmetic.md").write_text(markdown(out))
     print(markdown(out))
     return out
 
@@ -114,7 +118,8 @@ def markdown(o: dict) -> str:
              f"Command: `{o['command']}`  \nCommit: `{e['commit']}`; device: {e['device']} ({e['cpu_count']} cores); "
              f"load average {load('load_average_start')} at start, {load('load_average_end')} at the end; "
              f"wall {o['wall_s']:.0f} s, peak RSS {o['peak_rss_mb'] / 1024:.2f} GB.\n",
-             f"Reference: float32 16384×1280 @ 1280×7680 matmul, **{o['matmul_gflops']:.0f} GFLOP/s**. Epoch: "
+             f"Reference: float32 {MATMUL[0]}×{MATMUL[1]} @ {MATMUL[1]}×{MATMUL[2]} matmul, "
+             f"**{o['matmul_gflops']:.0f} GFLOP/s**. Epoch: "
              f"{c['items']} training items, M = {c['members']}, batch 32 (FLOPs counted as in the script's docstring).\n",
              "| hybrid | map → GRU | s / epoch | TFLOP / epoch | GFLOP/s | of the matmul rate |", "|---|---|---|---|---|---|"]
     for r in o["rows"]:
